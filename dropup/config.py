@@ -1,0 +1,103 @@
+"""Typed architecture configs: the schema behind `conf/model/` and `conf/moe/`.
+
+A preset YAML states only the dimensions; every other field takes the default here, so a typo in a key or a
+wrong type fails when Hydra composes the config, and impossible shapes fail in `__post_init__` with a message
+that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("grouped", "loop", "megablocks")
+LB_MODES = ("pooled", "per_layer")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model or init; the message says what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (Table 4 columns), shared by the dense model and the MoE built from it."""
+
+    name: str = "custom"
+    vocab_size: int = 8192
+    n_layers: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads"):
+            _require(getattr(self, field) > 0, f"model.{field} must be positive, got {getattr(self, field)}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: pick heads that divide it",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} (grouped-query "
+            "attention shares each KV head among a whole number of query heads)",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig:
+    """How each FFN becomes a Mixture of Experts. `enabled: false` is the dense (Llama) model.
+
+    `granularity` G splits the dense FFN along d_ff into G parts (fine-grained experts, paper footnote 3): each
+    expert is d_ff / G wide, and expert e upcycles from part e mod G of its source FFN.
+    """
+
+    enabled: bool = False
+    num_experts: int = 8
+    top_k: int = 2
+    granularity: int = 1
+    backend: str = "grouped"
+    lb_coef: float = 0.02
+    lb_mode: str = "pooled"
+    z_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"moe.top_k={self.top_k} must be between 1 and moe.num_experts={self.num_experts}",
+        )
+        _require(self.granularity >= 1, f"moe.granularity must be >= 1, got {self.granularity}")
+        _require(
+            self.num_experts % self.granularity == 0,
+            f"moe.num_experts={self.num_experts} is not a multiple of moe.granularity={self.granularity}: each "
+            "dense FFN is split into `granularity` experts, so use num_experts = copies x granularity",
+        )
+        _require(self.backend in BACKENDS, f"moe.backend={self.backend!r} is unknown; choose one of {BACKENDS}")
+        _require(self.lb_mode in LB_MODES, f"moe.lb_mode={self.lb_mode!r} is unknown; choose one of {LB_MODES}")
+
+    def expert_d_ff(self, model: ModelConfig) -> int:
+        _require(
+            model.d_ff % self.granularity == 0,
+            f"moe.granularity={self.granularity} does not divide model.d_ff={model.d_ff}: pick a divisor of d_ff",
+        )
+        return model.d_ff // self.granularity
+
+
+def check_pair(model: ModelConfig, moe: MoEConfig | None) -> None:
+    """Validate the combination (fields that depend on both configs)."""
+    if moe is not None and moe.enabled:
+        moe.expert_d_ff(model)

@@ -1,0 +1,63 @@
+"""Parameter and FLOPs accounting from the config alone (no weights are allocated).
+
+FLOPs follow the paper's Table 3 (forward pass, matrix products only, 2mkn per (m x k) @ (k x n)); training costs
+3x the forward pass (backward ~ 2x forward). Symbols: s sequence length, d_h hidden, v vocabulary, d_f FFN width,
+n_l layers, n_h heads, n_q query groups (KV heads), d_k head dim, n_e experts selected per token.
+"""
+
+from __future__ import annotations
+
+from dropup.config import ModelConfig, MoEConfig, check_pair
+
+
+def _active(moe: MoEConfig | None) -> MoEConfig | None:
+    return moe if moe is not None and moe.enabled else None
+
+
+def param_counts(model: ModelConfig, moe: MoEConfig | None = None) -> dict[str, int]:
+    """Total and active (used per token) parameter counts, embeddings and LM head included (untied)."""
+    check_pair(model, moe)
+    moe = _active(moe)
+    d, h = model.d_model, model.head_dim
+    embeddings = 2 * model.vocab_size * d  # input embedding + untied LM head
+    attention = d * h * (model.n_heads + 2 * model.n_kv_heads) + model.n_heads * h * d
+    norms = 2 * d
+    if moe is None:
+        ffn_total = ffn_active = 3 * d * model.d_ff
+    else:
+        expert = 3 * d * moe.expert_d_ff(model)
+        router = moe.num_experts * d
+        ffn_total = moe.num_experts * expert + router
+        ffn_active = moe.top_k * expert + router
+    per_layer = attention + norms
+    total = embeddings + model.n_layers * (per_layer + ffn_total) + d
+    active = embeddings + model.n_layers * (per_layer + ffn_active) + d
+    return {"total_params": total, "active_params": active}
+
+
+def forward_flops_per_sequence(model: ModelConfig, moe: MoEConfig | None, seq_len: int) -> float:
+    """Table 3, one forward pass over one sequence of `seq_len` tokens."""
+    check_pair(model, moe)
+    moe = _active(moe)
+    s, d_h, v = seq_len, model.d_model, model.vocab_size
+    n_h, n_q, d_k = model.n_heads, model.n_kv_heads, model.head_dim
+    embeddings = 2 * s * v * d_h
+    attention = (
+        4 * s * d_h * d_k * n_q  # key and value projections
+        + 2 * s * d_h * d_k * n_h  # query projection
+        + 2 * s * s * d_k * n_h  # key @ query logits
+        + 2 * s * s * d_k * n_h  # attention matrix @ values
+        + 2 * s * d_k * n_h * d_h  # output projection
+    )
+    if moe is None:
+        ffn = 4 * s * d_h * model.d_ff + 2 * s * model.d_ff * d_h
+    else:
+        d_f = moe.expert_d_ff(model)
+        ffn = moe.top_k * (4 * s * d_h * d_f + 2 * s * d_f * d_h)
+    logits = 2 * s * d_h * v
+    return float(embeddings + model.n_layers * (attention + ffn) + logits)
+
+
+def train_flops(model: ModelConfig, moe: MoEConfig | None, tokens: int, seq_len: int) -> float:
+    """Forward + backward FLOPs (3x forward) for `tokens` training tokens in sequences of `seq_len`."""
+    return 3.0 * forward_flops_per_sequence(model, moe, seq_len) * (tokens / seq_len)

@@ -1,0 +1,180 @@
+"""The machinery every init strategy shares: which dense tensor feeds which MoE tensor.
+
+An MoE state dict is produced tensor by tensor from 0..N dense "source" state dicts (our naming, see
+`dropup.model`), so a caller can stream: `moe_tensors` yields (name, tensor) pairs layer by layer and reads each
+source tensor only when it is needed. A strategy only decides
+- how one expert's (W_gate, W_up, W_down) is derived from its source slice (`expert`), and
+- how a non-FFN tensor is derived from the sources' copies of it (`shared`; default: the mean, i.e. a copy for
+  one source and BTX's average for several).
+
+Expert e of E with granularity G reads part p = e mod G of the FFN of source model m = floor((e div G) N / (E/G)):
+for G = 1 that is BTX's m = floor(e N / E), and with one source every expert reads the same FFN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
+from dropup.init import router as router_init
+
+_EXPERT_TENSOR = re.compile(r"layers\.(\d+)\.ffn\.(w_gate_up|w_down|router\.weight)$")
+
+
+@dataclass
+class ExpertKey:
+    """Identifies one expert's tensors for the per-tensor generators: (seed, layer, expert, tensor)."""
+
+    seed: int
+    layer: int
+    expert: int
+
+    def __call__(self, tensor: str) -> tuple:
+        return (self.seed, self.layer, self.expert, tensor)
+
+
+@dataclass
+class InitStrategy:
+    """Base of every strategy. Subclasses set `name`, the allowed source count, and override `expert`."""
+
+    router: str = router_init.DEFAULT
+
+    name: ClassVar[str] = "base"
+    min_sources: ClassVar[int] = 1
+    max_sources: ClassVar[int | None] = 1
+
+    def __post_init__(self) -> None:
+        router_init.parse(self.router)
+
+    @property
+    def ratio_value(self) -> float | None:
+        """The re-initialization ratio this strategy reports in results (None where it has none)."""
+        return None
+
+    def validate(self, n_sources: int, moe: MoEConfig) -> None:
+        upper = self.max_sources if self.max_sources is not None else n_sources
+        if not self.min_sources <= n_sources <= upper:
+            want = (
+                f"at least {self.min_sources}" if self.max_sources is None
+                else f"exactly {self.min_sources}" if self.min_sources == self.max_sources
+                else f"{self.min_sources} to {self.max_sources}"
+            )
+            raise ConfigError(f"init={self.name} needs {want} dense model(s), got {n_sources}")
+
+    def expert(self, gate_FD, up_FD, down_DF, key: ExpertKey):
+        """Return one expert's (W_gate, W_up, W_down) from its source slice; default: an exact copy."""
+        return gate_FD, up_FD, down_DF
+
+    def shared(self, name: str, tensors: Sequence[torch.Tensor], shape, dtype, seed: int) -> torch.Tensor:
+        if len(tensors) == 1:
+            return tensors[0].clone()
+        return torch.stack([t.float() for t in tensors]).mean(dim=0).to(tensors[0].dtype)
+
+
+def reinit_count(ratio: float, d_ff: int) -> int:
+    """|S| = floor(r d_f); the epsilon keeps e.g. 0.29 * 100 = 28.999... from flooring to 28."""
+    return min(d_ff, math.floor(ratio * d_ff + 1e-9))
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise ConfigError(f"ratio={ratio} is outside [0, 1]: the re-initialized share of d_ff must be in [0, 1]")
+
+
+def expert_source(expert: int, num_experts: int, granularity: int, n_sources: int) -> tuple[int, int]:
+    """(source model index, FFN part index) that expert `expert` is built from."""
+    copies = num_experts // granularity
+    return (expert // granularity) * n_sources // copies, expert % granularity
+
+
+def dense_shapes(model: ModelConfig) -> dict[str, torch.Size]:
+    from dropup.model import Transformer
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(model).state_dict().items()}
+
+
+def moe_shapes(model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Size]:
+    from dropup.model import Transformer
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(model, moe).state_dict().items()}
+
+
+def _check_sources(sources: Sequence[Mapping[str, torch.Tensor]], model: ModelConfig) -> None:
+    expected = dense_shapes(model)
+    for i, src in enumerate(sources):
+        missing = [k for k in expected if k not in src]
+        if missing:
+            raise ConfigError(f"dense model {i} lacks tensor {missing[0]!r}: it is not a dense model of this layout")
+        for name, shape in expected.items():
+            if tuple(src[name].shape) != tuple(shape):
+                raise ConfigError(
+                    f"dense model {i} tensor {name} has shape {tuple(src[name].shape)} but model={model.name} "
+                    f"expects {tuple(shape)}: choose the model preset the dense model was trained with"
+                )
+
+
+def layer_experts(strategy: InitStrategy, layer: int, sources, model: ModelConfig, moe: MoEConfig, seed: int):
+    """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer."""
+    d_f = moe.expert_d_ff(model)
+    prefix = f"layers.{layer}.ffn."
+    gates, ups, downs = [], [], []
+    for e in range(moe.num_experts):
+        m, part = expert_source(e, moe.num_experts, moe.granularity, max(len(sources), 1))
+        cols = slice(part * d_f, (part + 1) * d_f)
+        if sources:
+            src = sources[m]
+            gate = src[prefix + "w_gate.weight"][cols]
+            up = src[prefix + "w_up.weight"][cols]
+            down = src[prefix + "w_down.weight"][:, cols]
+        else:
+            gate = up = torch.empty(d_f, model.d_model)
+            down = torch.empty(model.d_model, d_f)
+        gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
+        gates.append(gate), ups.append(up), downs.append(down)
+    w_gate_up = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
+    return w_gate_up.contiguous(), torch.stack(downs).contiguous()
+
+
+def moe_tensors(
+    strategy: InitStrategy,
+    sources: Sequence[Mapping[str, torch.Tensor]],
+    model: ModelConfig,
+    moe: MoEConfig,
+    seed: int,
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor of the MoE model's state dict, in state-dict order, built by `strategy`."""
+    check_pair(model, moe)
+    if not moe.enabled:
+        raise ConfigError(f"init={strategy.name} builds an MoE: set moe=mixtral (or another MoE preset), not moe=none")
+    strategy.validate(len(sources), moe)
+    _check_sources(sources, model)
+    if dtype is None:
+        dtype = sources[0]["tok_emb.weight"].dtype if sources else torch.float32
+    experts_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, shape in moe_shapes(model, moe).items():
+        match = _EXPERT_TENSOR.match(name)
+        if match is None:
+            tensor = strategy.shared(name, [src[name] for src in sources], shape, dtype, seed)
+        elif match.group(2) == "router.weight":
+            layer = int(match.group(1))
+            tensor = router_init.draw(strategy.router, tuple(shape), seed, layer, -1, "router")
+        else:
+            layer = int(match.group(1))
+            if layer not in experts_of_layer:
+                experts_of_layer.clear()  # keep one layer's experts in memory at a time
+                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed)
+            tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
+        yield name, tensor.to(dtype)
+
+
+def build_moe_state(strategy, sources, model, moe, seed, dtype=None) -> dict[str, torch.Tensor]:
+    return dict(moe_tensors(strategy, sources, model, moe, seed, dtype))

@@ -1,0 +1,82 @@
+"""Drop-Upcycling (DU, paper section 3.2.1): copy, then partially re-initialize each expert.
+
+For every layer and expert, sample S subset of {1..d_f} with |S| = floor(r d_f) (r = `ratio`). For each of
+W_gate, W_up (rows S, all d_h columns in torch's (d_f, d_h) layout) and W_down (columns S), compute one mean mu and
+one standard deviation sigma (N-1 corrected) over that selected sub-block of the *original dense* matrix, and
+replace the sub-block by draws from N(mu, sigma^2) (eq. 4):  W~ = I_S . R + (1 - I_S) . W.
+
+`index_mode: shared` uses one S for all three matrices (the paper: whole neurons are dropped, so a pair of
+experts shares about (1-r)^2 of them); `per_matrix` draws S independently per matrix (the authors' released
+script; only about r^3 of neurons are then fully new). `shuffle` permutes each expert's neurons first (a
+relabelling that leaves the function unchanged, as the released script does). r = 0 is naive Upcycling;
+r = 1 re-initializes every FFN weight from whole-matrix statistics and keeps attention, norms and embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dropup.config import ConfigError
+from dropup.init import rng
+from dropup.init.base import ExpertKey, InitStrategy, check_ratio, reinit_count
+
+INDEX_MODES = ("shared", "per_matrix")
+
+
+def replace_rows(w_FX: torch.Tensor, rows: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Rows `rows` of w redrawn from N(mean, std^2) of those rows' original values."""
+    if rows.numel() == 0:
+        return w_FX
+    block = w_FX[rows].float()
+    out = w_FX.clone()
+    std = block.std().item() if block.numel() > 1 else 0.0
+    out[rows] = rng.normal(tuple(block.shape), block.mean().item(), std, *key).to(w_FX.dtype)
+    return out
+
+
+def select_indices(d_f: int, count: int, index_mode: str, key: ExpertKey) -> dict[str, torch.Tensor]:
+    if index_mode == "shared":
+        shared = rng.subset(d_f, count, *key("index"))
+        return {"gate": shared, "up": shared, "down": shared}
+    return {m: rng.subset(d_f, count, *key(f"index/{m}")) for m in ("gate", "up", "down")}
+
+
+@dataclass
+class DropUpcycling(InitStrategy):
+    ratio: float = 0.5
+    index_mode: str = "shared"
+    shuffle: bool = False
+
+    name: ClassVar[str] = "drop"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio(self.ratio)
+        self.index_mode = self.index_mode.replace("-", "_")
+        if self.index_mode not in INDEX_MODES:
+            raise ConfigError(f"init.index_mode={self.index_mode!r} is unknown; choose one of {INDEX_MODES}")
+
+    @property
+    def ratio_value(self) -> float:
+        return float(self.ratio)
+
+    def indices(self, d_f: int, key: ExpertKey) -> dict[str, torch.Tensor]:
+        return select_indices(d_f, reinit_count(self.ratio, d_f), self.index_mode, key)
+
+    def permute(self, gate_FD, up_FD, down_DF, key: ExpertKey):
+        if not self.shuffle:
+            return gate_FD, up_FD, down_DF
+        perm = rng.permutation(gate_FD.shape[0], *key("shuffle"))
+        return gate_FD[perm], up_FD[perm], down_DF[:, perm]
+
+    def expert(self, gate_FD, up_FD, down_DF, key: ExpertKey):
+        gate_FD, up_FD, down_DF = self.permute(gate_FD, up_FD, down_DF, key)
+        idx = self.indices(gate_FD.shape[0], key)
+        gate_FD = replace_rows(gate_FD, idx["gate"], key("gate"))
+        up_FD = replace_rows(up_FD, idx["up"], key("up"))
+        # W_down is (d_h, d_f): its neurons are columns, so work on the transpose (eq. 4's note).
+        down_DF = replace_rows(down_DF.t(), idx["down"], key("down")).t().contiguous()
+        return gate_FD, up_FD, down_DF

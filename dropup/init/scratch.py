@@ -1,0 +1,43 @@
+"""From scratch (FS): no dense model. Every weight matrix ~ N(0, std^2) with std = model.init_std (0.02 in the
+paper, section 4), every RMSNorm gain = 1, the router from its own spec. Each tensor (and each expert's
+W_gate, W_up, W_down) has its own seeded generator, so dense and MoE scratch models are reproducible by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dropup.config import ModelConfig
+from dropup.init import rng
+from dropup.init.base import ExpertKey, InitStrategy, dense_shapes
+
+
+def scratch_tensor(name: str, shape, std: float, seed: int) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return rng.normal(tuple(shape), 0.0, std, seed, name)
+
+
+def dense_state(model: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A dense (Llama) model's scratch state dict."""
+    return {name: scratch_tensor(name, shape, model.init_std, seed) for name, shape in dense_shapes(model).items()}
+
+
+@dataclass
+class Scratch(InitStrategy):
+    std: float = 0.02
+
+    name: ClassVar[str] = "scratch"
+    min_sources: ClassVar[int] = 0
+    max_sources: ClassVar[int | None] = 0
+
+    def expert(self, gate_FD, up_FD, down_DF, key: ExpertKey):
+        return tuple(
+            rng.normal(tuple(w.shape), 0.0, self.std, *key(tensor))
+            for w, tensor in ((gate_FD, "gate"), (up_FD, "up"), (down_DF, "down"))
+        )
+
+    def shared(self, name, tensors, shape, dtype, seed):
+        return scratch_tensor(name, shape, self.std, seed)

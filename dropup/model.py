@@ -1,0 +1,151 @@
+"""One decoder for both architectures of the paper: Llama (dense FFN) and Mixtral (MoE FFN).
+
+Pre-norm blocks with RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Llama),
+grouped-query attention through `scaled_dot_product_attention`, SwiGLU FFNs, untied input/output embeddings.
+Shapes: B batch, S sequence, D d_model, H query heads, G KV heads, K head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropup.config import ModelConfig, MoEConfig, check_pair
+from dropup.moe import MoELayer, load_balancing_loss, router_z_loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and scale in the input dtype, the rounding transformers' Llama uses.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None):
+    inv_freq_K2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles_SK2 = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq_K2)
+    angles_SK = torch.cat([angles_SK2, angles_SK2], dim=-1)
+    return angles_SK.cos(), angles_SK.sin()
+
+
+def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
+    first, second = x_BHSK.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x_BHSK * cos_SK.to(x_BHSK.dtype) + rotated * sin_SK.to(x_BHSK.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGSK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSK = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSK, k_BGSK = apply_rope(q_BHSK, cos_SK, sin_SK), apply_rope(k_BGSK, cos_SK, sin_SK)
+        out_BHSK = F.scaled_dot_product_attention(
+            q_BHSK, k_BGSK, v_BGSK, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN (paper eq. 1), weights in torch's (out, in) layout: W_gate, W_up (F, D), W_down (D, F)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = moe is not None and moe.enabled
+        self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list):
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
+        normed_BSD = self.ffn_norm(h_BSD)
+        if not self.is_moe:
+            return h_BSD + self.ffn(normed_BSD)
+        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]))
+        router_logits.append(logits_TE)
+        return h_BSD + y_TD.view_as(h_BSD)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None):
+        super().__init__()
+        check_pair(cfg, moe)
+        self.cfg, self.moe = cfg, (moe if moe is not None and moe.enabled else None)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, self.moe) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.tok_emb.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper section 4: every weight matrix N(0, 0.02), RMSNorm gains 1 (global RNG; the seeded,
+        order-independent version is `dropup.init.scratch`)."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, self.cfg.init_std)
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
+        x_BSD = self.tok_emb(tokens_BS)
+        router_logits: list[torch.Tensor] = []
+        for block in self.layers:
+            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits)
+        return ModelOutput(self.lm_head(self.norm(x_BSD)), router_logits)
+
+    def losses(self, out: ModelOutput, targets_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted."""
+        lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BS.flatten())
+        result = {"lm_loss": lm_loss, "loss": lm_loss}
+        if self.moe is not None:
+            lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode)
+            result["lb_loss"] = lb
+            result["loss"] = lm_loss + self.moe.lb_coef * lb
+            if self.moe.z_coef > 0:
+                z = router_z_loss(out.router_logits)
+                result["z_loss"] = z
+                result["loss"] = result["loss"] + self.moe.z_coef * z
+        return result
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(layers, experts) assignment counts of the last forward pass."""
+        return torch.stack([b.ffn.tokens_per_expert for b in self.layers])

@@ -1,0 +1,167 @@
+"""The Mixtral MoE layer: top-k router, dropless token-choice dispatch, experts as stacked tensors.
+
+Shapes are named in variables: T tokens, D d_model, F expert d_ff, E experts, K top-k, A = T*K assignments.
+Expert weights use transformers 5's fused layout, so the Hugging Face mapping is a rename:
+`w_gate_up` (E, 2F, D) holds W_gate in [:, :F] and W_up in [:, F:]; `w_down` is (E, D, F).
+
+Routing (paper eq. 3): softmax over the top-k logits, which equals softmax over all E logits, keeping the top k
+and renormalizing them -- the form transformers and moe-recipes compute, done here in fp32.
+
+Backends compute the same function:
+- `grouped` sorts assignments by expert and runs two `torch._grouped_mm` calls (CPU and CUDA);
+- `loop` is the readable per-expert reference;
+- `megablocks` uses megablocks' grouped GEMM where that optional package imports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropup.config import ConfigError, MoEConfig
+
+
+def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int):
+    """Return router logits (T, E), the renormalized top-k weights (T, K, fp32) and expert ids (T, K)."""
+    logits_TE = F.linear(x_TD, w_router_ED)
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return logits_TE, weights_TK, experts_TK
+
+
+def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
+    gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+    return F.silu(gate_AF) * up_AF
+
+
+def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+    """Reference: one pair of matmuls per expert over the tokens routed to it."""
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(w_gate_up_E2FD.shape[0]):
+        token_idx, k_idx = torch.where(experts_TK == e)
+        if token_idx.numel() == 0:
+            continue
+        h_AF = _swiglu(F.linear(x_TD[token_idx], w_gate_up_E2FD[e]))
+        out_AD = F.linear(h_AF, w_down_EDF[e]) * weights_TK[token_idx, k_idx, None]
+        y_TD.index_add_(0, token_idx, out_AD.to(y_TD.dtype))
+    return y_TD
+
+
+def _sort_by_expert(experts_TK: torch.Tensor, num_experts: int):
+    flat_A = experts_TK.reshape(-1)
+    order_A = torch.argsort(flat_A, stable=True)
+    counts_E = torch.bincount(flat_A, minlength=num_experts)
+    return order_A, counts_E
+
+
+def _gather_scatter(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
+    """Sort assignments by expert, run `expert_fn(x_sorted_AD, counts_E)`, weight and scatter back to tokens."""
+    top_k = experts_TK.shape[1]
+    order_A, counts_E = _sort_by_expert(experts_TK, num_experts)
+    token_A = order_A // top_k
+    out_AD = expert_fn(x_TD[token_A], counts_E)
+    out_AD = out_AD * weights_TK.reshape(-1)[order_A, None]
+    y_TD = torch.zeros_like(x_TD)
+    return y_TD.index_add_(0, token_A, out_AD.to(y_TD.dtype))
+
+
+def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+    """Dropless dispatch with native grouped GEMMs over expert-sorted tokens."""
+
+    def run(x_AD, counts_E):
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_AF = _swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
+        return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
+
+    return _gather_scatter(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+
+
+def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+    """The same sorted dispatch on megablocks' grouped GEMM kernel (optional dependency; CUDA only)."""
+    try:
+        from megablocks import grouped_gemm_util as gg
+    except ImportError as err:  # pragma: no cover - exercised only where megablocks is absent
+        raise ConfigError(
+            "moe.backend=megablocks needs the optional megablocks package (CUDA only); "
+            "install it or use moe.backend=grouped"
+        ) from err
+
+    def run(x_AD, counts_E):
+        batch_sizes = counts_E.cpu()
+        h_AF = _swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
+        return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
+
+    return _gather_scatter(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+
+
+BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "megablocks": experts_megablocks}
+
+
+def _grouped_mm_runs_on(x: torch.Tensor) -> bool:
+    # torch._grouped_mm's CUDA kernel takes bf16 only (and needs sm90+); its CPU kernel takes any float dtype.
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
+class MoELayer(nn.Module):
+    """Router + E SwiGLU experts. `forward` returns the output and the router logits (for the aux losses)."""
+
+    def __init__(self, d_model: int, expert_d_ff: int, moe: MoEConfig):
+        super().__init__()
+        self.num_experts, self.top_k, self.backend = moe.num_experts, moe.top_k, moe.backend
+        self.router = nn.Linear(d_model, moe.num_experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(moe.num_experts, 2 * expert_d_ff, d_model))
+        self.w_down = nn.Parameter(torch.empty(moe.num_experts, d_model, expert_d_ff))
+        # Assignments per expert in the last forward pass, for routing analysis (no autograd, no sync).
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor):
+        logits_TE, weights_TK, experts_TK = route(x_TD, self.router.weight, self.top_k)
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Grouped GEMMs are not autocast ops: cast explicitly, as autocast does for F.linear.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        backend = self.backend
+        if backend == "grouped" and not _grouped_mm_runs_on(x_TD):
+            backend = "loop"
+        y_TD = BACKEND_FNS[backend](x_TD, w_gate_up, w_down, weights_TK, experts_TK)
+        with torch.no_grad():
+            self.tokens_per_expert.copy_(torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts))
+        return y_TD, logits_TE
+
+
+def _assignment_stats(logits_TE: torch.Tensor, top_k: int):
+    """Per-expert top-k assignment counts and summed router probabilities of one layer (fp32)."""
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
+    return counts_E, probs_TE.sum(dim=0), logits_TE.shape[0]
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mode: str = "pooled") -> torch.Tensor:
+    """Switch-Transformer balance loss, E * sum_e f_e * P_e, unweighted (equals top_k at perfect balance).
+
+    f_e is the share of top-k assignments that go to expert e (summed over the k slots, so sum_e f_e = k) and P_e
+    the mean router probability of e. `pooled` computes it once over all layers' tokens concatenated (transformers'
+    `load_balancing_loss_func`, what the paper's runs used); `per_layer` computes it per layer and averages, so the
+    coefficient means the same in both modes.
+    """
+    num_experts = router_logits[0].shape[-1]
+    stats = [_assignment_stats(logits, top_k) for logits in router_logits]
+    if mode == "pooled":
+        rows = sum(n for _, _, n in stats)
+        f_E = sum(c for c, _, _ in stats) / rows
+        p_E = sum(p for _, p, _ in stats) / rows
+        return num_experts * torch.sum(f_E * p_E)
+    if mode == "per_layer":
+        losses = [num_experts * torch.sum((c / n) * (p / n)) for c, p, n in stats]
+        return torch.stack(losses).mean()
+    raise ConfigError(f"unknown load-balancing mode {mode!r}; use 'pooled' or 'per_layer'")
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over layers."""
+    return torch.stack([torch.logsumexp(l.float(), dim=-1).square().mean() for l in router_logits]).mean()
