@@ -1,0 +1,38 @@
+# dropup: `make help` lists the targets. Every target sets up .venv first if needed (make install, idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-slow bench info
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv: torch pinned first (a CPU build here), then the project (-e)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch (directly or via lightning) pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: install ## the main job at the default scale
+	$(PY) run.py
+
+info: install ## parameter and FLOPs accounting of a preset: make info ARGS="model=3.7b moe=mixtral"
+	$(PY) run.py stage=info $(ARGS) hydra.run.dir=outputs/info
+
+test: install ## the test suite (fast tests; under 15 minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: install ## the slow tests too
+	$(PY) -m pytest -q -m "slow"
+
+bench: install ## MoE layer vs transformers' Mixtral block vs the ideal dense GEMM, bf16 and fp32
+	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype bf16
+	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype fp32

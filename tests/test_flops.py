@@ -1,0 +1,124 @@
+"""Parameter counts and FLOPs against the paper's Table 4 and Table 2, and against real models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropup.config import ModelConfig, MoEConfig
+from dropup.flops import param_counts, train_flops
+from dropup.model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXTRAL = MoEConfig(enabled=True, num_experts=8, top_k=2)
+
+# Table 4 rows: layers, d_model, d_ff, heads, KV heads, vocabulary
+TABLE4 = {
+    "152m": (12, 512, 2048, 8, 8, 99574),
+    "1.5b": (24, 2048, 7168, 16, 8, 48586),
+    "3.7b": (28, 3072, 8192, 24, 24, 99574),
+    "13b": (40, 5120, 13824, 40, 40, 99574),
+}
+# Table 4's printed (active, total) parameters
+PRINTED_DENSE = {"152m": 152e6, "1.5b": 1.5e9, "3.7b": 3.7e9, "13b": 13e9}
+PRINTED_MOE = {"152m": (190e6, 417e6), "1.5b": (2.6e9, 8.9e9), "3.7b": (5.9e9, 18e9)}
+
+
+def table4_count(name, experts=1, active_experts=1):
+    """The count Table 4's architecture implies, matrix by matrix."""
+    layers, d, f, heads, kv, vocab = TABLE4[name]
+    head = d // heads
+    matrices = {
+        "embed": vocab * d, "lm_head": d * vocab, "final_norm": d,
+        "per_layer": d * d + 2 * d * kv * head + d * d + d + d,  # q, k+v, o, two norms
+    }
+    ffn = 3 * d * f
+    router = d * experts if experts > 1 else 0
+    total = matrices["embed"] + matrices["lm_head"] + matrices["final_norm"]
+    return (total + layers * (matrices["per_layer"] + experts * ffn + router),
+            total + layers * (matrices["per_layer"] + active_experts * ffn + router))
+
+
+def preset(name):
+    layers, d, f, heads, kv, vocab = TABLE4[name]
+    return ModelConfig(name=name, vocab_size=vocab, n_layers=layers, d_model=d, d_ff=f, n_heads=heads, n_kv_heads=kv)
+
+
+@pytest.mark.parametrize("name", TABLE4)
+def test_dense_counts_match_table4(name):
+    counts = param_counts(preset(name))
+    total, _ = table4_count(name)
+    assert counts["total_params"] == counts["active_params"] == total
+    assert abs(total / PRINTED_DENSE[name] - 1) < 0.06
+
+
+@pytest.mark.parametrize("name", PRINTED_MOE)
+def test_moe_counts_match_table4(name):
+    counts = param_counts(preset(name), MIXTRAL)
+    total, active = table4_count(name, experts=8, active_experts=2)
+    assert (counts["total_params"], counts["active_params"]) == (total, active)
+    printed_active, printed_total = PRINTED_MOE[name]
+    assert abs(active / printed_active - 1) < 0.06
+    assert abs(total / printed_total - 1) < 0.06
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [None, MIXTRAL, MoEConfig(enabled=True, num_experts=8, top_k=4, granularity=2),
+     MoEConfig(enabled=True, num_experts=4, top_k=1)],
+    ids=["dense", "mixtral", "fine-grained", "4x-top1"],
+)
+def test_counts_equal_a_real_model(gqa_model, moe):
+    model = Transformer(gqa_model, moe)
+    total = sum(p.numel() for p in model.parameters())
+    counts = param_counts(gqa_model, moe)
+    assert counts["total_params"] == total
+    if moe is not None:
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".w_gate_up" in n or ".w_down" in n)
+        assert counts["active_params"] == total - experts * (moe.num_experts - moe.top_k) // moe.num_experts
+
+
+# Table 2: (preset, MoE?, tokens, FLOPs x 1e22), sequence length 4096
+TABLE2 = [("3.7b", False, 1000e9, 2.70), ("3.7b", True, 500e9, 1.98), ("13b", False, 805e9, 7.43),
+          ("3.7b", False, 2072e9, 5.58)]
+
+
+@pytest.mark.parametrize("name,is_moe,tokens,flops", TABLE2)
+def test_training_flops_match_table2(name, is_moe, tokens, flops):
+    got = train_flops(preset(name), MIXTRAL if is_moe else None, int(tokens), 4096)
+    assert abs(got / (flops * 1e22) - 1) < 0.01
+
+
+@pytest.mark.parametrize("model,moe", [("13b", "none"), ("3.7b", "mixtral"), ("tiny", "fine_grained")])
+def test_info_stage_prints_json_last(model, moe, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "run.py", "stage=info", f"model={model}", f"moe={moe}", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert isinstance(report["total_params"], int) and isinstance(report["active_params"], int)
+    assert isinstance(report["train_flops"], float) and report["train_flops"] > 0
+    assert (report["model"], report["moe"]) == (model, moe)
+    if moe == "none":
+        assert report["total_params"] == report["active_params"]
+    else:
+        assert report["total_params"] > report["active_params"]
+
+
+def test_info_allocates_no_weights(monkeypatch):
+    """Counting the 13B preset must not build it: fail if any parameter-sized tensor is created."""
+    calls = []
+    real = torch.empty
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    param_counts(preset("13b"), MIXTRAL)
+    train_flops(preset("13b"), MIXTRAL, 10**9, 4096)
+    assert calls == []
