@@ -49,22 +49,23 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
     return y_TD
 
 
-def _sort_by_expert(experts_TK: torch.Tensor, num_experts: int):
+def _dispatch(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
+    """Sort assignments by expert, run `expert_fn(x_sorted_AD, counts_E)`, then combine each token's k outputs.
+
+    Gather and un-sort are `index_select`s (their backward is a plain index_add, cheaper than indexing's
+    accumulate-put), and the weighted sum of a token's k outputs is one batched matmul: no scatter-add, so the
+    result is deterministic on every device.
+    """
+    T, K = experts_TK.shape
     flat_A = experts_TK.reshape(-1)
     order_A = torch.argsort(flat_A, stable=True)
     counts_E = torch.bincount(flat_A, minlength=num_experts)
-    return order_A, counts_E
-
-
-def _gather_scatter(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
-    """Sort assignments by expert, run `expert_fn(x_sorted_AD, counts_E)`, weight and scatter back to tokens."""
-    top_k = experts_TK.shape[1]
-    order_A, counts_E = _sort_by_expert(experts_TK, num_experts)
-    token_A = order_A // top_k
-    out_AD = expert_fn(x_TD[token_A], counts_E)
-    out_AD = out_AD * weights_TK.reshape(-1)[order_A, None]
-    y_TD = torch.zeros_like(x_TD)
-    return y_TD.index_add_(0, token_A, out_AD.to(y_TD.dtype))
+    out_AD = expert_fn(x_TD.index_select(0, order_A // K), counts_E)
+    inverse_A = torch.empty_like(order_A)
+    inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+    out_TKD = out_AD.index_select(0, inverse_A).view(T, K, -1)
+    # Combine in fp32 (the router weights' precision), round once to the activation dtype.
+    return torch.bmm(weights_TK.unsqueeze(1), out_TKD.float()).squeeze(1).to(x_TD.dtype)
 
 
 def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
@@ -75,7 +76,7 @@ def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
         h_AF = _swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
         return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
 
-    return _gather_scatter(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+    return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
 
 
 def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
@@ -93,7 +94,7 @@ def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK)
         h_AF = _swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
         return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
 
-    return _gather_scatter(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+    return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
 
 
 BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "megablocks": experts_megablocks}

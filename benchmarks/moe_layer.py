@@ -1,0 +1,123 @@
+"""Forward+backward time of one MoE layer: ours vs transformers' MixtralSparseMoeBlock vs the ideal.
+
+The ideal is one dense SwiGLU over tokens x top-k rows -- the same FLOPs as the experts, as one big GEMM per
+matrix, with no routing, sorting or scattering. All three run in this process on the same inputs, interleaved
+repetition by repetition after warm-up; medians are reported. The last line printed is one JSON object.
+
+    python benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropup.config import MoEConfig
+from dropup.hf import hf_config
+from dropup.config import ModelConfig
+from dropup.moe import MoELayer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class IdealSwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.w_gate_up = nn.Parameter(torch.randn(2 * d_ff, d_model) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(d_model, d_ff) * 0.02)
+
+    def forward(self, x_TD):
+        x_AD = x_TD.repeat(self.top_k, 1)
+        gate_AF, up_AF = F.linear(x_AD, self.w_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_AF) * up_AF, self.w_down)
+
+
+def transformers_block(args, dtype):
+    from transformers import MixtralForCausalLM
+
+    model_cfg = ModelConfig(vocab_size=16, n_layers=1, d_model=args.d_model, d_ff=args.d_ff, n_heads=8, n_kv_heads=8)
+    moe = MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k)
+    # Built inside a model so the block gets transformers' default experts implementation.
+    model = MixtralForCausalLM(hf_config(model_cfg, moe))
+    return model.model.layers[0].mlp.to(dtype), model.config._experts_implementation
+
+
+def step_time(fn, x, params):
+    x = x.detach().requires_grad_(True)
+    start = time.perf_counter()
+    out = fn(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out))
+    elapsed = time.perf_counter() - start
+    for p in params:
+        p.grad = None
+    return elapsed * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+
+    ours = MoELayer(args.d_model, args.d_ff, MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    ours = ours.to(dtype)
+    theirs, implementation = transformers_block(args, dtype)
+    theirs.gate.weight.data.copy_(ours.router.weight.data)
+    theirs.experts.gate_up_proj.data.copy_(ours.w_gate_up.data)
+    theirs.experts.down_proj.data.copy_(ours.w_down.data)
+    ideal = IdealSwiGLU(args.d_model, args.d_ff, args.top_k).to(dtype)
+    x_TD = torch.randn(args.tokens, args.d_model, dtype=dtype)
+
+    with torch.no_grad():  # same weights: same function
+        diff = (ours(x_TD)[0].float() - theirs(x_TD[None]).float()[0]).abs().max().item()
+
+    candidates = {
+        "ours": (ours, list(ours.parameters())),
+        "transformers": (lambda x: theirs(x[None]), list(theirs.parameters())),
+        "ideal": (ideal, list(ideal.parameters())),
+    }
+    times = {name: [] for name in candidates}
+    for rep in range(args.warmup + args.reps):
+        for name, (fn, params) in candidates.items():
+            ms = step_time(fn, x_TD, params)
+            if rep >= args.warmup:
+                times[name].append(ms)
+    medians = {f"{name}_ms": round(statistics.median(t), 3) for name, t in times.items()}
+    flops = 3 * 2 * args.tokens * args.top_k * 3 * args.d_model * args.d_ff  # fwd+bwd of the expert GEMMs
+    result = {
+        **medians,
+        "ours_vs_ideal_speed": round(medians["ideal_ms"] / medians["ours_ms"], 3),
+        "ours_vs_transformers_speed": round(medians["transformers_ms"] / medians["ours_ms"], 3),
+        "ours_gflops": round(flops / medians["ours_ms"] / 1e6, 1),
+        "max_abs_diff_vs_transformers": diff,
+        "transformers_experts_implementation": implementation,
+        "dtype": args.dtype,
+        "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
+        "top_k": args.top_k, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    for name, t in times.items():
+        print(f"{name:>13}: median {statistics.median(t):8.2f} ms  (min {min(t):.2f}, max {max(t):.2f})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
