@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -13,18 +13,74 @@ from omegaconf import DictConfig, OmegaConf
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.flops import param_counts, train_flops
 
-STAGES = ("info",)
+STAGES = ("info", "train")
 
 
 @dataclass
 class DataSchema:
-    seq_len: int = 256
+    name: str = "default"
+    # packages (the bundled ja/en/code corpus) | jsonl | hf_disk | tokens (a prepared token folder)
+    source: str = "packages"
+    path: Optional[str] = None
     domains: list[str] = field(default_factory=lambda: ["ja", "en", "code"])
+    # training mixture over domains; null = in proportion to each domain's size
+    weights: Optional[dict[str, float]] = None
+    seq_len: int = 256
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    max_chars_per_domain: Optional[int] = None
 
 
 @dataclass
 class TrainSchema:
     tokens: int = 2_000_000
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: Any = 0.05  # steps (int) or a fraction of the run (float)
+    final_constant_steps: int = 0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    log_every: int = 10
+    val_every: int = 100
+    val_tokens: int = 32768
+    val_batch_size: int = 16
+    ckpt_every: int = 100
+
+
+@dataclass
+class SeedRecipeSchema:
+    """How the dense seed (and BTX's branches) are trained when seed_model=auto."""
+
+    train: TrainSchema = field(default_factory=TrainSchema)
+    seed: int = 0
+    branch_tokens: float = 0.2  # each BTX branch: this x the MoE token budget (paper: 100B vs 500B)
+
+
+@dataclass
+class TrainerSchema:
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerSchema:
+    kind: str = "csv"
+    project: str = "dropup"
+    mode: str = "offline"
+
+
+@dataclass
+class PathsSchema:
+    root: str = "."
+    data_dir: str = "data"
+    seed_store: str = "artifacts/seeds"
 
 
 @dataclass
@@ -36,10 +92,16 @@ class Config:
     init: Any = None
     data: DataSchema = field(default_factory=DataSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
-    stage: str = "info"
+    seed_recipe: SeedRecipeSchema = field(default_factory=SeedRecipeSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    stage: str = "train"
     ratio: float = 0.5
     seed: int = 0
-    seed_model: str = "auto"
+    seed_model: Optional[str] = "auto"
+    resume: bool = False
+    run_dir: Optional[str] = None  # set by tests and nested seed runs; normally Hydra's output directory
 
 
 def register_configs() -> None:
@@ -72,10 +134,20 @@ def info(cfg: DictConfig) -> dict:
     return report
 
 
+def train(cfg: DictConfig) -> dict:
+    from dropup.train import train as train_run
+
+    names = {g: _choice(g, "") for g in ("model", "moe", "init")}
+    return train_run(cfg, names={k: v for k, v in names.items() if v})
+
+
 def run(cfg: DictConfig):
+    from dropup.data.corpus import DataError
+    from dropup.data.sources import SourceError
+
     try:
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage!r} is not available; choose one of {STAGES}")
-        return {"info": info}[cfg.stage](cfg)
-    except ConfigError as err:
+        return {"info": info, "train": train}[cfg.stage](cfg)
+    except (ConfigError, DataError, SourceError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,177 @@
+"""One LightningModule for dense and MoE language models, and the callbacks that write a run's records.
+
+Batches are a function of the optimizer step (`TokenData.train_batch`), so the dataloader only ticks: resuming
+from a checkpoint restores `global_step` and with it the exact data order. Validation runs on fixed windows of
+each domain, at step 0 (before any update), every `train.val_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dropup.config import ModelConfig, MoEConfig
+from dropup.data import TokenData
+from dropup.model import Transformer
+
+
+def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float, final_constant: int = 0) -> float:
+    """Linear warmup to the peak, cosine decay to `min_ratio` x peak, optionally held for the final steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, steps - warmup - final_constant)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepTicks(IterableDataset):
+    def __iter__(self):
+        return itertools.count()
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, train_cfg: dict, data: TokenData,
+                 data_seed: int, initial_state: dict | None = None):
+        super().__init__()
+        self.model = Transformer(model_cfg, moe_cfg)
+        if initial_state is not None:
+            self.model.load_state_dict(initial_state, strict=True)
+        self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
+        self.last_losses: dict[str, float] = {}
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def training_step(self, tick, batch_idx):
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        batch = self.train_cfg["batch_size"]
+        per_rank = batch // world
+        x, y = self.data.train_batch(self.global_step, batch, self.data_seed,
+                                     rows=slice(rank * per_rank, (rank + 1) * per_rank))
+        losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device))
+        self.last_losses = {k: v.detach() for k, v in losses.items()}
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay = [p for n, p in self.model.named_parameters() if not n.endswith("norm.weight")]
+        no_decay = [p for n, p in self.model.named_parameters() if n.endswith("norm.weight")]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+        )
+        steps = cfg["steps"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(s, steps, cfg["warmup_steps"], cfg["min_lr_ratio"], cfg["final_constant_steps"]),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def train_dataloader(self):
+        return DataLoader(StepTicks(), batch_size=None)
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], dict | None]:
+        """Per-domain validation loss (token-weighted mean) and, for MoE, per-domain routing counts."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics, routing = {}, {}
+        for domain in self.data.domains:
+            total, count = 0.0, 0
+            expert_counts = None
+            for x, y in self.data.val_batches(domain, self.train_cfg["val_batch_size"], self.train_cfg["val_tokens"]):
+                with self.trainer.precision_plugin.forward_context():
+                    out = self.model(x.to(self.device))
+                loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.to(self.device).flatten(),
+                                                         reduction="sum")
+                total, count = total + loss.item(), count + y.numel()
+                if self.model.moe is not None:
+                    tpe = self.model.tokens_per_expert().cpu()
+                    expert_counts = tpe if expert_counts is None else expert_counts + tpe
+            metrics[f"val_loss/{domain}"] = total / count
+            if expert_counts is not None:
+                routing[domain] = expert_counts.tolist()
+        metrics["val_loss"] = sum(metrics[f"val_loss/{d}"] for d in self.data.domains) / len(self.data.domains)
+        self.model.train(was_training)
+        return metrics, (routing or None)
+
+
+class RunRecorder(L.Callback):
+    """Writes metrics.csv (one row per logged step; append-only, flushed per row) and routing counts,
+    evaluates on schedule, and measures throughput. On resume it drops rows past the restored step."""
+
+    def __init__(self, run_dir: Path, domains: list[str], is_moe: bool, train_cfg: dict, on_eval=None):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns = ["step", "tokens", "train_loss", "lm_loss", "lr", "grad_norm"]
+        self.columns += ["lb_loss", "z_loss"] if is_moe else []
+        self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains] + ["tokens_per_s", "elapsed_s"]
+        self.cfg, self.on_eval = train_cfg, on_eval
+        self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
+        self.final: dict[str, float] = {}
+        self.routing = None
+        self._clock = None
+
+    def _write(self, trainer, row: dict) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+            for logger in trainer.loggers:  # e.g. wandb: the same numbers as the CSV
+                logger.log_metrics({k: v for k, v in row.items() if k != "step" and v != ""}, step=row["step"])
+
+    def _evaluate(self, trainer, module) -> None:
+        metrics, routing = module.evaluate()
+        step = trainer.global_step
+        self.final.update(metrics)
+        self.routing = routing
+        self._write(trainer, {"step": step, "tokens": step * self.tokens_per_step, **metrics})
+        if self.on_eval is not None and trainer.is_global_zero:
+            self.on_eval(step, metrics, routing)
+
+    def on_train_start(self, trainer, module):
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            rows = []
+            if self.path.exists():
+                with open(self.path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            have_val = any(int(r["step"]) == step and r.get("val_loss") for r in rows)
+        else:
+            have_val = False
+        have_val = trainer.strategy.broadcast(have_val, src=0)
+        if step == 0 or (step % self.cfg["val_every"] == 0 and not have_val):
+            self._evaluate(trainer, module)
+        self._clock = (time.perf_counter(), step)
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if (trainer.global_step + 1) % self.cfg["log_every"] == 0:
+            norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+            module._grad_norm = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else float("nan")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.cfg["log_every"] == 0 or step == self.cfg["steps"]:
+            start, start_step = self._clock
+            elapsed = time.perf_counter() - start
+            losses = {k: trainer.strategy.reduce(v, reduce_op="mean").item() for k, v in module.last_losses.items()}
+            row = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": losses["loss"],
+                   "lm_loss": losses["lm_loss"], "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                   "grad_norm": getattr(module, "_grad_norm", ""),
+                   "tokens_per_s": (step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+                   "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
+            self.final.update(train_loss=losses["loss"], lm_loss=losses["lm_loss"])
+            self._write(trainer, row)
+        if step % self.cfg["val_every"] == 0 and step != self.cfg["steps"]:
+            self._evaluate(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        self._evaluate(trainer, module)

@@ -1,0 +1,184 @@
+"""Dense models that MoE inits start from (DESIGN contract 3).
+
+`seed_model=auto`: the dense seed is the run in `paths.seed_store/<key>` whose key hashes its configuration (model,
+data, the `seed_recipe` training recipe and its random seed). If it is not there it is trained first, once, under
+a file lock, so parallel sweep jobs wait for it instead of duplicating it. BTX's domain branches are found or made
+the same way: the seed trained further on one domain each, for `seed_recipe.branch_tokens` x the MoE budget.
+`seed_model=<dir>` names a dropup run directory or a Hugging Face Llama (or, for init=pretrained, Mixtral) dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.hf import configs_from_hf, from_hf
+
+DATA_IDENTITY = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain", "seq_len",
+                 "weights")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _store(cfg: DictConfig) -> Path:
+    from dropup.train import project_path
+
+    return project_path(cfg.paths.seed_store)
+
+
+def seed_key(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("name", None)
+    return _hash({"model": model, "data": {k: data.get(k) for k in DATA_IDENTITY},
+                  "recipe": OmegaConf.to_container(cfg.seed_recipe.train, resolve=True),
+                  "seed": int(cfg.seed_recipe.seed)})
+
+
+def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dict, weights=None, seed_model=None):
+    dense = OmegaConf.to_container(cfg, resolve=True)
+    dense.update(stage="train", seed=seed, seed_model=seed_model, resume=True, run_dir=str(run_dir), train=train,
+                 init=init)
+    dense["moe"]["enabled"] = False
+    if weights is not None:
+        dense["data"]["weights"] = weights
+    return OmegaConf.create(dense)
+
+
+def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
+    from dropup.train import train
+
+    done = lambda: (run_dir / "model.safetensors").is_file() and json.loads(  # noqa: E731
+        (run_dir / "results.json").read_text()).get("status") == "completed"
+    if run_dir.exists() and (run_dir / "results.json").exists() and done():
+        return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir) + ".lock"):
+        if (run_dir / "results.json").exists() and done():
+            return run_dir
+        log(f"[seed] training {names['what']} into {run_dir}")
+        cfg = make_cfg()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        train(cfg, log=log, names={"model": names["model"], "moe": "none", "init": names["init"]})
+    return run_dir
+
+
+def seed_dir(cfg: DictConfig, log=print) -> Path:
+    run_dir = _store(cfg) / f"seed-{seed_key(cfg)}"
+    train = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
+    return _find_or_train(
+        run_dir,
+        lambda: _dense_cfg(cfg, run_dir, train, int(cfg.seed_recipe.seed), {"_target_": "dropup.init.scratch.Scratch"}),
+        {"what": "the dense seed model", "model": cfg.model.name, "init": "scratch"}, log,
+    )
+
+
+def branch_dirs(cfg: DictConfig, parent: Path, log=print) -> list[Path]:
+    """One dense branch per domain, each the seed trained further on that domain only (BTX)."""
+    train = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
+    train["tokens"] = int(float(cfg.seed_recipe.branch_tokens) * int(cfg.train.tokens))
+    dirs = []
+    for domain in cfg.data.domains:
+        run_dir = _store(cfg) / f"branch-{_hash({'parent': parent.name, 'domain': domain, 'train': train})}-{domain}"
+        dirs.append(_find_or_train(
+            run_dir,
+            lambda rd=run_dir, d=domain: _dense_cfg(cfg, rd, train, int(cfg.seed_recipe.seed),
+                                                    {"_target_": "dropup.init.pretrained.Pretrained"},
+                                                    weights={d: 1.0}, seed_model=str(parent)),
+            {"what": f"the BTX branch for domain {domain!r}", "model": cfg.model.name, "init": "pretrained"}, log,
+        ))
+    return dirs
+
+
+def load_run_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no model.safetensors: it is not a completed dropup run")
+    return load_file(str(path))
+
+
+def _hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        if list(hf_dir.glob("*.bin")):
+            raise ConfigError(f"{hf_dir} holds only pickled .bin weights, which dropup does not unpickle: "
+                              "re-save the model with safetensors (save_pretrained(safe_serialization=True))")
+        raise ConfigError(f"{hf_dir} has no *.safetensors weights")
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return from_hf(state)
+
+
+def _check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: Path) -> None:
+    fields = ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")
+    diff = [f"{f}={getattr(found, f)} (config has {getattr(wanted, f)})" for f in fields
+            if getattr(found, f) != getattr(wanted, f)]
+    if diff:
+        raise ConfigError(f"{where} does not match model={wanted.name}: {', '.join(diff)}; choose the matching "
+                          "model preset or override those model fields")
+
+
+def load_dense(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A dense state dict from a dropup run directory or a Hugging Face Llama directory."""
+    where = Path(path)
+    if not where.exists():
+        raise ConfigError(f"seed_model={path} does not exist: name a dropup run directory or an HF Llama directory")
+    if (where / "config.json").is_file():
+        hf_model, hf_moe = configs_from_hf(json.loads((where / "config.json").read_text()))
+        if hf_moe.enabled:
+            raise ConfigError(f"seed_model={path} is a Mixtral (MoE) model: upcycling needs a dense Llama; "
+                              "to continue training it use init=pretrained")
+        _check_same_architecture(hf_model, model, where)
+        return _hf_state(where)
+    return load_run_state(where)
+
+
+def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
+    """init=pretrained: the full state (dense or MoE) of a run directory or an HF Llama/Mixtral directory."""
+    if path in (None, "auto"):
+        raise ConfigError("init=pretrained needs seed_model=<run dir or HF directory>")
+    where = Path(path)
+    if (where / "config.json").is_file():
+        hf_model, hf_moe = configs_from_hf(json.loads((where / "config.json").read_text()))
+        _check_same_architecture(hf_model, model, where)
+        if hf_moe.enabled != (moe is not None):
+            raise ConfigError(f"seed_model={path} is {'an MoE' if hf_moe.enabled else 'dense'} but moe= says "
+                              f"{'MoE' if moe is not None else 'dense'}: set moe accordingly")
+        return _hf_state(where), str(where)
+    return load_run_state(where), str(where)
+
+
+def hf_tokenizer(seed_model) -> Path | None:
+    """An HF seed model's tokenizer.json, which then tokenizes the corpus."""
+    if seed_model in (None, "auto"):
+        return None
+    path = Path(seed_model) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def dense_sources(cfg: DictConfig, strategy, log=print) -> tuple[list[dict], str | list[str] | None]:
+    """The dense state dicts `strategy` builds from, found or trained as needed, and where they came from."""
+    if strategy.max_sources == 0:
+        return [], None
+    model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.seed_model not in (None, "auto"):
+        seed = Path(cfg.seed_model)
+        state = load_dense(seed, model)
+    else:
+        seed = seed_dir(cfg, log)
+        state = load_run_state(seed)
+    if strategy.name != "btx":
+        return [state], str(seed)
+    branches = branch_dirs(cfg, seed, log)
+    return [state] + [load_run_state(b) for b in branches], [str(seed)] + [str(b) for b in branches]

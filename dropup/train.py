@@ -1,0 +1,223 @@
+"""`stage=train`: one run, from a composed config to a finished run directory (DESIGN contract 2).
+
+The run directory holds `.hydra/` (Hydra's), `metrics.csv`, `results.json` (written as "running" first, replaced
+atomically with "completed" or "failed"), `routing.json` for MoE runs, `model.safetensors` (final weights, our
+naming) and `checkpoints/last.ckpt` for `resume=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.data import TokenData, ensure_prepared
+from dropup.data.corpus import DataError
+from dropup.flops import param_counts, train_flops
+from dropup.init import build_moe_state, dense_state
+from dropup.lit import LitLM, RunRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_path(path) -> Path:
+    """Relative paths in configs are relative to the project root, wherever run.py is launched from."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "lightning", "hydra-core", "transformers", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
+    """The resolved training recipe: steps from the token budget, and the batch in sequences."""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    seq_len = int(cfg.data.seq_len)
+    batch = int(train["batch_size"])
+    if batch % world_size:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by the {world_size} devices")
+    steps = int(train["tokens"]) // (batch * seq_len)
+    if steps < 1:
+        raise ConfigError(f"train.tokens={train['tokens']} is less than one batch ({batch} x {seq_len} tokens): "
+                          "raise train.tokens or lower train.batch_size")
+    warmup = train["warmup_steps"]
+    if isinstance(warmup, float):  # a fraction of the run
+        warmup = max(1, int(warmup * steps))
+    return {**train, "seq_len": seq_len, "steps": steps, "warmup_steps": int(min(warmup, steps))}
+
+
+def architecture(cfg: DictConfig) -> tuple[ModelConfig, MoEConfig | None]:
+    model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    moe = MoEConfig(**OmegaConf.to_container(cfg.moe, resolve=True))
+    return model, (moe if moe.enabled else None)
+
+
+def init_name(cfg: DictConfig) -> str:
+    target = str(cfg.init.get("_target_", ""))
+    from dropup.init import STRATEGIES
+
+    for name, cls in STRATEGIES.items():
+        if target.endswith(cls.__name__):
+            return name
+    return "pretrained" if target.endswith("Pretrained") else target
+
+
+def initial_state(cfg: DictConfig, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
+    """Weights to start from, and provenance of the dense models they came from."""
+    from dropup import seeds
+
+    strategy = instantiate(cfg.init)
+    if getattr(strategy, "name", None) == "pretrained":
+        state, where = seeds.load_pretrained(cfg.seed_model, model, moe)
+        return state, {"seed_model": where}
+    if moe is None:
+        if strategy.name != "scratch":
+            raise ConfigError(f"init={strategy.name} builds an MoE from dense models: for a dense run use init=scratch")
+        return dense_state(model, int(cfg.seed)), {"seed_model": None}
+    sources, where = seeds.dense_sources(cfg, strategy, log)
+    return build_moe_state(strategy, sources, model, moe, int(cfg.seed)), {"seed_model": where}
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
+    """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
+    option names to record (Hydra's choices for a top-level run)."""
+    names = names or {}
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    resume = bool(cfg.get("resume", False))
+    if results_path.exists() and not resume:
+        status = json.loads(results_path.read_text()).get("status")
+        raise ConfigError(f"{run_dir} already holds a {status} run: pass resume=true to continue it, or choose "
+                          "another run directory")
+    model_cfg, moe_cfg = architecture(cfg)
+    strategy_name = init_name(cfg)
+    strategy = instantiate(cfg.init)  # validates the init's own settings before any work
+    ratio = getattr(strategy, "ratio_value", None) if strategy_name not in ("scratch", "btx") else None
+    settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
+    counts = param_counts(model_cfg, moe_cfg)
+    tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
+    results = {
+        "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
+        "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
+        "init": strategy_name, "ratio": ratio, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
+        "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,
+        "metrics": {}, "routing": None,
+        "provenance": {"git_sha": git_sha(), "versions": versions(), "corpus_hash": None, "tokenizer_hash": None,
+                       "seed_model": None, "wall_time_s": None},
+        "error": None,
+    }
+    write_json_atomic(results_path, results)
+    started = time.perf_counter()
+    try:
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        if data_cfg.get("path"):
+            data_cfg["path"] = str(project_path(data_cfg["path"]))
+        from dropup import seeds
+
+        tokenizer = seeds.hf_tokenizer(cfg.seed_model) if cfg.get("seed_model") not in (None, "auto") else None
+        data_dir = ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
+        data = TokenData(data_dir, data_cfg["domains"], settings["seq_len"], data_cfg.get("weights"))
+        if data.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size="
+                              f"{model_cfg.vocab_size}: raise model.vocab_size or data.vocab_size must match")
+        results["provenance"].update(corpus_hash=data.manifest["corpus_hash"],
+                                     tokenizer_hash=data.manifest["tokenizer_hash"])
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        resuming = resume and ckpt.exists()
+        state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, model_cfg, moe_cfg, log)
+        if resuming:
+            previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+            provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
+        results["provenance"].update(provenance)
+        write_json_atomic(results_path, results)
+        module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
+        recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
+                               on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
+        trainer = L.Trainer(
+            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
+            callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                                 every_n_train_steps=settings["ckpt_every"])],
+            default_root_dir=run_dir, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+            log_every_n_steps=settings["log_every"], deterministic=True,
+        )
+        torch.manual_seed(int(cfg.seed))
+        trainer.fit(module, ckpt_path=str(ckpt) if resuming else None)
+        if trainer.is_global_zero:
+            save_file({k: v.detach().contiguous() for k, v in module.model.state_dict().items()},
+                      str(run_dir / "model.safetensors"))
+        results["metrics"] = dict(recorder.final)
+        results["routing"] = "routing.json" if (run_dir / "routing.json").exists() else None
+        results["status"] = "completed"
+    except (ConfigError, DataError) as err:
+        results.update(status="failed", error=str(err))
+        raise
+    except BaseException as err:
+        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        results["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(results_path, results)
+    return results
+
+
+def _save_routing(run_dir: Path, step: int, routing) -> None:
+    if routing is not None:
+        write_json_atomic(run_dir / "routing.json", {"step": step, "tokens_per_expert": routing,
+                                                     "layout": "domain -> layer -> expert"})
+
+
+def _loggers(cfg: DictConfig, run_dir: Path):
+    kind = cfg.logger.get("kind", "csv")
+    if kind == "csv":
+        return False  # metrics.csv is written by RunRecorder; Lightning's own loggers would nest version folders
+    if kind == "wandb":
+        os.environ.setdefault("WANDB_MODE", cfg.logger.get("mode", "offline"))
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name,
+                           config=OmegaConf.to_container(cfg, resolve=True), offline=cfg.logger.mode != "online")
+    raise ConfigError(f"logger.kind={kind!r} is unknown; use csv or wandb")
