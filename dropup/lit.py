@@ -8,6 +8,7 @@ each domain, at step 0 (before any update), every `train.val_every` steps and at
 from __future__ import annotations
 
 import csv
+import os
 import itertools
 import math
 import time
@@ -116,6 +117,8 @@ class RunRecorder(L.Callback):
         self.final: dict[str, float] = {}
         self.routing = None
         self._clock = None
+        # Fault injection for resume tests: behave like a job killed right after this step's checkpoint.
+        self.crash_at_step = int(os.environ.get("DROPUP_CRASH_AT_STEP", -1))
 
     def _write(self, trainer, row: dict) -> None:
         if trainer.is_global_zero:
@@ -159,6 +162,8 @@ class RunRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if step == self.crash_at_step:
+            raise RuntimeError(f"DROPUP_CRASH_AT_STEP={step}: simulated crash (tests kill runs this way)")
         if step % self.cfg["log_every"] == 0 or step == self.cfg["steps"]:
             start, start_step = self._clock
             elapsed = time.perf_counter() - start

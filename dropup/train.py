@@ -85,6 +85,18 @@ def architecture(cfg: DictConfig) -> tuple[ModelConfig, MoEConfig | None]:
     return model, (moe if moe.enabled else None)
 
 
+def make_strategy(init_cfg):
+    """Instantiate `init:` (its `_target_`), surfacing the strategy's own ConfigError rather than Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(init_cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise ConfigError(f"init: {err}") from None
+
+
 def init_name(cfg: DictConfig) -> str:
     target = str(cfg.init.get("_target_", ""))
     from dropup.init import STRATEGIES
@@ -99,7 +111,7 @@ def initial_state(cfg: DictConfig, model: ModelConfig, moe: MoEConfig | None, lo
     """Weights to start from, and provenance of the dense models they came from."""
     from dropup import seeds
 
-    strategy = instantiate(cfg.init)
+    strategy = make_strategy(cfg.init)
     if getattr(strategy, "name", None) == "pretrained":
         state, where = seeds.load_pretrained(cfg.seed_model, model, moe)
         return state, {"seed_model": where}
@@ -133,7 +145,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
                           "another run directory")
     model_cfg, moe_cfg = architecture(cfg)
     strategy_name = init_name(cfg)
-    strategy = instantiate(cfg.init)  # validates the init's own settings before any work
+    strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
     ratio = getattr(strategy, "ratio_value", None) if strategy_name not in ("scratch", "btx") else None
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     counts = param_counts(model_cfg, moe_cfg)

@@ -1,0 +1,157 @@
+"""The experiment engine end to end: run.py multiruns, run directories, seed models, resume, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from dropup.config import ConfigError
+from dropup.data.corpus import DataError
+from dropup.stages import register_configs
+from dropup.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data=fixture", "model.vocab_size=512", "train.batch_size=8", "train.tokens=10240", "train.log_every=5",
+    "train.val_every=10", "train.ckpt_every=5", "train.val_tokens=2048", "seed_recipe.train.batch_size=8",
+    "seed_recipe.train.tokens=20480", "seed_recipe.train.val_every=20", "seed_recipe.train.val_tokens=2048",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """Prepared data and seed models shared by every test (each is built once, like in real use)."""
+    root = tmp_path_factory.mktemp("store")
+    return [f"paths.data_dir={root / 'data'}", f"paths.seed_store={root / 'seeds'}"]
+
+
+def config(run_dir, *overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_multirun_sweep_through_run_py(tmp_path, store):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", "init=drop", "ratio=0.0,0.5", *TINY, *store, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    seed_dirs = [p for p in Path(store[1].split("=", 1)[1]).iterdir() if p.is_dir()]
+    assert len(seed_dirs) == 1  # the dense seed was trained once and reused
+    seed_results = json.loads((seed_dirs[0] / "results.json").read_text())
+    for job, ratio in zip(jobs, (0.0, 0.5)):
+        assert (job / ".hydra" / "config.yaml").is_file()
+        results = json.loads((job / "results.json").read_text())
+        assert results["status"] == "completed" and results["error"] is None
+        assert (results["init"], results["ratio"], results["moe"], results["model"]) == ("drop", ratio, "mixtral", "tiny")
+        assert results["steps"] == 20 and results["tokens"] == 20 * 8 * 64
+        assert results["total_params"] > results["active_params"] > 0 and results["train_flops"] > 0
+        assert set(results["metrics"]) >= {"train_loss", "val_loss", "val_loss/ja", "val_loss/en", "val_loss/code"}
+        domains = [results["metrics"][f"val_loss/{d}"] for d in ("ja", "en", "code")]
+        assert results["metrics"]["val_loss"] == pytest.approx(sum(domains) / 3)
+        prov = results["provenance"]
+        assert prov["corpus_hash"] and prov["tokenizer_hash"] and prov["seed_model"] == str(seed_dirs[0])
+        assert results["routing"] == "routing.json" and (job / "routing.json").is_file()
+        table = rows(job)
+        assert {"step", "tokens", "train_loss", "lr", "lb_loss", "val_loss", "val_loss/ja"} <= set(table[0])
+        train_rows = [r for r in table if r["train_loss"]]
+        assert [int(r["step"]) for r in train_rows] == [5, 10, 15, 20]
+        assert all(1.0 < float(r["lb_loss"]) < 8.0 for r in train_rows)
+        step0 = next(r for r in table if r["step"] == "0")
+        if ratio == 0.0:
+            # upcycling preserved the model: the MoE at step 0 is the dense seed at its end
+            assert float(step0["val_loss"]) == pytest.approx(seed_results["metrics"]["val_loss"], abs=2e-3)
+        else:
+            assert float(step0["val_loss"]) > seed_results["metrics"]["val_loss"] + 0.01
+
+
+def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
+    reference = train(config(tmp_path / "ref", "init=naive", *store))
+    crashed = tmp_path / "crashed"
+    monkeypatch.setenv("DROPUP_CRASH_AT_STEP", "13")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(crashed, "init=naive", *store))
+    failed = json.loads((crashed / "results.json").read_text())
+    assert failed["status"] == "failed" and "simulated crash" in failed["error"]
+    monkeypatch.delenv("DROPUP_CRASH_AT_STEP")
+    with pytest.raises(ConfigError, match="resume=true"):
+        train(config(crashed, "init=naive", *store))
+    resumed = train(config(crashed, "init=naive", "resume=true", *store))
+    assert resumed["status"] == "completed"
+    assert resumed["metrics"] == reference["metrics"]  # bit-identical on CPU
+    ref_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(tmp_path / "ref")]
+    got_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(crashed)]
+    assert got_rows == ref_rows
+
+
+def test_dense_run_and_scratch_moe(tmp_path, store):
+    dense = train(config(tmp_path / "dense", "moe=none", "init=scratch", *store))
+    assert dense["moe"] == "none" and dense["total_params"] == dense["active_params"]
+    assert "lb_loss" not in rows(tmp_path / "dense")[0]
+    scratch = train(config(tmp_path / "fs", "init=scratch", *store))
+    assert scratch["init"] == "scratch" and scratch["ratio"] is None
+    assert scratch["provenance"]["seed_model"] is None
+
+
+def test_btx_trains_one_branch_per_domain(tmp_path, store):
+    results = train(config(tmp_path / "btx", "init=btx", *store))
+    sources = results["provenance"]["seed_model"]
+    assert len(sources) == 4 and [Path(s).name.split("-")[-1] for s in sources[1:]] == ["ja", "en", "code"]
+    branch = json.loads((Path(sources[1]) / "results.json").read_text())
+    assert branch["init"] == "pretrained" and branch["tokens"] == int(0.2 * 10240) // 512 * 512
+
+
+def test_seed_model_may_be_a_run_directory(tmp_path, store):
+    dense = train(config(tmp_path / "dense", "moe=none", "init=scratch", *store))
+    moe = train(config(tmp_path / "moe", "init=naive", f"seed_model={tmp_path / 'dense'}", *store))
+    assert moe["provenance"]["seed_model"] == str(tmp_path / "dense")
+    step0 = next(r for r in rows(tmp_path / "moe") if r["step"] == "0")
+    assert float(step0["val_loss"]) == pytest.approx(dense["metrics"]["val_loss"], abs=2e-3)
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("ratio=1.5", ConfigError, "outside \\[0, 1\\]"),
+    ("seed_model=/nonexistent/dense", ConfigError, "does not exist"),
+    ("data.seq_len=4096 train.tokens=65536", DataError, "fewer than one sequence"),
+    ("train.tokens=10", ConfigError, "less than one batch"),
+])
+def test_bad_input_is_one_clear_error_and_no_completed_run(tmp_path, store, override, error, message):
+    with pytest.raises(error, match=message):
+        train(config(tmp_path / "run", *override.split(), *store))
+    results = tmp_path / "run" / "results.json"
+    assert not results.exists() or json.loads(results.read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("content,message", [(b"", "no documents"), (b"\xff\xfe\x00bad\n", "not UTF-8"),
+                                             (b'{"text": "x"}\n', "lacks")])
+def test_bad_data_files(tmp_path, store, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        train(config(tmp_path / "run", "data=jsonl", f"data.path={path}", "init=scratch", *store))
+
+
+def test_run_py_reports_errors_in_one_line(tmp_path, store):
+    proc = subprocess.run([sys.executable, "run.py", "ratio=1.5", *TINY, *store, f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: ratio=1.5 is outside [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
