@@ -8,6 +8,7 @@ naming) and `checkpoints/last.ckpt` for `resume=true`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -123,6 +124,17 @@ def initial_state(cfg: DictConfig, model: ModelConfig, moe: MoEConfig | None, lo
     return build_moe_state(strategy, sources, model, moe, int(cfg.seed)), {"seed_model": where}
 
 
+def _quiet_lightning() -> None:
+    """Route Lightning's messages through the root logger only (Hydra's console + run log), once, without ads."""
+    root = logging.getLogger()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if root.handlers:
+            logger.handlers.clear()
+            logger.propagate = True
+        logger.addFilter(lambda record: "litlogger" not in record.getMessage().lower())
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     if cfg.get("run_dir"):
         return Path(cfg.run_dir)
@@ -184,6 +196,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
         results["provenance"].update(provenance)
         write_json_atomic(results_path, results)
+        _quiet_lightning()
         module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
         recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                                on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
