@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench info
+.PHONY: help install run data test test-slow bench info
+
+# The main job: Drop-Upcycling's r-sweep at the default (smoke) scale, dense seed included.
+RUN_ARGS ?= -m init=drop ratio=0.0,0.1,0.25,0.5,0.75,1.0
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,8 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-run: install ## the main job at the default scale
-	$(PY) run.py
+run: install ## the r-sweep at the default scale (python run.py -m init=drop ratio=0.0,...,1.0)
+	$(PY) run.py $(RUN_ARGS)
+
+data: install ## build the default ja/en/code corpus and tokenizer into data/ (run.py does this on first use)
+	$(PY) -m dropup.data.build
 
 info: install ## parameter and FLOPs accounting of a preset: make info ARGS="model=3.7b moe=mixtral"
 	$(PY) run.py stage=info $(ARGS) hydra.run.dir=outputs/info
@@ -36,3 +42,5 @@ test-slow: install ## the slow tests too
 bench: install ## MoE layer vs transformers' Mixtral block vs the ideal dense GEMM, bf16 and fp32
 	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype bf16
 	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype fp32
+	$(PY) benchmarks/train_step.py --model small --moe none
+	$(PY) benchmarks/train_step.py --model small --moe mixtral

@@ -101,3 +101,13 @@ def check_pair(model: ModelConfig, moe: MoEConfig | None) -> None:
     """Validate the combination (fields that depend on both configs)."""
     if moe is not None and moe.enabled:
         moe.expert_d_ff(model)
+
+
+def architecture(cfg) -> tuple[ModelConfig, MoEConfig | None]:
+    """Typed, validated model and MoE configs from a composed config's `model` and `moe` nodes."""
+    from omegaconf import OmegaConf
+
+    model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    moe = MoEConfig(**OmegaConf.to_container(cfg.moe, resolve=True))
+    check_pair(model, moe)
+    return model, (moe if moe.enabled else None)

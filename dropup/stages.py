@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.flops import param_counts, train_flops
 
 STAGES = ("info", "train")
@@ -106,13 +106,6 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
-
-
-def architecture(cfg: DictConfig) -> tuple[ModelConfig, MoEConfig | None]:
-    """Typed, validated model and MoE configs from a composed config (raises ConfigError)."""
-    model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    moe = MoEConfig(**OmegaConf.to_container(cfg.moe, resolve=True))
-    return model, (moe if moe.enabled else None)
 
 
 def _choice(group: str, default: str) -> str:

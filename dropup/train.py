@@ -21,9 +21,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.data import TokenData, ensure_prepared
 from dropup.data.corpus import DataError
 from dropup.flops import param_counts, train_flops
@@ -80,10 +80,16 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
     return {**train, "seq_len": seq_len, "steps": steps, "warmup_steps": int(min(warmup, steps))}
 
 
-def architecture(cfg: DictConfig) -> tuple[ModelConfig, MoEConfig | None]:
-    model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    moe = MoEConfig(**OmegaConf.to_container(cfg.moe, resolve=True))
-    return model, (moe if moe.enabled else None)
+def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
+    """The run's token data, prepared on first use (an HF seed model's tokenizer tokenizes the corpus)."""
+    from dropup import seeds
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if data_cfg.get("path"):
+        data_cfg["path"] = str(project_path(data_cfg["path"]))
+    tokenizer = seeds.hf_tokenizer(cfg.get("seed_model"))
+    data_dir = ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
+    return TokenData(data_dir, data_cfg["domains"], seq_len, data_cfg.get("weights"))
 
 
 def make_strategy(init_cfg):
@@ -147,7 +153,11 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
     """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
     option names to record (Hydra's choices for a top-level run)."""
     names = names or {}
+    from dropup import ddp
+
     run_dir = run_dir_of(cfg)
+    if not ddp.is_rank_zero():
+        return _train_worker(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
     resume = bool(cfg.get("resume", False))
@@ -175,14 +185,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
     write_json_atomic(results_path, results)
     started = time.perf_counter()
     try:
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-        if data_cfg.get("path"):
-            data_cfg["path"] = str(project_path(data_cfg["path"]))
-        from dropup import seeds
-
-        tokenizer = seeds.hf_tokenizer(cfg.seed_model) if cfg.get("seed_model") not in (None, "auto") else None
-        data_dir = ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
-        data = TokenData(data_dir, data_cfg["domains"], settings["seq_len"], data_cfg.get("weights"))
+        data = load_data(cfg, settings["seq_len"], log)
         if data.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size="
                               f"{model_cfg.vocab_size}: raise model.vocab_size or data.vocab_size must match")
@@ -196,20 +199,14 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
         results["provenance"].update(provenance)
         write_json_atomic(results_path, results)
-        _quiet_lightning()
-        module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
-        recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
-                               on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
-        trainer = L.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
-            max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
-            callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                                 every_n_train_steps=settings["ckpt_every"])],
-            default_root_dir=run_dir, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
-            log_every_n_steps=settings["log_every"], deterministic=True,
-        )
-        torch.manual_seed(int(cfg.seed))
-        trainer.fit(module, ckpt_path=str(ckpt) if resuming else None)
+        workers = []
+        if ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes)):
+            if state is not None:  # every rank must start from these exact weights
+                save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "initial.safetensors"))
+            workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming)
+        module, trainer, recorder = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
+                                         ckpt if resuming else None)
+        ddp.wait_workers(workers)
         if trainer.is_global_zero:
             save_file({k: v.detach().contiguous() for k, v in module.model.state_dict().items()},
                       str(run_dir / "model.safetensors"))
@@ -227,6 +224,36 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         results["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(results_path, results)
     return results
+
+
+def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
+    _quiet_lightning()
+    module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
+    recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
+                           on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
+        callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                             every_n_train_steps=settings["ckpt_every"])],
+        default_root_dir=run_dir, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+        log_every_n_steps=settings["log_every"], deterministic=True,
+    )
+    torch.manual_seed(int(cfg.seed))
+    trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+    return module, trainer, recorder
+
+
+def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
+    """Ranks other than 0: the same model, data and steps; rank 0 alone writes the run's files."""
+    model_cfg, moe_cfg = architecture(cfg)
+    settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
+    data = load_data(cfg, settings["seq_len"], log=lambda *_: None)
+    if cfg.get("resume"):  # rank 0 decided: continue from the checkpoint it found
+        _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, None, run_dir / "checkpoints" / "last.ckpt")
+    else:
+        _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, load_file(str(run_dir / "initial.safetensors")), None)
+    return {}
 
 
 def _save_routing(run_dir: Path, step: int, routing) -> None:

@@ -155,3 +155,16 @@ def test_run_py_reports_errors_in_one_line(tmp_path, store):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: ratio=1.5 is outside [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ddp_on_cpu_matches_one_process(tmp_path, store):
+    """trainer=ddp: two gloo processes split each global batch; the result matches a single process."""
+    common = ["moe=none", "init=scratch", "trainer.precision=32-true", *TINY, *store]
+    single = train(config(tmp_path / "single", *common))
+    proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["metrics"]["val_loss"] == pytest.approx(single["metrics"]["val_loss"], abs=1e-3)
+    assert [r["step"] for r in rows(tmp_path / "ddp")] == [r["step"] for r in rows(tmp_path / "single")]

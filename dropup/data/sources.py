@@ -51,6 +51,8 @@ class Source:
             if shutil.which(cmd[0]) is None and cmd[0] != sys.executable:
                 raise SourceError(f"source {self.name}: `{cmd[0]}` is not installed; {hint}")
             proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            if proc.returncode != 0 and self.registry == "debian" and _refresh_apt_lists():
+                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
             files = [p for p in Path(tmp).iterdir() if p.is_file()]
             if proc.returncode != 0 or not files:
                 detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no file written"]
@@ -58,6 +60,16 @@ class Source:
             target = cache / files[0].name
             files[0].replace(target)
             return target
+
+
+def _refresh_apt_lists() -> bool:
+    """A fresh machine may have no apt package lists yet: fetch them once, if we may (root)."""
+    import os
+
+    if getattr(_refresh_apt_lists, "done", False) or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    _refresh_apt_lists.done = True
+    return subprocess.run(["apt-get", "update", "-qq"], capture_output=True).returncode == 0
 
 
 def _find(cache: Path, source: Source) -> Path | None:
