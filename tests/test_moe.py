@@ -110,3 +110,21 @@ def test_model_z_loss_weighting(gqa_model):
     x = torch.randint(0, gqa_model.vocab_size, (2, 8))
     losses = model.losses(model(x), x)
     assert_close(losses["loss"], losses["lm_loss"] + 0.02 * losses["lb_loss"] + 1e-3 * losses["z_loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch(dtype):
+    from dropup.model import ChunkedCrossEntropy, cross_entropy
+
+    logits = (torch.randn(2, 700, 50) * 3).to(dtype).requires_grad_(True)  # 1400 rows: several chunks
+    targets = torch.randint(0, 50, (2, 700))
+    ours = cross_entropy(logits, targets)
+    (ours * 2).backward()
+    ours_grad = logits.grad.clone()
+    logits.grad = None
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    (ref * 2).backward()
+    assert ChunkedCrossEntropy.CHUNK_ROWS < 1400
+    assert_close(ours, ref)
+    tol = {} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-2}
+    assert_close(ours_grad, logits.grad, **tol)
