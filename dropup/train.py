@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -235,7 +235,8 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
         callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                             every_n_train_steps=settings["ckpt_every"])],
+                                             every_n_train_steps=settings["ckpt_every"])]
+        + ([RichProgressBar()] if cfg.trainer.enable_progress_bar else []),
         default_root_dir=run_dir, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
         log_every_n_steps=settings["log_every"], deterministic=True,
     )

@@ -168,3 +168,52 @@ def test_ddp_on_cpu_matches_one_process(tmp_path, store):
     assert results["status"] == "completed"
     assert results["metrics"]["val_loss"] == pytest.approx(single["metrics"]["val_loss"], abs=1e-3)
     assert [r["step"] for r in rows(tmp_path / "ddp")] == [r["step"] for r in rows(tmp_path / "single")]
+
+
+def _hf_dir(tmp_path, store, moe: bool):
+    """A tiny HF checkpoint saved by transformers itself, with the fixture corpus's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from dropup.config import architecture
+    from dropup.hf import hf_config, to_hf
+    from dropup.model import Transformer
+
+    cfg = config(tmp_path / "unused", *store, *(["moe=none"] if not moe else []))
+    model_cfg, moe_cfg = architecture(cfg)
+    ours = Transformer(model_cfg, moe_cfg)
+    hf = AutoModelForCausalLM.from_config(hf_config(model_cfg, moe_cfg))
+    hf.load_state_dict(to_hf(ours.state_dict()), strict=True)
+    out = tmp_path / ("hf-mixtral" if moe else "hf-llama")
+    hf.save_pretrained(out)
+    from dropup.train import load_data
+
+    tokenizer = load_data(cfg, int(cfg.data.seq_len), log=lambda *_: None).path / "tokenizer.json"
+    (out / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return out
+
+
+def test_seed_model_may_be_an_hf_llama_directory(tmp_path, store):
+    hf = _hf_dir(tmp_path, store, moe=False)
+    results = train(config(tmp_path / "run", "init=drop", "ratio=0.25", f"seed_model={hf}", *store))
+    assert results["status"] == "completed" and results["provenance"]["seed_model"] == str(hf)
+    import hashlib
+
+    assert results["provenance"]["tokenizer_hash"] == hashlib.sha256((hf / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def test_pretrained_continues_an_hf_mixtral(tmp_path, store):
+    hf = _hf_dir(tmp_path, store, moe=True)
+    results = train(config(tmp_path / "run", "init=pretrained", f"seed_model={hf}", *store))
+    assert results["status"] == "completed" and results["init"] == "pretrained"
+    with pytest.raises(ConfigError, match="is an MoE but moe= says dense"):
+        train(config(tmp_path / "run2", "init=pretrained", "moe=none", f"seed_model={hf}", *store))
+    with pytest.raises(ConfigError, match="is a Mixtral"):
+        train(config(tmp_path / "run3", "init=naive", f"seed_model={hf}", *store))
+
+
+def test_wandb_logger_offline(tmp_path, store, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    results = train(config(tmp_path / "run", "moe=none", "init=scratch", "logger=wandb", *store))
+    assert results["status"] == "completed"
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert rows(tmp_path / "run")  # metrics.csv is written whatever the logger
