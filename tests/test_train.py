@@ -217,3 +217,14 @@ def test_wandb_logger_offline(tmp_path, store, monkeypatch):
     assert results["status"] == "completed"
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert rows(tmp_path / "run")  # metrics.csv is written whatever the logger
+
+
+def test_pre_tokenized_data_folder(tmp_path, store):
+    from dropup.train import load_data
+
+    prepared = load_data(config(tmp_path / "x", *store), 64, log=lambda *_: None).path
+    results = train(config(tmp_path / "run", "moe=none", "init=scratch", "data=tokens", f"data.path={prepared}",
+                           "data.seq_len=64", *store))
+    assert results["provenance"]["corpus_hash"] == json.loads((prepared / "manifest.json").read_text())["corpus_hash"]
+    with pytest.raises(DataError, match="no manifest.json"):
+        train(config(tmp_path / "bad", "moe=none", "init=scratch", "data=tokens", f"data.path={tmp_path}", *store))
