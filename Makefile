@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow bench info
+.PHONY: help install run data test test-slow bench info table1 table2 table8 figures status
+
+SCALE ?= smoke
+LAUNCHER ?= local
+SWEEP = $(PY) -m analysis.sweep --scale $(SCALE) --launcher $(LAUNCHER)
 
 # The main job: Drop-Upcycling's r-sweep at the default (smoke) scale, dense seed included.
 RUN_ARGS ?= -m init=drop ratio=0.0,0.1,0.25,0.5,0.75,1.0
@@ -32,6 +36,21 @@ data: install ## build the default ja/en/code corpus and tokenizer into data/ (r
 
 info: install ## parameter and FLOPs accounting of a preset: make info ARGS="model=3.7b moe=mixtral"
 	$(PY) run.py stage=info $(ARGS) hydra.run.dir=outputs/info
+
+table1: install ## launch Table 1's missing runs (SCALE=smoke|mini|152m|1.5b|3.7b, LAUNCHER=local|slurm), render results/$(SCALE)/table1.*
+	$(SWEEP) table1
+
+table2: install ## the same for Table 2 (MoE vs dense: parameters, tokens, FLOPs)
+	$(SWEEP) table2
+
+table8: install ## the same for Table 8 (router initialization of naive Upcycling)
+	$(SWEEP) table8
+
+figures: install ## Figs. 3, 4, 5 (and 6-8) into results/$(SCALE)/, launching missing runs
+	$(SWEEP) figures
+
+status: install ## done / failed / missing runs per artefact at SCALE
+	$(PY) -m analysis.sweep --status --scale $(SCALE)
 
 test: install ## the test suite (fast tests; under 15 minutes on 2 cores)
 	$(PY) -m pytest -q

@@ -111,7 +111,9 @@ class RunRecorder(L.Callback):
         self.path = Path(run_dir) / "metrics.csv"
         self.columns = ["step", "tokens", "train_loss", "lm_loss", "lr", "grad_norm"]
         self.columns += ["lb_loss", "z_loss"] if is_moe else []
-        self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains] + ["tokens_per_s", "elapsed_s"]
+        self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains]
+        self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization"] if is_moe else []
+        self.columns += ["tokens_per_s", "elapsed_s"]
         self.cfg, self.on_eval = train_cfg, on_eval
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
         self.final: dict[str, float] = {}
@@ -128,7 +130,10 @@ class RunRecorder(L.Callback):
                 logger.log_metrics({k: v for k, v in row.items() if k != "step" and v != ""}, step=row["step"])
 
     def _evaluate(self, trainer, module) -> None:
+        from dropup.routing import summarize
+
         metrics, routing = module.evaluate()
+        metrics.update(summarize(routing))
         step = trainer.global_step
         self.final.update(metrics)
         self.routing = routing

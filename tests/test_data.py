@@ -89,3 +89,19 @@ def test_lr_schedule_warms_up_then_decays_to_ten_percent():
     assert lrs[100] == pytest.approx(0.1)
     held = [lr_lambda(s, 100, 10, 0.1, final_constant=20) for s in range(80, 101)]
     assert held == pytest.approx([0.1] * len(held))
+
+
+def test_routing_summaries():
+    from dropup.routing import summarize
+
+    uniform = {d: [[10.0] * 4] for d in ("ja", "en")}
+    s = summarize(uniform)
+    assert s["routing/imbalance"] == pytest.approx(1.0) and s["routing/entropy"] == pytest.approx(1.0)
+    assert s["routing/specialization"] == pytest.approx(0.0, abs=1e-9)
+    split = {"ja": [[10.0, 10.0, 0.0, 0.0]], "en": [[0.0, 0.0, 10.0, 10.0]]}
+    s = summarize(split)
+    assert s["routing/specialization"] == pytest.approx(1.0)  # disjoint experts per domain
+    assert s["routing/imbalance"] == pytest.approx(1.0)  # yet the pooled load is balanced
+    collapsed = {"ja": [[20.0, 0.0, 0.0, 0.0]], "en": [[20.0, 0.0, 0.0, 0.0]]}
+    assert summarize(collapsed)["routing/imbalance"] == pytest.approx(4.0)
+    assert summarize(None) == {}

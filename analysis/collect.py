@@ -1,0 +1,173 @@
+"""Run directories -> one tidy pandas DataFrame (one row per run) and the learning curves (one row per log row).
+
+A run directory is any folder with `results.json` or `.hydra/config.yaml` (from the local launcher, SLURM, or
+copied from a cluster). Runs that failed or never finished stay in the table with their status -- never silently
+dropped. Dense seed models and BTX branches that MoE runs name in their provenance are collected too
+(`role` = "seed" / "branch"), so Table 1's Dense row is the seed the MoE runs started from.
+
+    python -m analysis.collect results/smoke/runs --out results/smoke/runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+STATUS_ORDER = ("completed", "running", "failed", "incomplete")
+
+
+def _flatten(prefix: str, obj, out: dict) -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+    else:
+        out[prefix] = obj if not isinstance(obj, list) else json.dumps(obj)
+
+
+def label(init: str | None, ratio, moe_enabled: bool) -> str:
+    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...)."""
+    if not moe_enabled:
+        return "Dense"
+    if init == "scratch":
+        return "FS"
+    if init == "naive" or (init == "drop" and ratio is not None and float(ratio) == 0.0):
+        return "NU"
+    if init == "drop":
+        return f"DU (r={float(ratio):g})"
+    if init == "noise":
+        return f"RNU (r={float(ratio):g})"
+    return {"btx": "BTX", "pretrained": "Pretrained"}.get(init, str(init))
+
+
+def _config(run_dir: Path) -> dict:
+    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def _init_name(cfg: dict) -> str | None:
+    target = str((cfg.get("init") or {}).get("_target_", ""))
+    names = {"Scratch": "scratch", "NaiveUpcycling": "naive", "DropUpcycling": "drop", "NoiseUpcycling": "noise",
+             "BranchTrainMix": "btx", "Pretrained": "pretrained"}
+    return names.get(target.rsplit(".", 1)[-1])
+
+
+def read_run(run_dir: Path, role: str = "run") -> dict:
+    run_dir = Path(run_dir)
+    cfg = _config(run_dir)
+    results_path = run_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    except json.JSONDecodeError:
+        results = {}
+    status = results.get("status", "incomplete")
+    init = results.get("init") or _init_name(cfg)
+    moe_enabled = bool((cfg.get("moe") or {}).get("enabled", results.get("moe", "none") != "none"))
+    ratio = results.get("ratio", (cfg.get("init") or {}).get("ratio"))
+    row = {
+        "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
+        "path": str(run_dir.resolve()), "role": role, "status": status,
+        "label": label(init, ratio, moe_enabled), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
+        "seed": results.get("seed", cfg.get("seed")), "model": results.get("model", (cfg.get("model") or {}).get("name")),
+        "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
+        "router": (cfg.get("init") or {}).get("router"),
+        "tokens": results.get("tokens"), "steps": results.get("steps"), "train_flops": results.get("train_flops"),
+        "total_params": results.get("total_params"), "active_params": results.get("active_params"),
+        "error": results.get("error"),
+        "wall_time_s": (results.get("provenance") or {}).get("wall_time_s"),
+        "seed_model": json.dumps((results.get("provenance") or {}).get("seed_model")),
+    }
+    for key, value in (results.get("metrics") or {}).items():
+        row[f"metrics.{key}"] = value
+    routing = run_dir / "routing.json"
+    if routing.is_file() and "metrics.routing/specialization" not in row:  # runs from before the summaries
+        from dropup.routing import summarize
+
+        counts = json.loads(routing.read_text())["tokens_per_expert"]
+        row.update({f"metrics.{k}": v for k, v in summarize(counts).items()})
+    flat: dict = {}
+    _flatten("cfg", {k: v for k, v in cfg.items() if k not in ("hydra",)}, flat)
+    row.update(flat)
+    return row
+
+
+def find_run_dirs(roots) -> list[Path]:
+    found = set()
+    for root in map(Path, roots):
+        if not root.exists():
+            continue
+        for marker in list(root.rglob("results.json")) + list(root.rglob(".hydra/config.yaml")):
+            run_dir = marker.parent if marker.name == "results.json" else marker.parent.parent
+            if "checkpoints" not in run_dir.parts:
+                found.add(run_dir.resolve())
+    return sorted(found)
+
+
+def _referenced(rows: list[dict]) -> list[tuple[Path, str]]:
+    refs = []
+    for row in rows:
+        ref = json.loads(row["seed_model"]) if row.get("seed_model") else None
+        paths = ref if isinstance(ref, list) else [ref] if ref else []
+        for i, path in enumerate(paths):
+            if path and (Path(path) / "results.json").is_file():
+                refs.append((Path(path).resolve(), "seed" if i == 0 else "branch"))
+    return refs
+
+
+def collect(roots, out: Path | None = None) -> pd.DataFrame:
+    """One row per run under `roots`, plus the seed and branch models those runs name. Cached to `out` (CSV)."""
+    rows = [read_run(d) for d in find_run_dirs(roots)]
+    seen = {r["path"] for r in rows}
+    for path, role in _referenced(rows):
+        if str(path) not in seen:
+            seen.add(str(path))
+            rows.append(read_run(path, role))
+    # BTX pays for its branches: count their training in its compute (Fig. 3's FLOPs axis)
+    flops_of = {r["path"]: r.get("train_flops") or 0.0 for r in rows}
+    for row in rows:
+        ref = json.loads(row["seed_model"]) if row.get("seed_model") else None
+        branches = ref[1:] if isinstance(ref, list) else []
+        row["total_flops"] = (row.get("train_flops") or 0.0) + sum(
+            flops_of.get(str(Path(b).resolve()), 0.0) for b in branches)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values(["role", "label", "seed", "run_id"], na_position="last").reset_index(drop=True)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(out) + ".tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(out)
+    return frame
+
+
+def curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv of every run, stacked, with the run's label and seed (train rows and validation rows)."""
+    parts = []
+    for _, run in runs.iterrows():
+        path = Path(run["path"]) / "metrics.csv"
+        if path.is_file() and path.stat().st_size:
+            table = pd.read_csv(path)
+            table["run_id"], table["label"], table["seed"], table["role"] = run["run_id"], run["label"], run["seed"], run["role"]
+            parts.append(table)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Collect run directories into one table")
+    parser.add_argument("roots", nargs="+")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    frame = collect(args.roots, args.out)
+    with pd.option_context("display.width", 160, "display.max_columns", 12):
+        print(frame[["run_id", "role", "status", "label", "seed", "metrics.val_loss"]
+                    if "metrics.val_loss" in frame else ["run_id", "role", "status", "label"]])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The paper's figures from the collected runs (PNG and PDF, sized for a paper page).
+
+- Fig. 3: training and validation loss against training tokens (and against training FLOPs, counting BTX's
+  branch training), one curve per method, a band over seeds (min to max).
+- Fig. 4: the same for the re-initialization ratio sweep.
+- Fig. 5: for chosen layers, the share of each domain's tokens routed to each expert, methods side by side, with
+  the uniform 1/E line. Figs. 6-8: the same for all layers, in early / middle / late thirds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.tables import TABLE1_ROWS, method_order  # noqa: E402
+
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
+                     "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
+METHOD_COLORS = {"Dense": "#555555", "FS": "#1f77b4", "BTX": "#9467bd", "NU": "#ff7f0e", "DU (r=0.5)": "#2ca02c",
+                 "DU (r=1)": "#d62728"}
+DOMAIN_COLORS = {"ja": "#d62728", "en": "#1f77b4", "code": "#2ca02c"}
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{name}.{ext}"
+        tmp = out_dir / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=200, bbox_inches="tight")
+        tmp.replace(path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _ratio_color(label: str):
+    _, ratio = method_order(label)
+    return plt.cm.viridis(0.1 + 0.8 * ratio) if label.startswith("DU") else METHOD_COLORS.get(label, "#888888")
+
+
+def _band(ax, curves: pd.DataFrame, label: str, column: str, x: str, color, smooth: int = 1) -> bool:
+    series = []
+    for _, run in curves[curves["label"] == label].groupby("run_id"):
+        rows = run.dropna(subset=[column]).sort_values(x)
+        if rows.empty:
+            continue
+        values = rows[column].rolling(smooth, min_periods=1).mean() if smooth > 1 else rows[column]
+        series.append(pd.Series(values.to_numpy(), index=rows[x].to_numpy()))
+    if not series:
+        return False
+    table = pd.concat(series, axis=1).sort_index().interpolate(limit_area="inside")
+    mean = table.mean(axis=1)
+    n = len(series)
+    ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.4, label=f"{label}" + (f" (n={n})" if n > 1 else ""))
+    if n > 1:
+        ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2, lw=0)
+    return True
+
+
+def learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, labels: list[str], title: str, out_dir: Path,
+                    name: str, colors=None) -> list[Path]:
+    """Training loss and validation loss against tokens (top) and against training FLOPs (bottom)."""
+    colors = colors or {}
+    curves = curves[curves["role"] == "run"].copy()
+    flops_per_token = (runs.set_index("run_id")["train_flops"] / runs.set_index("run_id")["tokens"]).to_dict()
+    extra = runs.set_index("run_id")["total_flops"] - runs.set_index("run_id")["train_flops"]
+    curves["flops"] = curves["tokens"] * curves["run_id"].map(flops_per_token) + curves["run_id"].map(extra)
+    present = [l for l in labels if (curves["label"] == l).any()]
+    fig, axes = plt.subplots(2, 2, figsize=(7.0, 5.2))
+    for row, x, xlabel in ((0, "tokens", "training tokens"), (1, "flops", "training FLOPs (incl. BTX branches)")):
+        for col, column, ylabel in ((0, "train_loss", "training loss"), (1, "val_loss", "validation loss (mean of domains)")):
+            ax = axes[row, col]
+            for l in present:
+                _band(ax, curves, l, column, x, colors.get(l) or _ratio_color(l), smooth=5 if column == "train_loss" else 1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            _zoom(ax, curves[curves["label"].isin(present)], column)
+    handles, names = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 6), frameon=False, bbox_to_anchor=(0.5, 1.02))
+    fig.suptitle(title, y=1.07)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+def _zoom(ax, curves: pd.DataFrame, column: str) -> None:
+    """Show the part of training where the methods differ: skip the first steps' loss spike."""
+    values = curves[column].dropna()
+    if values.empty:
+        return
+    later = curves[curves["step"] > curves["step"].max() * 0.1][column].dropna()
+    low, high = values.min(), (later.max() if not later.empty else values.max())
+    ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+
+
+def fig3(runs, curves, out_dir):
+    labels = [l for l in TABLE1_ROWS if l != "Dense"]
+    return learning_curves(runs, curves, labels, "Fig. 3: MoE initialization methods", out_dir, "fig3", METHOD_COLORS)
+
+
+def fig4(runs, curves, out_dir):
+    labels = sorted({l for l in runs["label"] if l == "NU" or str(l).startswith("DU")}, key=method_order)
+    return learning_curves(runs, curves, labels, "Fig. 4: re-initialization ratio r (NU = r 0)", out_dir, "fig4")
+
+
+def _routing(run_path: str) -> dict | None:
+    path = Path(run_path) / "routing.json"
+    return json.loads(path.read_text())["tokens_per_expert"] if path.is_file() else None
+
+
+def routing_grid(runs: pd.DataFrame, layers: list[int] | None, out_dir: Path, name: str, title: str) -> list[Path]:
+    """Rows: layers; columns: methods; bars: share of each domain's tokens sent to each expert."""
+    from dropup.routing import shares
+
+    done = runs[(runs["role"] == "run") & (runs["status"] == "completed") & (runs["moe"] != "none")]
+    methods = []
+    for label in sorted(set(done["label"]), key=method_order):
+        first = done[done["label"] == label].sort_values("seed").iloc[0]
+        counts = _routing(first["path"])
+        if counts:
+            methods.append((label, shares(counts)))
+    if not methods:
+        return []
+    n_layers = next(iter(methods[0][1].values())).shape[0]
+    layers = list(range(n_layers)) if layers is None else [l for l in layers if l < n_layers]
+    n_experts = next(iter(methods[0][1].values())).shape[1]
+    fig, axes = plt.subplots(len(layers), len(methods), figsize=(1.6 * len(methods) + 0.6, 1.25 * len(layers) + 0.7),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(methods[0][1])
+    for j, (label, per_domain) in enumerate(methods):
+        for i, layer in enumerate(layers):
+            ax = axes[i, j]
+            for k, (domain, share) in enumerate(per_domain.items()):
+                ax.bar(np.arange(n_experts) + (k - (len(per_domain) - 1) / 2) * width, share[layer], width,
+                       color=DOMAIN_COLORS.get(domain), label=domain)
+            ax.axhline(1 / n_experts, color="black", ls="--", lw=0.8)
+            ax.set_xticks(range(n_experts))
+            ax.grid(False)
+            if i == 0:
+                ax.set_title(label)
+            if j == 0:
+                ax.set_ylabel(f"layer {layer}\nshare")
+            if i == len(layers) - 1:
+                ax.set_xlabel("expert")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles + [plt.Line2D([], [], color="black", ls="--", lw=0.8)], names + ["1/E"], loc="upper center",
+               ncol=len(names) + 1, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, y=1.04)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, out_dir, name)
+
+
+def fig5(runs, curves, out_dir):
+    n_layers = int(runs["cfg.model.n_layers"].dropna().max()) if "cfg.model.n_layers" in runs else 1
+    layers = sorted({0, n_layers // 2, n_layers - 1})
+    return routing_grid(runs, layers, out_dir, "fig5", "Fig. 5: share of each domain's tokens routed to each expert")
+
+
+def figs6to8(runs, curves, out_dir):
+    n_layers = int(runs["cfg.model.n_layers"].dropna().max()) if "cfg.model.n_layers" in runs else 1
+    paths = []
+    for number, part, group in zip((6, 7, 8), ("early", "middle", "late"), np.array_split(range(n_layers), 3)):
+        if len(group):
+            paths += routing_grid(runs, list(map(int, group)), out_dir, f"fig{number}",
+                                  f"Fig. {number}: routing in the {part} layers")
+    return paths
+
+
+FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8}
+
+
+def render(names, runs: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return [p for name in names for p in FIGURES[name](runs, curves, Path(out_dir))]

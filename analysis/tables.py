@@ -1,0 +1,193 @@
+"""The paper's tables from the collected runs: Markdown, CSV and LaTeX.
+
+Seeds are a sweep dimension: a cell shows the mean, and with several seeds "mean ± sd (n)". A value is bold as the
+best of its column only when it is better than the runner-up by more than their seed spreads (mean ± sd
+intervals do not overlap); with a single seed there is no spread to beat, so nothing is bold and the footnote says
+so. Failed or unfinished settings appear with their status instead of numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+TABLE1_ROWS = ("Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)")
+
+
+def method_order(label: str) -> tuple:
+    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order."""
+    head = {"Dense": 0, "FS": 1, "BTX": 2, "NU": 3}
+    if label in head:
+        return (head[label], 0.0)
+    kind, _, rest = label.partition(" (r=")
+    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0)
+
+
+@dataclass
+class Cell:
+    mean: float | None
+    sd: float | None
+    n: int
+    status: str = "completed"
+
+    def text(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return self.status
+        fmt = (lambda v: f"{v:.3g}") if abs(self.mean) >= 1e5 else (lambda v: f"{v:.{digits}f}")
+        if self.n == 1:
+            return fmt(self.mean)
+        return f"{fmt(self.mean)} ± {fmt(self.sd)} ({self.n})"
+
+
+def cell(runs: pd.DataFrame, column: str) -> Cell:
+    done = runs[runs["status"] == "completed"]
+    if not done.empty and (column not in done or done[column].isna().all()):
+        return Cell(None, None, 0, "–")  # completed, but the metric does not apply (e.g. routing of a dense model)
+    if done.empty:
+        statuses = sorted(set(runs["status"])) if not runs.empty else ["missing"]
+        return Cell(None, None, 0, "/".join(statuses))
+    values = done[column].dropna().astype(float)
+    return Cell(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None, len(values))
+
+
+def best_rows(cells: dict[str, Cell], lower_is_better: bool = True) -> set[str]:
+    """Rows whose value beats every other row by more than the seed spread (empty if undecidable)."""
+    scored = [(k, c) for k, c in cells.items() if c.n > 0]
+    if len(scored) < 2:
+        return set()
+    scored.sort(key=lambda kc: kc[1].mean if lower_is_better else -kc[1].mean)
+    (best, b), (_, r) = scored[0], scored[1]
+    if b.n < 2 or r.n < 2:
+        return set()
+    gap = (r.mean - b.mean) if lower_is_better else (b.mean - r.mean)
+    return {best} if gap > b.sd + r.sd else set()
+
+
+@dataclass
+class Table:
+    name: str
+    caption: str
+    rows: list[str]
+    columns: list[tuple[str, str, bool]]  # (header, DataFrame column, lower is better)
+    cells: dict[tuple[str, str], Cell]
+    bold: dict[str, set[str]]
+    notes: list[str]
+
+    def frame(self) -> pd.DataFrame:
+        """Numbers for CSV: one row per table row, mean/sd/n per column."""
+        records = []
+        for row in self.rows:
+            record = {"row": row}
+            for header, _, _ in self.columns:
+                c = self.cells[(row, header)]
+                record.update({header: c.mean, f"{header} sd": c.sd, f"{header} n": c.n,
+                               f"{header} status": c.status if c.n == 0 else "completed"})
+            records.append(record)
+        return pd.DataFrame(records)
+
+    def markdown(self) -> str:
+        headers = ["", *[h for h, _, _ in self.columns]]
+        lines = [f"**{self.caption}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        for row in self.rows:
+            values = []
+            for header, _, _ in self.columns:
+                text = self.cells[(row, header)].text()
+                values.append(f"**{text}**" if row in self.bold[header] else text)
+            lines.append(f"| {row} | " + " | ".join(values) + " |")
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes]) + "\n"
+
+    def latex(self) -> str:
+        cols = "l" + "r" * len(self.columns)
+        out = [r"\begin{table}[t]", r"\centering", f"\\caption{{{self.caption}}}", f"\\begin{{tabular}}{{{cols}}}",
+               r"\toprule", " & ".join(["", *[h.replace("_", r"\_") for h, _, _ in self.columns]]) + r" \\",
+               r"\midrule"]
+        for row in self.rows:
+            values = []
+            for header, _, _ in self.columns:
+                text = self.cells[(row, header)].text().replace("±", r"$\pm$")
+                values.append(f"\\textbf{{{text}}}" if row in self.bold[header] else text)
+            out.append(" & ".join([row, *values]) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        return "\n".join(out) + "\n"
+
+    def write(self, directory: Path) -> dict[str, Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {ext: directory / f"{self.name}.{ext}" for ext in ("md", "csv", "tex")}
+        for ext, content in (("md", self.markdown()), ("tex", self.latex())):
+            tmp = paths[ext].with_suffix(f".{ext}.tmp")
+            tmp.write_text(content)
+            tmp.replace(paths[ext])
+        tmp = paths["csv"].with_suffix(".csv.tmp")
+        self.frame().to_csv(tmp, index=False)
+        tmp.replace(paths["csv"])
+        return paths
+
+
+def _domains(runs: pd.DataFrame) -> list[str]:
+    return sorted({c.split("/", 1)[1] for c in runs.columns if c.startswith("metrics.val_loss/")},
+                  key=lambda d: ["ja", "en", "code"].index(d) if d in ("ja", "en", "code") else 9)
+
+
+def _score_columns(runs: pd.DataFrame) -> list[str]:
+    return sorted(c for c in runs.columns if c.startswith("metrics.eval/"))
+
+
+def build(name: str, caption: str, runs: pd.DataFrame, rows: list[str], key: str,
+          columns: list[tuple[str, str, bool]]) -> Table:
+    cells, bold = {}, {}
+    for header, column, lower in columns:
+        column_cells = {row: cell(runs[runs[key] == row], column) for row in rows}
+        cells.update({(row, header): c for row, c in column_cells.items()})
+        bold[header] = best_rows(column_cells, lower)
+    seeds = [c.n for c in cells.values() if c.n]
+    notes = [f"Runs: {len(runs)} collected; cells show mean ± sd (seeds) where a setting has several seeds."]
+    if seeds and max(seeds) < 2:
+        notes.append("One seed per setting: no seed spread, so no value is marked best.")
+    return Table(name, caption, list(rows), columns, cells, bold, notes)
+
+
+def table1(runs: pd.DataFrame) -> Table:
+    """Per-domain validation loss and their mean for Dense, FS, BTX, NU, DU r=0.5, DU r=1.0 (+ task scores)."""
+    runs = runs[runs["role"].isin(["run", "seed"])]
+    columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
+    columns.append(("val avg", "metrics.val_loss", True))
+    columns += [(c.split("/", 1)[1], c, False) for c in _score_columns(runs)]
+    columns.append(("routing JSD", "metrics.routing/specialization", False))
+    table = build("table1", "Table 1: validation loss by MoE initialization", runs, list(TABLE1_ROWS), "label", columns)
+    table.bold["routing JSD"] = set()  # descriptive, not a score to win
+    return table
+
+
+def table2(runs: pd.DataFrame) -> Table:
+    """Parameters, tokens, training FLOPs and results per method (paper Table 2's columns)."""
+    runs = runs[runs["role"].isin(["run", "seed"])].copy()
+    runs["setting"] = runs["label"] + " " + runs["model"].astype(str)
+    order = list(dict.fromkeys(runs.assign(key=runs["label"].map(method_order)).sort_values(["key", "model"])["setting"]))
+    columns = [("active params (M)", "active_m", True), ("total params (M)", "total_m", True),
+               ("tokens (M)", "tokens_m", True), ("FLOPs", "train_flops", True), ("val avg", "metrics.val_loss", True)]
+    runs["active_m"] = runs["active_params"] / 1e6
+    runs["total_m"] = runs["total_params"] / 1e6
+    runs["tokens_m"] = runs["tokens"] / 1e6
+    table = build("table2", "Table 2: compute and results per model", runs, order, "setting", columns)
+    for header in ("active params (M)", "total params (M)", "tokens (M)", "FLOPs"):
+        table.bold[header] = set()
+    return table
+
+
+def table8(runs: pd.DataFrame) -> Table:
+    """Naive Upcycling with each router initialization of Table 8."""
+    from dropup.init.router import TABLE8
+
+    runs = runs[(runs["role"] == "run") & (runs["label"] == "NU")]
+    columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
+    columns.append(("val avg", "metrics.val_loss", True))
+    return build("table8", "Table 8: router initialization for naive Upcycling", runs, list(TABLE8), "router", columns)
+
+
+TABLES = {"table1": table1, "table2": table2, "table8": table8}
+
+
+def render(name: str, runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    return TABLES[name](runs).write(Path(out_dir))
