@@ -1,0 +1,149 @@
+"""Collection, tables and figures, on fixture run directories and synthetic tables."""
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import sweep
+from analysis.collect import collect, curves, label
+from analysis.figures import fig3, fig4, fig5
+from analysis.tables import Cell, best_rows, table1, table8
+
+DOMAINS = ("ja", "en", "code")
+TARGETS = {"scratch": "Scratch", "naive": "NaiveUpcycling", "drop": "DropUpcycling", "btx": "BranchTrainMix"}
+
+
+def make_run(root: Path, name: str, init: str, ratio=None, seed=0, loss=4.0, status="completed", moe=True,
+             router="uniform:0.0346", write_results=True, seed_model=None):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"model": {"name": "tiny", "n_layers": 2}, "moe": {"enabled": moe}, "seed": seed,
+           "init": {"_target_": f"dropup.init.x.{TARGETS[init]}", "router": router, **({"ratio": ratio} if ratio is not None else {})}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = ["step,tokens,train_loss,lr,val_loss," + ",".join(f"val_loss/{d}" for d in DOMAINS)]
+    for step in range(0, 101, 10):
+        rows.append(f"{step},{step * 100},{loss + 1 - step / 100},0.001,,,,")
+        if step % 50 == 0:
+            rows.append(f"{step},{step * 100},,,{loss + 1 - step / 100}," + ",".join([str(loss + 1 - step / 100)] * 3))
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if write_results:
+        metrics = {"val_loss": loss, **{f"val_loss/{d}": loss + i * 0.1 for i, d in enumerate(DOMAINS)}}
+        results = {"status": status, "init": init, "ratio": ratio, "seed": seed, "model": "tiny",
+                   "moe": "mixtral" if moe else "none", "tokens": 10000, "steps": 100, "train_flops": 1e9,
+                   "total_params": 10, "active_params": 5, "metrics": metrics if status == "completed" else {},
+                   "provenance": {"seed_model": seed_model}, "error": "boom" if status == "failed" else None}
+        (run / "results.json").write_text(json.dumps(results))
+        if moe:
+            counts = {d: [[10 * (e == i) + 1 for e in range(8)] for i in range(2)] for d in DOMAINS}
+            (run / "routing.json").write_text(json.dumps({"tokens_per_expert": counts}))
+    return run
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    seed = make_run(tmp_path / "seeds", "seed-abc", "scratch", moe=False, loss=5.0)
+    for s in (0, 1, 2):
+        make_run(root, f"NU-s{s}", "naive", seed=s, loss=4.5 + 0.01 * s, seed_model=str(seed))
+        make_run(root, f"DU-0.5-s{s}", "drop", ratio=0.5, seed=s, loss=4.2 + 0.01 * s, seed_model=str(seed))
+    make_run(root, "DU-1.0-s0", "drop", ratio=1.0, loss=4.6)
+    make_run(root, "FS-s0", "scratch", status="failed")
+    make_run(root, "BTX-s0", "btx", write_results=False)  # died before writing anything
+    return root
+
+
+def test_collect_keeps_failed_and_half_written_runs(runs_dir, tmp_path):
+    frame = collect([runs_dir], tmp_path / "out" / "runs.csv")
+    by_id = frame.set_index("run_id")
+    assert by_id.loc["FS-s0", "status"] == "failed" and by_id.loc["FS-s0", "error"] == "boom"
+    assert by_id.loc["BTX-s0", "status"] == "incomplete" and by_id.loc["BTX-s0", "label"] == "BTX"
+    assert by_id.loc["seed:seed-abc", "role"] == "seed" and by_id.loc["seed:seed-abc", "label"] == "Dense"
+    assert by_id.loc["DU-0.5-s1", "label"] == "DU (r=0.5)" and by_id.loc["NU-s2", "label"] == "NU"
+    assert by_id.loc["NU-s0", "metrics.val_loss/en"] == pytest.approx(4.6)
+    assert by_id.loc["NU-s0", "metrics.routing/imbalance"] > 1  # computed from routing.json
+    assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == len(frame) == 10
+    assert set(curves(frame)["run_id"]) >= {"NU-s0", "DU-1.0-s0"}
+
+
+def test_labels():
+    assert label("drop", 0.0, True) == label("naive", None, True) == "NU"
+    assert label("drop", 0.25, True) == "DU (r=0.25)" and label("scratch", None, False) == "Dense"
+
+
+def test_table1_cells(runs_dir):
+    table = table1(collect([runs_dir]))
+    assert table.rows == ["Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)"]
+    du = table.cells[("DU (r=0.5)", "val avg")]
+    assert du.n == 3 and du.mean == pytest.approx(4.21) and du.sd == pytest.approx(0.01)
+    assert du.text() == "4.210 ± 0.010 (3)"
+    assert table.cells[("DU (r=1)", "val ja")].text() == "4.600"
+    assert table.cells[("Dense", "val code")].text() == "5.200"
+    assert table.cells[("FS", "val avg")].text() == "failed"
+    assert table.cells[("BTX", "val avg")].text() == "incomplete"
+    assert table.cells[("Dense", "routing JSD")].text() == "–"
+    # DU r=0.5 beats NU (3 seeds each) by far more than the seed spread: bold
+    assert table.bold["val avg"] == {"DU (r=0.5)"}
+    md = table.markdown()
+    assert "| DU (r=0.5) | **4.210 ± 0.010 (3)** |" in md
+    assert r"\textbf{4.210 $\pm$ 0.010 (3)}" in table.latex()
+    csv = table.frame().set_index("row")
+    assert csv.loc["NU", "val avg n"] == 3 and csv.loc["FS", "val avg status"] == "failed"
+
+
+def test_bold_needs_a_gap_beyond_the_seed_spread():
+    close = {"a": Cell(4.20, 0.05, 3), "b": Cell(4.22, 0.05, 3)}
+    far = {"a": Cell(4.00, 0.01, 3), "b": Cell(4.22, 0.01, 3)}
+    single = {"a": Cell(4.0, None, 1), "b": Cell(5.0, None, 1)}
+    assert best_rows(close) == set() and best_rows(far) == {"a"} and best_rows(single) == set()
+    assert best_rows(far, lower_is_better=False) == {"b"}
+
+
+def test_table8_rows_are_the_router_variants(runs_dir):
+    make_run(runs_dir, "NU-router-uniform01-s0", "naive", router="uniform01", loss=4.9)
+    table = table8(collect([runs_dir]))
+    assert table.rows == ["normal:0.02", "normal:0.2887", "uniform:0.0346", "uniform:0.5", "uniform01"]
+    assert table.cells[("uniform01", "val avg")].mean == pytest.approx(4.9)
+    assert table.cells[("uniform:0.0346", "val avg")].n == 3
+    assert table.cells[("normal:0.02", "val avg")].text() == "missing"
+
+
+def test_figures_have_their_panels(runs_dir, tmp_path):
+    frame = collect([runs_dir])
+    lines = curves(frame)
+    out = tmp_path / "figs"
+    paths = fig3(frame, lines, out)
+    assert {p.name for p in paths} == {"fig3.png", "fig3.pdf"}
+    image = matplotlib.image.imread(paths[0])
+    assert image.shape[1] > image.shape[0] > 500  # a 2 x 2 grid, landscape
+    assert {p.name for p in fig4(frame, lines, out)} == {"fig4.png", "fig4.pdf"}
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real_save = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        captured["axes"] = [(ax.get_title(), ax.get_ylabel()) for ax in fig.axes]
+        return real_save(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        fig5(frame, lines, out)
+    finally:
+        plt.Figure.savefig = real_save
+    titles = [t for t, _ in captured["axes"] if t]
+    assert titles == ["NU", "DU (r=0.5)", "DU (r=1)"]  # methods side by side (FS failed, BTX unfinished)
+    assert sum(1 for _, y in captured["axes"] if y.startswith("layer")) == 2  # layers 0 and 1 of 2
+
+
+def test_sweep_plans_stable_run_directories(tmp_path):
+    plan = sweep.planned_runs("figures", "smoke", tmp_path)
+    names = [p.name for p, _ in plan]
+    assert len(names) == len(set(names)) == 8  # Table 1's runs and the r sweep, NU and DU shared
+    overrides = dict((p.name, o) for p, o in plan)
+    assert overrides["DU-0.25-s0"] == ["init=drop", "ratio=0.25", "seed=0"]
+    with pytest.raises(SystemExit, match="unknown SCALE"):
+        sweep.planned_runs("table1", "huge", tmp_path)
