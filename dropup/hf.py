@@ -84,28 +84,36 @@ def hf_tensors(name: str, tensor: torch.Tensor, layout: str = "fused") -> dict[s
     return out
 
 
+_INVERSE_TOP = {v: k for k, v in _TOP.items()}
+_INVERSE_LAYER = {v: k for table in (_COMMON, _DENSE_FFN, _MOE_FUSED) for k, v in table.items()}
+_INVERSE_LAYER["block_sparse_moe.gate.weight"] = "ffn.router.weight"
+
+
+def renamed_from_hf(name: str) -> str | None:
+    """Our name of an HF tensor that maps one to one (every Llama tensor; for Mixtral all but the per-expert
+    `w1/w2/w3`, which `from_hf` stacks), or None when it has no such counterpart."""
+    if name in _INVERSE_TOP:
+        return _INVERSE_TOP[name]
+    match = _HF_LAYER.match(name)
+    if match is None or match.group(2) not in _INVERSE_LAYER:
+        return None
+    return f"layers.{match.group(1)}.{_INVERSE_LAYER[match.group(2)]}"
+
+
 def from_hf(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers Llama or Mixtral state dict (either expert layout) -> ours. Unplaceable keys are errors."""
-    inverse_top = {v: k for k, v in _TOP.items()}
-    inverse_layer = {v: k for table in (_COMMON, _DENSE_FFN, _MOE_FUSED) for k, v in table.items()}
-    inverse_layer["block_sparse_moe.gate.weight"] = "ffn.router.weight"
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in hf_state.items():
-        if name in inverse_top:
-            out[inverse_top[name]] = tensor
+        ours = renamed_from_hf(name)
+        if ours is not None:
+            out[ours] = tensor
             continue
         match = _HF_LAYER.match(name)
-        if match is None:
-            raise ConfigError(f"Hugging Face tensor {name!r} is not part of a Llama/Mixtral model")
-        layer, rest = match.groups()
-        if rest in inverse_layer:
-            out[f"layers.{layer}.{inverse_layer[rest]}"] = tensor
-            continue
-        expert = _PER_EXPERT.match(rest)
+        expert = _PER_EXPERT.match(match.group(2)) if match else None
         if expert is None:
             raise ConfigError(f"Hugging Face tensor {name!r} is not part of a Llama/Mixtral model")
-        per_expert.setdefault((layer, expert.group(2)), {})[int(expert.group(1))] = tensor
+        per_expert.setdefault((match.group(1), expert.group(2)), {})[int(expert.group(1))] = tensor
     layers = sorted({layer for layer, _ in per_expert})
     for layer in layers:
         parts = {w: per_expert.get((layer, w), {}) for w in ("w1", "w2", "w3")}

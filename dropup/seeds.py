@@ -67,8 +67,6 @@ def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
             return run_dir
         log(f"[seed] training {names['what']} into {run_dir}")
         cfg = make_cfg()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
         train(cfg, log=log, names={"model": names["model"], "moe": "none", "init": names["init"]})
     return run_dir
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.flops import param_counts, train_flops
 
-STAGES = ("info", "train")
+STAGES = ("info", "train", "export", "eval")
 
 
 @dataclass
@@ -84,6 +84,22 @@ class PathsSchema:
 
 
 @dataclass
+class ExportSchema:
+    run: Optional[str] = None  # the run directory to export / evaluate
+    out: Optional[str] = None  # the Hugging Face directory to write (default: <run>/hf)
+
+
+@dataclass
+class EvalSchema:
+    kind: str = "none"  # none | lm_eval
+    tasks: list[str] = field(default_factory=list)
+    include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
 class Config:
     """The typed top level: a misspelt key or a wrong type fails at composition, naming the key."""
 
@@ -96,6 +112,8 @@ class Config:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
     stage: str = "train"
     ratio: float = 0.5
     seed: int = 0
@@ -134,6 +152,40 @@ def train(cfg: DictConfig) -> dict:
     return train_run(cfg, names={k: v for k, v in names.items() if v})
 
 
+def _export_paths(cfg: DictConfig):
+    from pathlib import Path
+
+    from dropup.train import project_path
+
+    if not cfg.export.run:
+        raise ConfigError(f"stage={cfg.stage} needs export.run=<run directory>")
+    run_dir = project_path(cfg.export.run)
+    return run_dir, (project_path(cfg.export.out) if cfg.export.out else Path(run_dir) / "hf")
+
+
+def export(cfg: DictConfig):
+    from dropup.export import export as export_run
+    from dropup.train import project_path
+
+    run_dir, out = _export_paths(cfg)
+    path = export_run(run_dir, out, project_path(cfg.paths.data_dir))
+    print(json.dumps({"exported": str(path)}))
+    return path
+
+
+def evaluate(cfg: DictConfig):
+    from dropup.export import evaluate as evaluate_run
+
+    if cfg.eval.kind != "lm_eval":
+        raise ConfigError("stage=eval needs eval=lm_eval (and eval.tasks)")
+    run_dir, out = _export_paths(cfg)
+    if not (out / "config.json").is_file():
+        export(cfg)
+    scores = evaluate_run(run_dir, out, OmegaConf.to_container(cfg.eval, resolve=True))
+    print(json.dumps(scores))
+    return scores
+
+
 def run(cfg: DictConfig):
     from dropup.data.corpus import DataError
     from dropup.data.sources import SourceError
@@ -141,6 +193,6 @@ def run(cfg: DictConfig):
     try:
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage!r} is not available; choose one of {STAGES}")
-        return {"info": info, "train": train}[cfg.stage](cfg)
+        return {"info": info, "train": train, "export": export, "eval": evaluate}[cfg.stage](cfg)
     except (ConfigError, DataError, SourceError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -131,14 +131,15 @@ def initial_state(cfg: DictConfig, model: ModelConfig, moe: MoEConfig | None, lo
 
 
 def _quiet_lightning() -> None:
-    """Route Lightning's messages through the root logger only (Hydra's console + run log), once, without ads."""
-    root = logging.getLogger()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        if root.handlers:
-            logger.handlers.clear()
-            logger.propagate = True
-        logger.addFilter(lambda record: "litlogger" not in record.getMessage().lower())
+    """Route Lightning's messages through the root logger only (Hydra's console and run log), once, without ads."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).handlers.clear()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "drops_ads", False) for f in rank_zero.filters):
+        ads = lambda record: "litlogger" not in record.getMessage().lower()  # noqa: E731
+        ads.drops_ads = True
+        rank_zero.addFilter(ads)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -183,6 +184,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         "error": None,
     }
     write_json_atomic(results_path, results)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
     started = time.perf_counter()
     try:
         data = load_data(cfg, settings["seq_len"], log)

@@ -228,3 +228,53 @@ def test_pre_tokenized_data_folder(tmp_path, store):
     assert results["provenance"]["corpus_hash"] == json.loads((prepared / "manifest.json").read_text())["corpus_hash"]
     with pytest.raises(DataError, match="no manifest.json"):
         train(config(tmp_path / "bad", "moe=none", "init=scratch", "data=tokens", f"data.path={tmp_path}", *store))
+
+
+def test_export_and_lm_eval_on_a_local_task(tmp_path, store, monkeypatch):
+    """A finished MoE run exported as an HF Mixtral directory loads with transformers, computes our logits, and
+    lm-evaluation-harness scores it on a task defined in a local file (no downloads)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dropup.config import architecture
+    from dropup.export import evaluate, export
+    from dropup.model import Transformer
+    from safetensors.torch import load_file
+
+    cfg = config(tmp_path / "run", "init=naive", *store)
+    train(cfg)
+    out = export(tmp_path / "run", tmp_path / "hf", Path(cfg.paths.data_dir))
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ours = Transformer(*architecture(cfg)).eval()
+    ours.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    ids = tokenizer("def main():\n    return 1", return_tensors="pt").input_ids
+    torch.testing.assert_close(hf(ids).logits, ours(ids).logits)
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    docs = tmp_path / "tasks" / "docs.jsonl"
+    docs.parent.mkdir()
+    docs.write_text("".join(json.dumps({"question": f"{i} plus one is", "choices": [str(i + 1), "banana"],
+                                        "answer": 0}) + "\n" for i in range(6)))
+    (docs.parent / "tiny.yaml").write_text(yaml_task(docs))
+    scores = evaluate(tmp_path / "run", out, {"tasks": ["dropup_tiny"], "include_path": str(docs.parent),
+                                              "limit": 6, "batch_size": 2})
+    assert 0.0 <= scores["eval/dropup_tiny"] <= 1.0
+    recorded = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert recorded["metrics"]["eval/dropup_tiny"] == scores["eval/dropup_tiny"]
+
+
+def yaml_task(docs: Path) -> str:
+    return f"""task: dropup_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -107,40 +107,70 @@ def moe_shapes(model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in Transformer(model, moe).state_dict().items()}
 
 
-def _check_sources(sources: Sequence[Mapping[str, torch.Tensor]], model: ModelConfig) -> None:
+def tensor_meta(source: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of one source tensor without reading it where the source can say (a lazy checkpoint reader
+    offers `meta(name)` from its file headers), else from the tensor itself."""
+    meta = getattr(source, "meta", None)
+    if meta is not None:
+        return meta(name)
+    tensor = source[name]
+    return tuple(tensor.shape), tensor.dtype
+
+
+def check_sources(sources: Sequence[Mapping[str, torch.Tensor]], model: ModelConfig) -> None:
+    """Every dense source has every tensor of `model` with its shape (from metadata where the source offers it)."""
     expected = dense_shapes(model)
     for i, src in enumerate(sources):
         missing = [k for k in expected if k not in src]
         if missing:
             raise ConfigError(f"dense model {i} lacks tensor {missing[0]!r}: it is not a dense model of this layout")
         for name, shape in expected.items():
-            if tuple(src[name].shape) != tuple(shape):
+            found = tensor_meta(src, name)[0]
+            if tuple(found) != tuple(shape):
                 raise ConfigError(
-                    f"dense model {i} tensor {name} has shape {tuple(src[name].shape)} but model={model.name} "
+                    f"dense model {i} tensor {name} has shape {tuple(found)} but model={model.name} "
                     f"expects {tuple(shape)}: choose the model preset the dense model was trained with"
                 )
 
 
-def layer_experts(strategy: InitStrategy, layer: int, sources, model: ModelConfig, moe: MoEConfig, seed: int):
-    """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer."""
+def layer_experts(
+    strategy: InitStrategy,
+    layer: int,
+    sources,
+    model: ModelConfig,
+    moe: MoEConfig,
+    seed: int,
+    dtype: torch.dtype | None = None,
+):
+    """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer.
+
+    Each source's FFN is read once per layer, and every expert is copied straight into the preallocated outputs
+    (in `dtype`, default: the strategy's output dtype): at the paper's 8x3.7B scale a layer's experts are 1.2 GB in
+    bf16, and building them by list + stack + cat would hold that about three times over.
+    """
     d_f = moe.expert_d_ff(model)
     prefix = f"layers.{layer}.ffn."
-    gates, ups, downs = [], [], []
+    ffns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    w_gate_up = w_down = None
     for e in range(moe.num_experts):
         m, part = expert_source(e, moe.num_experts, moe.granularity, max(len(sources), 1))
         cols = slice(part * d_f, (part + 1) * d_f)
         if sources:
-            src = sources[m]
-            gate = src[prefix + "w_gate.weight"][cols]
-            up = src[prefix + "w_up.weight"][cols]
-            down = src[prefix + "w_down.weight"][:, cols]
+            if m not in ffns:
+                ffns[m] = tuple(sources[m][prefix + w] for w in ("w_gate.weight", "w_up.weight", "w_down.weight"))
+            gate, up, down = ffns[m][0][cols], ffns[m][1][cols], ffns[m][2][:, cols]
         else:
             gate = up = torch.empty(d_f, model.d_model)
             down = torch.empty(model.d_model, d_f)
         gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
-        gates.append(gate), ups.append(up), downs.append(down)
-    w_gate_up = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
-    return w_gate_up.contiguous(), torch.stack(downs).contiguous()
+        if w_gate_up is None:
+            out_dtype = dtype or gate.dtype
+            w_gate_up = torch.empty(moe.num_experts, 2 * d_f, model.d_model, dtype=out_dtype)
+            w_down = torch.empty(moe.num_experts, model.d_model, d_f, dtype=out_dtype)
+        w_gate_up[e, :d_f].copy_(gate)
+        w_gate_up[e, d_f:].copy_(up)
+        w_down[e].copy_(down)
+    return w_gate_up, w_down
 
 
 def moe_tensors(
@@ -150,17 +180,23 @@ def moe_tensors(
     moe: MoEConfig,
     seed: int,
     dtype: torch.dtype | None = None,
+    names: Container[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor of the MoE model's state dict, in state-dict order, built by `strategy`."""
+    """Yield every tensor of the MoE model's state dict, in state-dict order, built by `strategy`.
+
+    `names` restricts the output to those tensors; the others are neither computed nor read from the sources (a
+    resumed conversion skips what it has already written; each tensor's randomness depends only on its key)."""
     check_pair(model, moe)
     if not moe.enabled:
         raise ConfigError(f"init={strategy.name} builds an MoE: set moe=mixtral (or another MoE preset), not moe=none")
     strategy.validate(len(sources), moe)
-    _check_sources(sources, model)
+    check_sources(sources, model)
     if dtype is None:
-        dtype = sources[0]["tok_emb.weight"].dtype if sources else torch.float32
+        dtype = tensor_meta(sources[0], "tok_emb.weight")[1] if sources else torch.float32
     experts_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, shape in moe_shapes(model, moe).items():
+        if names is not None and name not in names:
+            continue
         match = _EXPERT_TENSOR.match(name)
         if match is None:
             tensor = strategy.shared(name, [src[name] for src in sources], shape, dtype, seed)
@@ -171,7 +207,7 @@ def moe_tensors(
             layer = int(match.group(1))
             if layer not in experts_of_layer:
                 experts_of_layer.clear()  # keep one layer's experts in memory at a time
-                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed)
+                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype)
             tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
         yield name, tensor.to(dtype)
 

@@ -1,0 +1,100 @@
+"""`stage=export` and `stage=eval`: a run as a Hugging Face directory, and lm-evaluation-harness on it.
+
+    python run.py stage=export export.run=<run dir> [export.out=<dir>]
+    python run.py stage=eval export.run=<run dir> eval=lm_eval eval.tasks=[...] [eval.include_path=<task dir>]
+
+Export writes a transformers Llama (dense) or Mixtral (MoE) directory with the run's weights and tokenizer (what
+`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load), under a temporary name renamed when complete.
+Eval adds each task's main score to the run's results.json as `metrics["eval/<task>"]`, where the tables find it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from dropup.config import ConfigError, architecture
+from dropup.data.corpus import EOT
+
+
+def _run_config(run_dir: Path) -> DictConfig:
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return OmegaConf.create(yaml.safe_load(path.read_text()))
+    raise ConfigError(f"{run_dir} has no .hydra/config.yaml: export.run must name a dropup run directory")
+
+
+def _tokenizer_file(run_dir: Path, data_dir: Path) -> Path | None:
+    """The tokenizer the run was trained with: the prepared data whose manifest has the run's tokenizer hash."""
+    results = json.loads((run_dir / "results.json").read_text())
+    wanted = (results.get("provenance") or {}).get("tokenizer_hash")
+    for manifest in sorted(Path(data_dir).glob("*/manifest.json")):
+        if json.loads(manifest.read_text()).get("tokenizer_hash") == wanted:
+            return manifest.parent / "tokenizer.json"
+    return None
+
+
+def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from dropup.hf import hf_config, to_hf
+
+    run_dir, out = Path(run_dir), Path(out)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{run_dir} has no model.safetensors: only completed runs can be exported")
+    model_cfg, moe_cfg = architecture(_run_config(run_dir))
+    tokenizer_file = _tokenizer_file(run_dir, data_dir)
+    if tokenizer_file is None:
+        raise ConfigError(f"the tokenizer of {run_dir} is not in {data_dir}: set paths.data_dir to where its data is")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOT, bos_token=EOT,
+                                        unk_token=EOT, pad_token=EOT)
+    config = hf_config(model_cfg, moe_cfg, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(to_hf(load_file(str(weights))), strict=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:
+    """Run lm-evaluation-harness's tasks on an exported directory; record each task's first metric."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ConfigError("eval=lm_eval needs lm-evaluation-harness: pip install lm-eval") from err
+    if not eval_cfg.get("tasks"):
+        raise ConfigError("eval.tasks is empty: name lm-eval tasks, e.g. eval.tasks=[hellaswag]")
+    manager = TaskManager(include_path=eval_cfg.get("include_path"))
+    output = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(eval_cfg["tasks"]),
+        num_fewshot=eval_cfg.get("num_fewshot"), limit=eval_cfg.get("limit"), batch_size=eval_cfg.get("batch_size", 8),
+        task_manager=manager, device="cpu",
+    )
+    scores = {}
+    for task, metrics in output["results"].items():
+        # metric keys read "<metric>,<filter>" (e.g. "acc,none"); other keys are counts and aliases
+        numeric = {k: v for k, v in metrics.items()
+                   if "," in k and "stderr" not in k and isinstance(v, (int, float))}
+        if numeric:
+            value = next(iter(numeric.values()))
+            scores[f"eval/{task}"] = float(value)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text())
+    results.setdefault("metrics", {}).update(scores)
+    results["eval"] = {"tasks": list(eval_cfg["tasks"]), "raw": output["results"]}
+    from dropup.train import write_json_atomic
+
+    write_json_atomic(results_path, results)
+    return scores

@@ -1,0 +1,252 @@
+"""Streaming safetensors I/O for checkpoints larger than memory (used by `dropup-upcycle`).
+
+Reading: `CheckpointReader` is a lazy, read-only mapping from tensor names (ours, or any the caller picks) to the
+tensors of one checkpoint (one or several `*.safetensors` files). Shapes and dtypes come from the file headers; a tensor's bytes are read
+only when it is looked up, with `pread` rather than `mmap`, so the process never maps a whole input file. It
+records which names were read, for the converter's strict accounting.
+
+Writing: `ShardWriter` writes one safetensors file whose tensor list is planned in advance. Because every name,
+shape and dtype is known before any value is computed, the header goes first and each tensor's bytes are appended
+as soon as the tensor exists -- no shard is ever assembled in memory (safetensors' own `save_file` needs the whole
+dict, and copies it once more to serialize). The file is built under a temporary name and renamed into place
+after an fsync, so a file with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dropup.config import ConfigError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+PARTIAL_SUFFIX = ".partial"
+_HEADER_LIMIT = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def _open(path: Path):
+    """safe_open with pread (no mmap of the whole file); older safetensors without `backend` fall back to mmap."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:
+        return safe_open(str(path), framework="pt")
+
+
+def file_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor in one safetensors file, from its header (no tensor data is read).
+
+    safetensors validates the header against the file size, so a truncated or corrupt file fails here."""
+    try:
+        with _open(path) as f:
+            out = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = piece.get_dtype()
+                if dtype not in DTYPES:
+                    raise ConfigError(f"{path}: tensor {name} has dtype {dtype}; only floating-point weights "
+                                      f"({', '.join(DTYPES)}) can be upcycled")
+                out[name] = (tuple(piece.get_shape()), DTYPES[dtype])
+            return out
+    except SafetensorError as err:
+        raise ConfigError(f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt; "
+                          "download or copy it again") from None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lives: its file, its name there, and its shape and dtype (from the header)."""
+
+    path: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def scan(files: list[Path]) -> dict[str, Stored]:
+    """Every tensor of a checkpoint made of `files`, by its stored name; a name in two files is an error."""
+    found: dict[str, Stored] = {}
+    for path in files:
+        for name, (shape, dtype) in file_tensors(path).items():
+            if name in found:
+                raise ConfigError(f"tensor {name} is stored twice, in {found[name].path.name} and {path.name}: "
+                                  "the checkpoint is inconsistent; re-save it")
+            found[name] = Stored(path, name, shape, dtype)
+    return found
+
+
+class CheckpointReader(Mapping[str, torch.Tensor]):
+    """Lazily read tensors of one checkpoint under the names the caller chose (`entries`: name -> Stored).
+
+    `consumed` collects the names read so far; it is filled on the converter's main thread and copied from its
+    writer thread (`consumed_names`), hence the lock."""
+
+    def __init__(self, entries: Mapping[str, Stored]):
+        self._entries = dict(entries)
+        self._lock = threading.Lock()
+        self._consumed: set[str] = set()
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self._entries[name]
+        return entry.shape, entry.dtype
+
+    def consumed_names(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._consumed)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        try:
+            with _open(entry.path) as f:
+                tensor = f.get_tensor(entry.name)
+        except SafetensorError as err:
+            raise ConfigError(f"{entry.path}: reading tensor {entry.name} failed ({err}): the file changed "
+                              "during the conversion or is corrupt") from None
+        with self._lock:
+            self._consumed.add(name)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of an output file, known before its values are: its name there, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def header_bytes(tensors: list[PlannedTensor]) -> bytes:
+    """The safetensors header of a file holding `tensors` in this order (8-byte length, JSON, space padding)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (little-endian, as safetensors stores it)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def digest_of(header: bytes, tensor_digests: list[str]) -> str:
+    """A shard's checksum: sha256 over its header and its tensors' sha256 digests (so each byte is hashed once)."""
+    h = hashlib.sha256(header)
+    for d in tensor_digests:
+        h.update(bytes.fromhex(d))
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes the planned `tensors` to `path` in order: header first, each tensor's bytes as they arrive."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor]):
+        self.path = Path(path)
+        self.tensors = tensors
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.header = header_bytes(tensors)
+        self.digests: list[str] = []
+        self._file = open(self.partial, "wb")
+        self._file.write(self.header)
+
+    @property
+    def done(self) -> bool:
+        return len(self.digests) == len(self.tensors)
+
+    def write(self, name: str, tensor: torch.Tensor) -> str:
+        """Append the next planned tensor; anything out of plan (name, shape, dtype) is an error."""
+        if self.done:
+            raise RuntimeError(f"{self.path.name}: got {name} after its last planned tensor")
+        want = self.tensors[len(self.digests)]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want.name, want.shape, want.dtype):
+            raise RuntimeError(f"{self.path.name}: expected {want.name} {want.shape} {want.dtype}, "
+                               f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor_bytes(tensor)
+        self.digests.append(hashlib.sha256(data).hexdigest())
+        self._file.write(data)
+        return self.digests[-1]
+
+    def finish(self) -> str:
+        """fsync, rename into place; returns the shard's checksum (`digest_of`)."""
+        if not self.done:
+            missing = self.tensors[len(self.digests)].name
+            raise RuntimeError(f"{self.path.name}: tensor {missing} was never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return digest_of(self.header, self.digests)
+
+    def abandon(self) -> None:
+        """Close without finishing (the .partial file stays; a resumed run rewrites it)."""
+        self._file.close()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digests(path: Path, chunk: int = 64 << 20) -> tuple[str, dict[str, str]]:
+    """(shard checksum, name -> sha256) of a written safetensors file, re-read from disk (resume check)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > _HEADER_LIMIT:
+            raise ValueError(f"{path}: header length {length} is not plausible")
+        raw = f.read(length)
+        entries = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+        digests = {}
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            f.seek(8 + length + begin)
+            h, left = hashlib.sha256(), end - begin
+            while left:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise ValueError(f"{path} is truncated")
+                h.update(block)
+                left -= len(block)
+            digests[name] = h.hexdigest()
+    order = sorted(entries, key=lambda n: entries[n]["data_offsets"][0])
+    return digest_of(struct.pack("<Q", length) + raw, [digests[n] for n in order]), digests
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a small file under a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

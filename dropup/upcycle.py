@@ -1,0 +1,734 @@
+"""dropup-upcycle: turn Hugging Face Llama checkpoints into a Hugging Face Mixtral checkpoint (DESIGN contract 4).
+
+    dropup-upcycle --dense llama-3.7b --out mixtral-8x3.7b --init drop --ratio 0.5
+
+The weights come from the same code `run.py` uses (`dropup.init.moe_tensors`, one generator per tensor), so the
+same seed and options give the same tensors through both. The conversion streams: source tensors are read one at
+a time from the safetensors files, each MoE layer is built and handed to a writer thread that appends it to the
+output shard being filled, and memory holds about two layers' experts, never the model.
+
+The output directory becomes a usable checkpoint only at the very end: shards are written under temporary names,
+each finished shard is recorded with its checksums in a progress file, and the manifest, the index and, last,
+`config.json` are written once every shard is in place. Killed at any point and re-run with the same arguments,
+the converter checks the finished shards, writes the rest, and produces byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
+from dropup.flops import param_counts
+from dropup.hf import LAYOUTS, configs_from_hf, hf_config, hf_tensors, renamed_from_hf
+from dropup.init import STRATEGIES, InitStrategy, moe_tensors
+from dropup.init.base import ExpertKey, check_sources, dense_shapes, moe_shapes
+from dropup.shards import (
+    PARTIAL_SUFFIX, CheckpointReader, PlannedTensor, ShardWriter, atomic_write, file_digests, fsync_dir, scan,
+)
+
+FORMAT = "dropup-upcycle/1"
+PROGRESS = ".dropup-upcycle-progress.json"
+MANIFEST = "dropup_manifest.json"
+INDEX = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# Files carried over from the (first) dense directory: the tokenizer and generation defaults.
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
+# Fields of the dense config.json that describe the tokenizer or the context rather than the architecture.
+KEPT_CONFIG_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_LABELS = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
+                torch.float64: "float64"}
+# A queue this short keeps the model builder at most about one layer ahead of the disk (memory bound).
+QUEUE_DEPTH = 4
+# --verify runs both models in transformers only below this size (fp32 copies of dense + MoE must fit in RAM).
+VERIFY_MAX_PARAMS = 1_000_000_000
+
+
+class UpcycleError(RuntimeError):
+    """The conversion itself went wrong (not the user's input): the message says what and how to recover."""
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage dump
+        self.exit(2, f"error: {message} (see dropup-upcycle --help)\n")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (decimal units as transformers' max_shard_size; KiB/MiB/GiB are binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    if number * scale < 1:
+        raise argparse.ArgumentTypeError(f"shard size {text!r} must be at least one byte")
+    return int(number * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="dropup-upcycle",
+        description="Upcycle dense Hugging Face Llama checkpoints (safetensors) into a Mixtral checkpoint.",
+    )
+    p.add_argument("--dense", action="append", required=True, type=Path, metavar="DIR",
+                   help="HF Llama directory (config.json + safetensors) or dropup run directory; repeat for btx")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (HF Mixtral)")
+    p.add_argument("--init", required=True, choices=sorted(STRATEGIES), help="how experts are initialized")
+    p.add_argument("--ratio", type=float, help="re-initialized share of d_ff per expert (drop, noise; default 0.5)")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--index-mode", choices=("shared", "per-matrix"),
+                   help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="split each dense FFN into G narrower experts (fine-grained; default 1)")
+    p.add_argument("--router-init", default="uniform:0.0346",
+                   help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=("keep", *DTYPES), default="keep",
+                   help="output dtype; keep = that of the dense weights (fp32 for scratch) (default keep)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                   help="per-expert (save_pretrained's w1/w2/w3 names; default) or fused (gate_up_proj/down_proj)")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                   help="largest output shard, e.g. 5GB (default), 500MB")
+    p.add_argument("--force", action="store_true", help="replace an existing or unfinished output in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="check the written model against the dense one(s) (logits at r=0, re-initialized shares)")
+    return p
+
+
+def make_strategy(args: argparse.Namespace) -> InitStrategy:
+    """The init strategy the options describe; options that do not apply to it are errors, not ignored."""
+    kwargs: dict = {"router": args.router_init}
+    if args.init in ("drop", "noise"):
+        kwargs["ratio"] = 0.5 if args.ratio is None else args.ratio
+        kwargs["index_mode"] = args.index_mode or "shared"
+    else:
+        for flag, value in (("--ratio", args.ratio), ("--index-mode", args.index_mode)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --init drop and noise only, not --init {args.init}: drop it")
+    return STRATEGIES[args.init](**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Dense:
+    """One --dense input: its architecture, its tensors under our names, and what the output carries over."""
+
+    path: Path
+    kind: str  # "hf" or "run"
+    model: ModelConfig
+    tensors: dict  # our name -> shards.Stored
+    config_fields: dict = field(default_factory=dict)
+    carried: list[Path] = field(default_factory=list)
+
+    def reader(self) -> CheckpointReader:
+        return CheckpointReader(self.tensors)
+
+    def identity(self) -> dict:
+        """What the progress file compares to tell whether a re-run converts the same input."""
+        files = sorted({s.path for s in self.tensors.values()})
+        return {"path": str(self.path), "kind": self.kind,
+                "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def open_dense(path: Path) -> Dense:
+    path = path.resolve()
+    if not path.is_dir():
+        raise ConfigError(f"--dense {path} is not a directory: name a Hugging Face Llama directory "
+                          "(config.json + *.safetensors) or a dropup run directory")
+    if (path / "config.json").is_file():
+        return _open_hf(path)
+    if (path / "model.safetensors").is_file() and (_run_config(path) is not None):
+        return _open_run(path)
+    raise ConfigError(f"--dense {path} has no config.json (Hugging Face) and no model.safetensors + config.yaml "
+                      "(dropup run): it is not a model directory")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{index} is not a safetensors index ({err}): re-save the model") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ConfigError(f"{path}: shard {missing[0]} listed in {INDEX} is missing: copy the complete "
+                              "checkpoint (all shards)")
+        return [path / f for f in files]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob(pattern) for pattern in PICKLED):
+        raise ConfigError(f"{path} holds only pickled weights (.bin/.pt), which dropup never unpickles: re-save "
+                          "the model with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)")
+    raise ConfigError(f"{path} has no *.safetensors weights")
+
+
+def _open_hf(path: Path) -> Dense:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    try:
+        model, moe = configs_from_hf(config)
+    except KeyError as err:
+        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete Llama config") from None
+    if moe.enabled:
+        raise ConfigError(f"--dense {path} is a Mixtral (MoE) model: upcycling starts from a dense Llama model")
+    files = _weight_files(path)
+    stored = scan(files)
+    index = path / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, entry in stored.items():
+            if weight_map.get(name) != entry.path.name:
+                raise ConfigError(f"{path}: tensor {name} is in {entry.path.name} but {INDEX} says "
+                                  f"{weight_map.get(name)}: the checkpoint is inconsistent; re-save it")
+        absent = sorted(set(weight_map) - set(stored))
+        if absent:
+            raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
+    tensors = _as_dense_names(path, model, stored, rename=renamed_from_hf)
+    return Dense(path, "hf", model, tensors,
+                 config_fields={k: config[k] for k in KEPT_CONFIG_FIELDS if config.get(k) is not None},
+                 carried=[path / f for f in CARRIED_FILES if (path / f).is_file()])
+
+
+def _run_config(path: Path) -> Path | None:
+    for candidate in (path / ".hydra" / "config.yaml", path / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _open_run(path: Path) -> Dense:
+    """A dropup run directory: model.safetensors in our naming; the model config from its Hydra config."""
+    from omegaconf import OmegaConf
+
+    results = path / "results.json"
+    status = json.loads(results.read_text()).get("status") if results.is_file() else None
+    if status != "completed":
+        raise ConfigError(f"--dense {path} is a dropup run whose results.json says status={status!r}: only a "
+                          "completed run's weights are final; wait for it or pick another run")
+    cfg = OmegaConf.load(_run_config(path))
+    try:
+        model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+        moe_enabled = bool(cfg.get("moe", {}).get("enabled", False))
+    except Exception as err:  # noqa: BLE001 -- any unreadable config is the same user-facing problem
+        raise ConfigError(f"{_run_config(path)}: cannot read its model config ({err})") from None
+    if moe_enabled:
+        raise ConfigError(f"--dense {path} is an MoE run: upcycling starts from a dense model")
+    stored = scan([path / "model.safetensors"])
+    return Dense(path, "run", model, _as_dense_names(path, model, stored, rename=lambda name: name))
+
+
+def _as_dense_names(path: Path, model: ModelConfig, stored: dict, rename) -> dict:
+    """Stored tensors under our names; a tensor with no place in a dense model of `model` is an error."""
+    expected = dense_shapes(model)
+    tensors = {}
+    for name, entry in stored.items():
+        ours = rename(name)
+        if ours not in expected:
+            raise ConfigError(f"{entry.path}: tensor {name} is not part of a dense Llama model: dropup-upcycle "
+                              "converts plain Llama checkpoints only")
+        tensors[ours] = entry
+    return tensors
+
+
+def _same_architecture(inputs: list[Dense]) -> ModelConfig:
+    """BTX averages and mixes several dense models: they must share one architecture exactly."""
+    first = inputs[0]
+    for other in inputs[1:]:
+        diff = [f"{k}={v} (vs {getattr(first.model, k)})" for k, v in asdict(other.model).items()
+                if k != "name" and v != getattr(first.model, k)]
+        if diff:
+            raise ConfigError(f"--dense {other.path} differs from --dense {first.path} in {', '.join(diff)}: "
+                              "all dense models must have the same architecture (BTX mixes their tensors)")
+    return first.model
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Shard:
+    """One output file: the tensors it holds, in order, and our names of the tensors they come from."""
+
+    file: str
+    tensors: list[PlannedTensor]
+    sources: set[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(model: ModelConfig, moe: MoEConfig, layout: str, dtype: torch.dtype, max_bytes: int) -> list[Shard]:
+    """Every output tensor (our state-dict order, as HF names), cut into shards of at most `max_bytes`.
+
+    Shapes come from the model built on the meta device, mapped by the same `hf_tensors` the writer uses, so the
+    plan is exact before any weight exists; a tensor larger than `max_bytes` gets a shard of its own."""
+    groups: list[list[tuple[PlannedTensor, str]]] = [[]]
+    size = 0
+    for ours, shape in moe_shapes(model, moe).items():
+        for name, meta in hf_tensors(ours, torch.empty(shape, dtype=dtype, device="meta"), layout).items():
+            planned = PlannedTensor(name, tuple(meta.shape), dtype)
+            if groups[-1] and size + planned.nbytes > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((planned, ours))
+            size += planned.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t for t, _ in g], {o for _, o in g})
+            for i, g in enumerate(groups)]
+
+
+# --------------------------------------------------------------------------------------------- output state
+
+
+class Progress:
+    """An unfinished conversion, recorded in its output directory from before the first byte is written until
+    the output is complete: the arguments (to refuse mixing two conversions), each finished shard with its
+    checksums, and which source tensors were read (strict accounting survives a resume)."""
+
+    def __init__(self, out: Path, options: dict, shards: dict | None = None, consumed: list | None = None):
+        self.path = out / PROGRESS
+        self.options = options
+        self.shards: dict[str, dict] = shards or {}
+        self.consumed: list[set[str]] = [set(c) for c in consumed] if consumed else []
+
+    @classmethod
+    def load(cls, out: Path) -> Progress | None:
+        path = out / PROGRESS
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(out, data["options"], data["shards"], data["consumed"])
+
+    def record(self, shard: Shard, digest: str, tensor_digests: list[str], consumed: list[frozenset]) -> None:
+        self.shards[shard.file] = {"sha256": digest, "bytes": (Path(self.path.parent) / shard.file).stat().st_size,
+                                   "tensors": dict(zip((t.name for t in shard.tensors), tensor_digests))}
+        self.consumed = [set(old) | set(new) for old, new in zip(self.consumed, consumed)] if self.consumed else \
+            [set(c) for c in consumed]
+        self.save()
+
+    def save(self) -> None:
+        atomic_write(self.path, json.dumps({"options": self.options, "shards": self.shards,
+                                            "consumed": [sorted(c) for c in self.consumed]}, indent=1))
+
+
+def _ours(path: Path) -> bool:
+    """A file this tool writes into its output directory (the only files --force removes)."""
+    name = path.name
+    if name.endswith(PARTIAL_SUFFIX):
+        name = name[: -len(PARTIAL_SUFFIX)]
+    return name in (PROGRESS, MANIFEST, INDEX, "config.json", *CARRIED_FILES) or bool(SHARD_NAME.match(name))
+
+
+def _clear(out: Path) -> None:
+    for path in out.iterdir():
+        if path.is_file() and _ours(path):
+            path.unlink()
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def prepare_output(out: Path, options: dict, force: bool, log) -> Progress | None:
+    """What is already in `out`: None for a fresh start, or the Progress of the same conversion to resume.
+
+    Refuses a finished output (unless --force), an unfinished one made with other arguments (unless --force),
+    and a directory holding anything this tool did not write (never deleted, even with --force)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory: choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p))
+    if foreign:
+        raise ConfigError(f"--out {out} holds files dropup-upcycle did not write ({', '.join(foreign[:3])}): "
+                          "choose a new or empty directory")
+    progress = Progress.load(out)
+    if progress is None:
+        if not any(out.iterdir()):
+            return None
+        if not force:
+            raise ConfigError(f"--out {out} already holds a converted model: pass --force to overwrite it, or "
+                              "choose another --out")
+        _clear(out)
+        return None
+    if force:
+        _clear(out)
+        return None
+    if progress.options != options:
+        raise ConfigError(f"--out {out} holds an unfinished conversion with other arguments "
+                          f"({_differences(progress.options, options)}): re-run with its arguments to resume it, "
+                          "or pass --force to start over")
+    for stale in out.glob(f"*{PARTIAL_SUFFIX}"):
+        stale.unlink()
+    for file, record in list(progress.shards.items()):
+        path = out / file
+        try:
+            intact = path.is_file() and file_digests(path)[0] == record["sha256"]
+        except (OSError, ValueError):
+            intact = False
+        if not intact:
+            log(f"[yellow]shard {file} does not match its recorded checksum: writing it again[/]")
+            del progress.shards[file]
+            path.unlink(missing_ok=True)
+    return progress
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+class BackgroundWriter:
+    """Writes the planned shards, in order, on a second thread: hashing and disk writes overlap the init math.
+
+    `put` blocks while QUEUE_DEPTH tensors wait, so the producer stays about one layer ahead. An error on the
+    writer thread is re-raised by the next `put` or by `close`; `stop` abandons the shard being written (its
+    .partial file stays for a re-run to replace)."""
+
+    def __init__(self, out: Path, shards: list[Shard], on_tensor, on_shard):
+        self._out = out
+        self._shards = shards
+        self._on_tensor = on_tensor
+        self._on_shard = on_shard
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dropup-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put((name, tensor), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until everything is written; a planned tensor that never came is an error."""
+        self.put(None, None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        shards = iter(self._shards)
+        shard, writer = None, None
+        try:
+            while not self._stopping.is_set():
+                name, tensor = self._queue.get()
+                if name is None:
+                    break
+                if writer is None:
+                    shard = next(shards, None)
+                    if shard is None:
+                        raise UpcycleError(f"tensor {name} is not in the output plan")
+                    writer = ShardWriter(self._out / shard.file, shard.tensors)
+                writer.write(name, tensor)
+                del tensor
+                self._on_tensor(writer.tensors[len(writer.digests) - 1])
+                if writer.done:
+                    self._on_shard(shard, writer.finish(), writer.digests)
+                    writer = None
+            if not self._stopping.is_set():
+                missing = writer.tensors[len(writer.digests)] if writer else next(iter(
+                    t for s in shards for t in s.tensors), None)
+                if missing is not None:
+                    raise UpcycleError(f"output tensor {missing.name} was never produced: the conversion is "
+                                       "incomplete (a bug); nothing was marked complete")
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread
+            self._error = err
+        finally:
+            if writer is not None and not writer.done:
+                writer.abandon()
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def _bitmask(indices: torch.Tensor, size: int) -> str:
+    mask = np.zeros(size, dtype=bool)
+    mask[indices.numpy()] = True
+    return base64.b64encode(np.packbits(mask, bitorder="little").tobytes()).decode()
+
+
+def reinitialized_sets(strategy, model: ModelConfig, moe: MoEConfig, seed: int) -> dict | None:
+    """Drop/noise: the neuron sets S of every (layer, expert[, matrix]), from the strategy's own `indices`."""
+    if not hasattr(strategy, "indices"):
+        return None
+    d_f = moe.expert_d_ff(model)
+    shared = strategy.index_mode == "shared"
+    layers = []
+    for layer in range(model.n_layers):
+        experts = []
+        for e in range(moe.num_experts):
+            idx = strategy.indices(d_f, ExpertKey(seed, layer, e))
+            experts.append({"gate_up_down": _bitmask(idx["gate"], d_f)} if shared
+                           else {m: _bitmask(idx[m], d_f) for m in ("gate", "up", "down")})
+        layers.append(experts)
+    return {
+        "rule": "per (layer, expert): |S| = floor(ratio * d_f) expert neurons; gate/up rows and down columns in S "
+                "were " + ("redrawn from N(mean, std^2) of the dense sub-block" if strategy.name == "drop"
+                           else f"given added N(0, {strategy.std}^2) noise"),
+        "count": len(idx["gate"]) if model.n_layers else 0,
+        "d_f": d_f,
+        "index_mode": strategy.index_mode,
+        "encoding": "layers[layer][expert][matrix] = base64 of a little-endian bitmask over the d_f neurons "
+                    "(bit i of byte i // 8 set = neuron i in S); gate_up_down = one set for all three",
+        "layers": layers,
+    }
+
+
+def write_outputs(out: Path, inputs: list[Dense], model: ModelConfig, moe: MoEConfig, dtype: torch.dtype,
+                  shards: list[Shard], progress: Progress, options: dict, strategy, seed: int) -> dict:
+    """Carried files, manifest, index, and last config.json: only now does the directory look complete."""
+    for src in inputs[0].carried:
+        tmp = out / (src.name + PARTIAL_SUFFIX)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out / src.name)
+    tensors = [{"name": t.name, "file": s.file, "shape": list(t.shape), "dtype": DTYPE_LABELS[t.dtype],
+                "sha256": progress.shards[s.file]["tensors"][t.name]} for s in shards for t in s.tensors]
+    manifest = {
+        "format": FORMAT,
+        "options": {k: v for k, v in options.items() if k != "dense"},
+        "dense": options["dense"],
+        "model": asdict(model),
+        "moe": {"num_experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
+                "expert_d_ff": moe.expert_d_ff(model)},
+        "params": param_counts(model, moe),
+        "files": {s.file: {"sha256": progress.shards[s.file]["sha256"], "bytes": progress.shards[s.file]["bytes"]}
+                  for s in shards},
+        "tensors": tensors,
+        "reinitialized": reinitialized_sets(strategy, model, moe, seed),
+    }
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
+    index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
+             "weight_map": {t.name: s.file for s in shards for t in s.tensors}}
+    atomic_write(out / INDEX, json.dumps(index, indent=2))
+    extra = dict(inputs[0].config_fields)
+    config = hf_config(model, moe, **extra)
+    config.architectures = ["MixtralForCausalLM"]
+    config.dtype = DTYPE_LABELS[dtype]
+    atomic_write(out / "config.json", config.to_json_string(use_diff=False))
+    progress.path.unlink()
+    fsync_dir(out)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ converting
+
+
+@dataclass
+class Result:
+    out: Path
+    manifest: dict
+    bytes_written: int
+    shards_written: int
+    shards_resumed: int
+    seconds: float
+    verify_lines: list[str] = field(default_factory=list)
+
+
+def _progress_bar(console):
+    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TextColumn, TimeRemainingColumn, \
+        TransferSpeedColumn
+
+    return Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tensors]}"),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+               disable=not console.is_terminal)
+
+
+def upcycle(args: argparse.Namespace, console) -> Result:
+    """Validate everything, then stream the conversion; see the module docstring."""
+    started = time.perf_counter()
+    strategy = make_strategy(args)
+    if args.init == "scratch" and len(args.dense) != 1:
+        raise ConfigError("--init scratch reads only the architecture (config.json) of one --dense directory")
+    inputs = [open_dense(p) for p in args.dense]
+    model = _same_architecture(inputs)
+    moe = MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity)
+    check_pair(model, moe)
+    readers = [] if args.init == "scratch" else [d.reader() for d in inputs]
+    try:
+        strategy.validate(len(readers), moe)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (one --dense per model)") from None
+    check_sources(readers, model)
+    dtype = DTYPES.get(args.dtype) or (readers[0].meta("tok_emb.weight")[1] if readers else torch.float32)
+    shards = plan_shards(model, moe, args.layout, dtype, args.shard_size)
+    options = {
+        "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
+        "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
+        "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
+        "router_init": args.router_init, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
+        "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
+    }
+    out = args.out.resolve()
+    progress = prepare_output(out, options, args.force, console.print)
+    todo = [s for s in shards if progress is None or s.file not in progress.shards]
+    needed = sum(s.nbytes for s in todo)
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if needed > free:
+        raise ConfigError(f"--out {out} needs {_bytes(needed)} more but its disk has {_bytes(free)} free: free "
+                          "space or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        progress = Progress(out, options)
+        progress.save()
+    resumed = len(shards) - len(todo)
+    if resumed:
+        console.print(f"resuming: {resumed} of {len(shards)} shards already written and verified")
+    written = {t.name for s in shards if s.file in progress.shards for t in s.tensors}
+    wanted = set().union(*(s.sources for s in todo)) if todo else set()
+
+    with _progress_bar(console) as bar:
+        task = bar.add_task("upcycling", total=needed, tensors=f"0/{sum(len(s.tensors) for s in todo)} tensors")
+        count = [0, sum(len(s.tensors) for s in todo)]
+
+        def on_tensor(planned: PlannedTensor) -> None:
+            count[0] += 1
+            bar.update(task, advance=planned.nbytes, tensors=f"{count[0]}/{count[1]} tensors")
+
+        def on_shard(shard: Shard, digest: str, digests: list[str]) -> None:
+            progress.record(shard, digest, digests, [r.consumed_names() for r in readers])
+
+        writer = BackgroundWriter(out, todo, on_tensor, on_shard)
+        try:
+            for ours, tensor in moe_tensors(strategy, readers, model, moe, args.seed, dtype, names=wanted):
+                for name, part in hf_tensors(ours, tensor, args.layout).items():
+                    if name not in written:
+                        writer.put(name, part)
+                del tensor, part
+            writer.close()
+        except BaseException:
+            writer.stop()
+            raise
+    _check_consumed(inputs, readers, progress)
+    manifest = write_outputs(out, inputs, model, moe, dtype, shards, progress, options, strategy, args.seed)
+    result = Result(out, manifest, needed, len(todo), resumed, time.perf_counter() - started)
+    if args.verify:
+        from dropup.upcycle_verify import verify
+
+        result.verify_lines = verify(out, inputs, model, moe, strategy, args.seed, args.layout)
+    return result
+
+
+def _check_consumed(inputs: list[Dense], readers: list[CheckpointReader], progress: Progress) -> None:
+    """Strict accounting: every source tensor fed the output (scratch reads none: it uses only the config)."""
+    for i, (dense, reader) in enumerate(zip(inputs, readers)):
+        consumed = reader.consumed_names() | (progress.consumed[i] if i < len(progress.consumed) else set())
+        unused = sorted(set(reader) - consumed)
+        if unused:
+            raise UpcycleError(f"--dense {dense.path}: tensor {unused[0]} (and {len(unused) - 1} more) was never "
+                               "used; the output would silently lack it, so it is not marked complete")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def summary(result: Result) -> str:
+    m = result.manifest
+    o, params = m["options"], m["params"]
+    how = {"drop": f"drop r={o['ratio']} ({o['index_mode']} index sets)", "noise": f"noise r={o['ratio']} "
+           f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
+    sources = ", ".join(d["path"] for d in m["dense"])
+    resumed = f", resuming {result.shards_resumed} shard(s) already written" if result.shards_resumed else ""
+    rate = result.bytes_written / result.seconds / 1e9 if result.seconds else 0.0
+    tokenizer = "" if any(Path(d["path"], "tokenizer.json").is_file() or Path(d["path"], "tokenizer.model").is_file()
+                          for d in m["dense"][:1]) else " The dense directory had no tokenizer files to carry over."
+    return (
+        f"Upcycled {sources} into a {o['experts']}-expert, top-{o['top_k']} Mixtral at {result.out} with init {how}, "
+        f"router {o['router_init']}, seed {o['seed']}: {_count(params['total_params'])} parameters in total, "
+        f"{_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "
+        f"({o['layout']} layout) in {len(m['files'])} shard(s). Wrote {_bytes(result.bytes_written)} in "
+        f"{result.seconds:.1f} s ({rate:.2f} GB/s){resumed}. Every tensor's sha256"
+        f"{' and the re-initialized neuron sets' if m['reinitialized'] else ''} are in {MANIFEST}; load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained('{result.out}').{tokenizer}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        result = upcycle(args, console)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UpcycleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: {err}: fix the cause (disk space, permissions) and re-run the same command to resume",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted: re-run the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    for line in result.verify_lines:
+        print(line)
+    print(summary(result))
+    return 1 if any(line.startswith("FAIL") for line in result.verify_lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
