@@ -35,7 +35,7 @@ from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
 from dropup.flops import param_counts
 from dropup.hf import LAYOUTS, configs_from_hf, hf_config, hf_tensors, renamed_from_hf
 from dropup.init import STRATEGIES, InitStrategy, moe_tensors
-from dropup.init.base import ExpertKey, check_sources, dense_shapes, moe_shapes
+from dropup.init.base import ExpertKey, check_sources, dense_shapes, expert_source, moe_shapes, reinit_count
 from dropup.shards import (
     PARTIAL_SUFFIX, CheckpointReader, PlannedTensor, ShardWriter, atomic_write, file_digests, fsync_dir, scan,
 )
@@ -557,6 +557,119 @@ def write_outputs(out: Path, inputs: list[Dense], model: ModelConfig, moe: MoECo
     return manifest
 
 
+# ------------------------------------------------------------------------------------------------- verifying
+
+
+def _output_reader(out: Path) -> CheckpointReader:
+    weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+    return CheckpointReader(scan(sorted({out / f for f in weight_map.values()})))
+
+
+def _output_experts(output: CheckpointReader, layer: int, layout: str, d_f: int, n: int) -> list[tuple]:
+    """(W_gate (F, D), W_up (F, D), W_down (D, F)) of every expert of one layer, as written."""
+    if layout == "fused":
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = output[prefix + "gate_up_proj"], output[prefix + "down_proj"]
+        return [(gate_up[e, :d_f], gate_up[e, d_f:], down[e]) for e in range(n)]
+    prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+    return [tuple(output[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w3", "w2")) for e in range(n)]
+
+
+def changed_neurons(new_FD: torch.Tensor, old_FD: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of the neurons (rows in the (F, D) layout) where an expert differs from its source."""
+    return (new_FD != old_FD).any(dim=1).nonzero().flatten()
+
+
+def verify(out: Path, inputs: list[Dense], model: ModelConfig, moe: MoEConfig, strategy, seed: int,
+           layout: str) -> list[str]:
+    """Check the written files against the dense model(s); lines starting with FAIL mark a failed check.
+
+    1. Streaming, any size: in every expert and matrix, exactly the neurons of the strategy's index set differ
+       from the source FFN slice (none for naive and BTX); prints the re-initialized share per expert and matrix.
+    2. When small enough to load twice in fp32: logits of the MoE (transformers) vs the dense model -- equal up
+       to rounding at r = 0, finite otherwise."""
+    lines = []
+    d_f, n_e, n_l = moe.expert_d_ff(model), moe.num_experts, model.n_layers
+    output = _output_reader(out)
+    if strategy.name != "scratch":
+        readers = [d.reader() for d in inputs]
+        share = np.zeros((n_e, 3))
+        mismatches = []
+        for layer in range(n_l):
+            ffn = {}
+            experts = _output_experts(output, layer, layout, d_f, n_e)
+            for e, written in enumerate(experts):
+                m, part = expert_source(e, n_e, moe.granularity, len(readers))
+                if m not in ffn:
+                    ffn[m] = [readers[m][f"layers.{layer}.ffn.{w}.weight"] for w in ("w_gate", "w_up", "w_down")]
+                cols = slice(part * d_f, (part + 1) * d_f)
+                source = (ffn[m][0][cols], ffn[m][1][cols], ffn[m][2][:, cols].t())
+                expected = (strategy.indices(d_f, ExpertKey(seed, layer, e)) if hasattr(strategy, "indices")
+                            else {w: torch.empty(0, dtype=torch.long) for w in ("gate", "up", "down")})
+                for j, (matrix, new, old) in enumerate(zip(("gate", "up", "down"),
+                                                           (written[0], written[1], written[2].t()), source)):
+                    changed = changed_neurons(new, old)
+                    share[e, j] += changed.numel() / d_f / n_l
+                    if not torch.equal(changed, expected[matrix]):
+                        mismatches.append(f"layer {layer} expert {e} {matrix}")
+        count = reinit_count(strategy.ratio, d_f) if hasattr(strategy, "indices") else 0
+        lines.append(f"re-initialized share of each expert's d_ff={d_f} neurons, mean over {n_l} layers "
+                     f"(the init sets floor(r * d_f) / d_f = {count / d_f:.4f}):")
+        lines.append("  expert   gate     up       down")
+        lines += [f"  {e:<6}   {share[e, 0]:.4f}   {share[e, 1]:.4f}   {share[e, 2]:.4f}" for e in range(n_e)]
+        if mismatches:
+            lines.append(f"FAIL: changed neurons differ from the init's index sets in {len(mismatches)} place(s), "
+                         f"first {mismatches[0]}")
+        else:
+            lines.append("OK: in every layer, expert and matrix exactly the init's neuron set differs from the "
+                         "dense source (the sets in the manifest)")
+    total = param_counts(model, moe)["total_params"]
+    if total > VERIFY_MAX_PARAMS:
+        lines.append(f"logits: not compared ({_count(total)} parameters; transformers runs both models only below "
+                     f"{_count(VERIFY_MAX_PARAMS)})")
+        return lines
+    lines += _verify_logits(out, inputs[0], model, moe, strategy, seed, d_f)
+    return lines
+
+
+def _dense_transformers(dense: Dense, model: ModelConfig):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from dropup.hf import to_hf
+
+    if dense.kind == "hf":
+        return AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32)
+    llama = LlamaForCausalLM(hf_config(model))
+    llama.load_state_dict({k: v.float() for k, v in to_hf(load_file(dense.path / "model.safetensors")).items()})
+    return llama
+
+
+def _verify_logits(out: Path, dense: Dense, model: ModelConfig, moe: MoEConfig, strategy, seed: int,
+                   d_f: int) -> list[str]:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokens = torch.randint(0, model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        moe_logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
+        if not torch.isfinite(moe_logits).all():
+            return ["FAIL: the MoE's logits are not finite"]
+        if strategy.name == "scratch":
+            return ["logits: the MoE loads with transformers and its logits are finite"]
+        dense_logits = _dense_transformers(dense, model).eval()(tokens).logits
+    diff = (moe_logits - dense_logits).abs().max().item()
+    dense_function = moe.granularity == 1 and (
+        strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0))
+    if not dense_function:
+        return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g} (not expected to be 0 for this init)"]
+    scale = dense_logits.abs().max().item()
+    verdict = "OK" if diff <= 1e-4 * (1 + scale) else "FAIL"
+    return [f"{verdict}: logits of the MoE equal the dense model's (r = 0): max |difference| = {diff:.3g} "
+            f"(max |logit| {scale:.3g})"]
+
+
 # ------------------------------------------------------------------------------------------------ converting
 
 
@@ -640,6 +753,7 @@ def upcycle(args: argparse.Namespace, console) -> Result:
                 for name, part in hf_tensors(ours, tensor, args.layout).items():
                     if name not in written:
                         writer.put(name, part)
+                # Only the writer's queue may keep this layer alive while the next one is built.
                 del tensor, part
             writer.close()
         except BaseException:
@@ -649,8 +763,6 @@ def upcycle(args: argparse.Namespace, console) -> Result:
     manifest = write_outputs(out, inputs, model, moe, dtype, shards, progress, options, strategy, args.seed)
     result = Result(out, manifest, needed, len(todo), resumed, time.perf_counter() - started)
     if args.verify:
-        from dropup.upcycle_verify import verify
-
         result.verify_lines = verify(out, inputs, model, moe, strategy, args.seed, args.layout)
     return result
 
@@ -690,15 +802,15 @@ def summary(result: Result) -> str:
            f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
     sources = ", ".join(d["path"] for d in m["dense"])
     resumed = f", resuming {result.shards_resumed} shard(s) already written" if result.shards_resumed else ""
-    rate = result.bytes_written / result.seconds / 1e9 if result.seconds else 0.0
+    rate = result.bytes_written / result.seconds if result.seconds else 0.0
     tokenizer = "" if any(Path(d["path"], "tokenizer.json").is_file() or Path(d["path"], "tokenizer.model").is_file()
                           for d in m["dense"][:1]) else " The dense directory had no tokenizer files to carry over."
     return (
-        f"Upcycled {sources} into a {o['experts']}-expert, top-{o['top_k']} Mixtral at {result.out} with init {how}, "
+        f"Upcycled {sources} into a Mixtral with {o['experts']} experts (top-{o['top_k']}) at {result.out}, init {how}, "
         f"router {o['router_init']}, seed {o['seed']}: {_count(params['total_params'])} parameters in total, "
         f"{_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "
         f"({o['layout']} layout) in {len(m['files'])} shard(s). Wrote {_bytes(result.bytes_written)} in "
-        f"{result.seconds:.1f} s ({rate:.2f} GB/s){resumed}. Every tensor's sha256"
+        f"{result.seconds:.1f} s ({_bytes(rate)}/s){resumed}. Every tensor's sha256"
         f"{' and the re-initialized neuron sets' if m['reinitialized'] else ''} are in {MANIFEST}; load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{result.out}').{tokenizer}"
     )
