@@ -118,6 +118,7 @@ class RunRecorder(L.Callback):
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
         self.final: dict[str, float] = {}
         self.routing = None
+        self.resumed_from: int | None = None
         self._clock = None
         # Fault injection for resume tests: behave like a job killed right after this step's checkpoint.
         self.crash_at_step = int(os.environ.get("DROPUP_CRASH_AT_STEP", -1))
@@ -143,6 +144,7 @@ class RunRecorder(L.Callback):
 
     def on_train_start(self, trainer, module):
         step = trainer.global_step
+        self.resumed_from = step if step > 0 else None
         if trainer.is_global_zero:
             rows = []
             if self.path.exists():

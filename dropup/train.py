@@ -161,7 +161,9 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         return _train_worker(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
-    resume = bool(cfg.get("resume", False))
+    # a SLURM job that was requeued (preempted, timed out, `scontrol requeue`) continues from its checkpoint
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    resume = bool(cfg.get("resume", False)) or requeued
     if results_path.exists() and not resume:
         status = json.loads(results_path.read_text()).get("status")
         raise ConfigError(f"{run_dir} already holds a {status} run: pass resume=true to continue it, or choose "
@@ -213,6 +215,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
             save_file({k: v.detach().contiguous() for k, v in module.model.state_dict().items()},
                       str(run_dir / "model.safetensors"))
         results["metrics"] = dict(recorder.final)
+        results["provenance"]["resumed_from_step"] = recorder.resumed_from
         results["routing"] = "routing.json" if (run_dir / "routing.json").exists() else None
         results["status"] = "completed"
     except (ConfigError, DataError) as err:
@@ -233,8 +236,14 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
+    plugins = []
+    if "SLURM_NTASKS" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # requeueing is submitit's job (hydra/launcher=slurm, max_num_timeout); Lightning's own would be a second one
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **OmegaConf.to_container(cfg.trainer, resolve=True), plugins=plugins,
         max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
         callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                              every_n_train_steps=settings["ckpt_every"])]
