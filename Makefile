@@ -12,7 +12,9 @@ SCALE ?= smoke
 LAUNCHER ?= local
 SWEEP = $(PY) -m analysis.sweep --scale $(SCALE) --launcher $(LAUNCHER)
 # clients of the local test cluster (make slurm-up) find it here; a real cluster's own config wins if set
+ifneq ($(wildcard .slurm/slurm.conf),)
 export SLURM_CONF ?= $(CURDIR)/.slurm/slurm.conf
+endif
 
 # The main job: Drop-Upcycling's r-sweep at the default (smoke) scale, dense seed included.
 RUN_ARGS ?= -m init=drop ratio=0.0,0.1,0.25,0.5,0.75,1.0
