@@ -1,21 +1,23 @@
 """Streaming safetensors I/O for checkpoints larger than memory (used by `dropup-upcycle`).
 
 Reading: `CheckpointReader` is a lazy, read-only mapping from tensor names (ours, or any the caller picks) to the
-tensors of one checkpoint (one or several `*.safetensors` files). Shapes and dtypes come from the file headers; a tensor's bytes are read
-only when it is looked up, with `pread` rather than `mmap`, so the process never maps a whole input file. It
-records which names were read, for the converter's strict accounting.
+tensors of one checkpoint (one or several `*.safetensors` files). Shapes and dtypes come from the file headers; a
+tensor's bytes are read only when it is looked up, with `pread` rather than `mmap`, so the process never maps a
+whole input file. It records which names were read, for the converter's strict accounting.
 
 Writing: `ShardWriter` writes one safetensors file whose tensor list is planned in advance. Because every name,
 shape and dtype is known before any value is computed, the header goes first and each tensor's bytes are appended
 as soon as the tensor exists -- no shard is ever assembled in memory (safetensors' own `save_file` needs the whole
-dict, and copies it once more to serialize). The file is built under a temporary name and renamed into place
-after an fsync, so a file with the final name is always complete.
+dict, and copies it once more to serialize). The file is built under a temporary name, past the page cache where
+the file system allows (`DirectFile`), and renamed into place after an fsync, so a file with the final name is
+always complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -115,11 +117,18 @@ class CheckpointReader(Mapping[str, torch.Tensor]):
             self._consumed.add(name)
         return tensor
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class PlanError(RuntimeError):
+    """A shard received something other than its next planned tensor: the output would be wrong or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -164,16 +173,84 @@ def digest_of(header: bytes, tensor_digests: list[str]) -> str:
     return h.hexdigest()
 
 
+class DirectFile:
+    """A file written sequentially past the page cache (O_DIRECT), with a buffered fallback.
+
+    Why: on this project's virtual machines a buffered write costs about 2 s of kernel CPU per GB (5.4 GB: 11 s
+    of system time, 0.45 GB/s), a direct one about 0.1 s (2.1 GB/s) -- and that CPU is what the init math needs.
+    It also keeps tens of GB of output from crowding memory as page cache. O_DIRECT wants aligned memory, offsets
+    and lengths, so bytes are staged in a page-aligned buffer and written in whole blocks; the last block is
+    padded and the file truncated to its true length. Where the file system refuses O_DIRECT (tmpfs), or with
+    `direct=False`, it is an ordinary buffered file."""
+
+    ALIGN = 4096
+    STAGE = 16 << 20  # a multiple of ALIGN
+
+    def __init__(self, path: Path, direct: bool = True):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        try:
+            self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:
+            if not self.direct:
+                raise
+            self.direct = False
+            self._fd = os.open(path, flags, 0o644)
+        self._stage = mmap.mmap(-1, self.STAGE) if self.direct else None
+        self._used = 0
+        self._size = 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        if not self.direct:
+            self._write_all(data)
+            return
+        stage = memoryview(self._stage)
+        while data:
+            n = min(len(data), self.STAGE - self._used)
+            stage[self._used: self._used + n] = data[:n]
+            self._used, data = self._used + n, data[n:]
+            if self._used == self.STAGE:
+                self._write_all(stage)
+                self._used = 0
+        stage.release()
+
+    def close(self, sync: bool) -> None:
+        """Write the staged tail (padded, then truncated back), fsync if asked, close."""
+        try:
+            if self.direct and self._used:
+                padded = -(-self._used // self.ALIGN) * self.ALIGN
+                stage = memoryview(self._stage)
+                stage[self._used: padded] = bytes(padded - self._used)
+                true_size = self._size + self._used
+                self._write_all(stage[:padded])
+                stage.release()
+                os.ftruncate(self._fd, true_size)
+                self._used = 0
+            if sync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            if self._stage is not None:
+                self._stage.close()
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self._fd, view)
+            self._size += n
+            view = view[n:]
+
+
 class ShardWriter:
     """Writes the planned `tensors` to `path` in order: header first, each tensor's bytes as they arrive."""
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor]):
+    def __init__(self, path: Path, tensors: list[PlannedTensor], direct: bool = True):
         self.path = Path(path)
         self.tensors = tensors
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.header = header_bytes(tensors)
         self.digests: list[str] = []
-        self._file = open(self.partial, "wb")
+        self._file = DirectFile(self.partial, direct)
         self._file.write(self.header)
 
     @property
@@ -183,11 +260,12 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Append the next planned tensor; anything out of plan (name, shape, dtype) is an error."""
         if self.done:
-            raise RuntimeError(f"{self.path.name}: got {name} after its last planned tensor")
+            raise PlanError(f"{self.path.name}: got {name} after its last planned tensor")
         want = self.tensors[len(self.digests)]
         if (name, tuple(tensor.shape), tensor.dtype) != (want.name, want.shape, want.dtype):
-            raise RuntimeError(f"{self.path.name}: expected {want.name} {want.shape} {want.dtype}, "
-                               f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
+            raise PlanError(f"{self.path.name}: the next planned tensor is {want.name} {want.shape} {want.dtype}, "
+                            f"but {name} {tuple(tensor.shape)} {tensor.dtype} came: an output tensor was never "
+                            "produced or changed shape (a bug); the output is not marked complete")
         data = tensor_bytes(tensor)
         self.digests.append(hashlib.sha256(data).hexdigest())
         self._file.write(data)
@@ -197,17 +275,15 @@ class ShardWriter:
         """fsync, rename into place; returns the shard's checksum (`digest_of`)."""
         if not self.done:
             missing = self.tensors[len(self.digests)].name
-            raise RuntimeError(f"{self.path.name}: tensor {missing} was never written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+            raise PlanError(f"{self.path.name}: tensor {missing} was never written")
+        self._file.close(sync=True)
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
         return digest_of(self.header, self.digests)
 
     def abandon(self) -> None:
         """Close without finishing (the .partial file stays; a resumed run rewrites it)."""
-        self._file.close()
+        self._file.close(sync=False)
 
 
 def fsync_dir(path: Path) -> None:

@@ -197,7 +197,19 @@ def _kill_after(monkeypatch, cls, method, calls):
     monkeypatch.setattr(cls, method, dying)
 
 
-@pytest.mark.parametrize("where", ["after-2-shards", "inside-a-shard", "before-recording-a-shard"])
+def _kill_before_config(patch):
+    original = upcycle.atomic_write
+
+    def dying(path, data):
+        if path.name == "config.json":
+            raise Killed
+        original(path, data)
+
+    patch.setattr(upcycle, "atomic_write", dying)
+
+
+@pytest.mark.parametrize("where", ["after-2-shards", "inside-a-shard", "before-recording-a-shard",
+                                   "before-config-json"])
 def test_a_killed_conversion_resumes_to_byte_identical_files(dense, tmp_path, monkeypatch, where):
     args = ("--init", "drop", "--ratio", "0.5", "--shard-size", "60KB", "--seed", "1")
     clean = convert(dense[:1], tmp_path / "clean", *args)
@@ -206,8 +218,10 @@ def test_a_killed_conversion_resumes_to_byte_identical_files(dense, tmp_path, mo
             _kill_after(patch, upcycle.Progress, "record", 2)
         elif where == "inside-a-shard":
             _kill_after(patch, shards.ShardWriter, "write", 20)
-        else:  # the shard is renamed into place, but the progress file does not list it yet
+        elif where == "before-recording-a-shard":  # renamed into place, not yet in the progress file
             _kill_after(patch, upcycle.Progress, "record", 1)
+        else:  # every shard, the manifest and the index are written
+            _kill_before_config(patch)
         with pytest.raises(Killed):
             run("--dense", dense[0], "--out", tmp_path / "resumed", *args)
     partial = tmp_path / "resumed"
@@ -343,3 +357,63 @@ def test_written_shards_are_valid_safetensors_for_the_reference_reader(dense, tm
                                       torch.bfloat16), MOE, layout="per-expert")
     written = hf_state(out)
     assert written.keys() == reference.keys() and all(torch.equal(written[k], reference[k]) for k in reference)
+
+
+def test_the_lazy_reader_reads_nothing_to_check_shapes_or_membership(dense):
+    reader = upcycle.open_dense(dense[0]).reader()
+    from dropup.init.base import check_sources
+
+    check_sources([reader], MODEL)
+    assert "tok_emb.weight" in reader and "nothing" not in reader
+    assert reader.consumed_names() == frozenset()
+    assert reader["norm.weight"].shape == (MODEL.d_model,)
+    assert reader.consumed_names() == {"norm.weight"}
+
+
+def test_out_overlapping_a_dense_directory_is_refused_even_with_force(dense, tmp_path, capsys):
+    src = save_llama(tmp_path / "llama", seed=0)
+    before = files_of(src)
+    assert run("--dense", src, "--out", src, "--init", "naive", "--force") == 2
+    assert "overlaps --dense" in capsys.readouterr().err
+    other = save_llama(tmp_path / "other-model", seed=1)  # a model this tool did not write: never replaced
+    assert run("--dense", src, "--out", other, "--init", "naive", "--force") == 2
+    assert "did not write" in capsys.readouterr().err
+    assert files_of(src) == before and (other / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_streamed_shards_read_back_exactly_with_safetensors(tmp_path, monkeypatch, direct):
+    """Direct (page-aligned blocks, padded tail, truncated back) or buffered: safetensors reads every tensor back."""
+    monkeypatch.setattr(shards.DirectFile, "STAGE", 2 * shards.DirectFile.ALIGN)  # many block writes
+    tensors = {"a": torch.randn(3, 1000), "b": torch.randn(7).bfloat16(), "c": torch.randn(64, 65)}
+    planned = [shards.PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    writer = shards.ShardWriter(tmp_path / "ours.safetensors", planned, direct=direct)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.finish()
+    loaded = load_file(tmp_path / "ours.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    _, digests = shards.file_digests(tmp_path / "ours.safetensors")
+    assert digests == dict(zip(tensors, writer.digests))
+
+
+def test_a_target_tensor_never_produced_fails_and_nothing_looks_complete(dense, tmp_path, monkeypatch, capsys):
+    original = upcycle.moe_tensors
+
+    def losing_one(*args, **kwargs):
+        return ((name, t) for name, t in original(*args, **kwargs) if name != "layers.1.attn.wo.weight")
+
+    monkeypatch.setattr(upcycle, "moe_tensors", losing_one)
+    assert run("--dense", dense[0], "--out", tmp_path / "moe", "--init", "naive") == 1
+    err = capsys.readouterr().err
+    assert "the next planned tensor is model.layers.1.self_attn.o_proj.weight" in err and err.count("\n") == 1
+    assert not (tmp_path / "moe" / "config.json").exists()
+
+
+def test_a_source_tensor_never_read_fails_the_accounting(dense, tmp_path, monkeypatch, capsys):
+    original = shards.CheckpointReader.consumed_names
+    monkeypatch.setattr(shards.CheckpointReader, "consumed_names",
+                        lambda self: original(self) - {"layers.0.ffn_norm.weight"})
+    assert run("--dense", dense[0], "--out", tmp_path / "moe", "--init", "naive") == 1
+    assert "tensor layers.0.ffn_norm.weight (and 0 more) was never used" in capsys.readouterr().err
+    assert not (tmp_path / "moe" / "config.json").exists()

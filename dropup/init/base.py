@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Container, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -141,35 +142,47 @@ def layer_experts(
     moe: MoEConfig,
     seed: int,
     dtype: torch.dtype | None = None,
+    threads: int = 1,
 ):
     """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer.
 
     Each source's FFN is read once per layer, and every expert is copied straight into the preallocated outputs
     (in `dtype`, default: the strategy's output dtype): at the paper's 8x3.7B scale a layer's experts are 1.2 GB in
-    bf16, and building them by list + stack + cat would hold that about three times over.
+    bf16, and building them by list + stack + cat would hold that about three times over. `threads` > 1 builds
+    that many experts at a time (torch releases the GIL; each expert has its own generators, so the result is
+    the same), at the cost of that many experts' temporaries.
     """
     d_f = moe.expert_d_ff(model)
     prefix = f"layers.{layer}.ffn."
     ffns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    w_gate_up = w_down = None
-    for e in range(moe.num_experts):
+
+    def build(e: int):
         m, part = expert_source(e, moe.num_experts, moe.granularity, max(len(sources), 1))
         cols = slice(part * d_f, (part + 1) * d_f)
         if sources:
-            if m not in ffns:
-                ffns[m] = tuple(sources[m][prefix + w] for w in ("w_gate.weight", "w_up.weight", "w_down.weight"))
             gate, up, down = ffns[m][0][cols], ffns[m][1][cols], ffns[m][2][:, cols]
         else:
             gate = up = torch.empty(d_f, model.d_model)
             down = torch.empty(model.d_model, d_f)
-        gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
-        if w_gate_up is None:
-            out_dtype = dtype or gate.dtype
-            w_gate_up = torch.empty(moe.num_experts, 2 * d_f, model.d_model, dtype=out_dtype)
-            w_down = torch.empty(moe.num_experts, model.d_model, d_f, dtype=out_dtype)
-        w_gate_up[e, :d_f].copy_(gate)
-        w_gate_up[e, d_f:].copy_(up)
-        w_down[e].copy_(down)
+        return strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
+
+    for e in range(moe.num_experts if sources else 0):
+        m = expert_source(e, moe.num_experts, moe.granularity, len(sources))[0]
+        if m not in ffns:
+            ffns[m] = tuple(sources[m][prefix + w] for w in ("w_gate.weight", "w_up.weight", "w_down.weight"))
+    w_gate_up = w_down = None
+    threads = max(1, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        for first in range(0, moe.num_experts, threads):
+            batch = range(first, min(first + threads, moe.num_experts))
+            for e, (gate, up, down) in zip(batch, pool.map(build, batch)):
+                if w_gate_up is None:
+                    out_dtype = dtype or gate.dtype
+                    w_gate_up = torch.empty(moe.num_experts, 2 * d_f, model.d_model, dtype=out_dtype)
+                    w_down = torch.empty(moe.num_experts, model.d_model, d_f, dtype=out_dtype)
+                w_gate_up[e, :d_f].copy_(gate)
+                w_gate_up[e, d_f:].copy_(up)
+                w_down[e].copy_(down)
     return w_gate_up, w_down
 
 
@@ -181,11 +194,13 @@ def moe_tensors(
     seed: int,
     dtype: torch.dtype | None = None,
     names: Container[str] | None = None,
+    threads: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every tensor of the MoE model's state dict, in state-dict order, built by `strategy`.
 
     `names` restricts the output to those tensors; the others are neither computed nor read from the sources (a
-    resumed conversion skips what it has already written; each tensor's randomness depends only on its key)."""
+    resumed conversion skips what it has already written; each tensor's randomness depends only on its key).
+    `threads`: experts built at a time (see `layer_experts`)."""
     check_pair(model, moe)
     if not moe.enabled:
         raise ConfigError(f"init={strategy.name} builds an MoE: set moe=mixtral (or another MoE preset), not moe=none")
@@ -207,7 +222,7 @@ def moe_tensors(
             layer = int(match.group(1))
             if layer not in experts_of_layer:
                 experts_of_layer.clear()  # keep one layer's experts in memory at a time
-                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype)
+                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype, threads)
             tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
         yield name, tensor.to(dtype)
 
