@@ -22,6 +22,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def drop_page_cache() -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scratch", type=Path, default=Path("/work/bench-tmp"), help="scratch directory (not the repo)")
+    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "dropup-bench",
+                   help="scratch directory, outside the repository (default: $TMPDIR/dropup-bench)")
     p.add_argument("--layers", type=int, default=28, help="layers (28 = the 3.7B preset)")
     p.add_argument("--ratio", default="0.5")
     p.add_argument("--shard-size", default="5GB")

@@ -308,9 +308,10 @@ DROP = ["--init", "drop"]
     (None, ["--init", "naive", "--ratio", "0.5"], "--ratio applies to --init drop and noise only"),
     (None, [*DROP, "--router-init", "gauss"], "router init 'gauss' is not understood"),
     (None, ["--init", "btx", "--experts", "6"], "btx with 4 dense models cannot fill 6"),
-    (None, [*DROP, "--granularity", "3", "--experts", "6"], "does not divide model.d_ff=64"),
+    (None, [*DROP, "--granularity", "3", "--experts", "6"], "--granularity=3 does not divide model.d_ff=64"),
+    (None, [*DROP, "--top-k", "9"], "--top-k=9 must be between 1 and --experts=8"),
 ], ids=["not-llama", "missing-shard", "truncated-shard", "bin-checkpoint", "ratio", "ratio-for-naive",
-        "router", "btx-count", "granularity"])
+        "router", "btx-count", "granularity", "top-k"])
 def test_bad_input_gives_one_clear_error_and_leaves_nothing(dense, tmp_path, capsys, damage, options, message):
     src = save_llama(tmp_path / "llama", seed=0, shard="50KB")
     if damage is not None:
@@ -417,3 +418,13 @@ def test_a_source_tensor_never_read_fails_the_accounting(dense, tmp_path, monkey
     assert run("--dense", dense[0], "--out", tmp_path / "moe", "--init", "naive") == 1
     assert "tensor layers.0.ffn_norm.weight (and 0 more) was never used" in capsys.readouterr().err
     assert not (tmp_path / "moe" / "config.json").exists()
+
+
+def test_verify_compares_in_the_output_dtype(dense, tmp_path, capsys):
+    convert(dense[:1], tmp_path / "drop", "--init", "drop", "--ratio", "0.5", "--dtype", "bf16", "--verify",
+            "--index-mode", "per-matrix", "--layout", "fused")
+    out = capsys.readouterr().out
+    assert "0.5000   0.5000   0.5000" in out and "OK: in every layer" in out and "FAIL" not in out
+    convert(dense[:1], tmp_path / "naive", "--init", "naive", "--dtype", "bf16", "--verify")
+    out = capsys.readouterr().out
+    assert "OK: logits of the MoE equal the dense model's" in out and "FAIL" not in out
