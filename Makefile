@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench info table1 table2 table8 figures status
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -55,6 +55,10 @@ figures: install ## Figs. 3, 4, 5 (and 6-8) into results/$(SCALE)/, launching mi
 
 status: install ## done / failed / missing runs per artefact at SCALE
 	$(PY) -m analysis.sweep --status --scale $(SCALE)
+
+BENCH_TMP ?= /tmp/dropup-bench
+bench-convert: install ## dropup-upcycle at the 3.7B shape: peak RSS, GB/s vs disk (~50 GB free in BENCH_TMP; LAYERS=N for fewer)
+	$(PY) benchmarks/convert.py --scratch $(BENCH_TMP) $(if $(LAYERS),--layers $(LAYERS))
 
 test: install ## the test suite (fast tests; under 15 minutes on 2 cores)
 	$(PY) -m pytest -q
