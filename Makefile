@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -52,6 +52,9 @@ table8: install ## the same for Table 8 (router initialization of naive Upcyclin
 
 figures: install ## Figs. 3, 4, 5 (and 6-8) into results/$(SCALE)/, launching missing runs
 	$(SWEEP) figures
+
+mini: install ## the CPU mini reproduction: Table 1 and Figs. 3-5 at SCALE=mini (resumable; about 2 h per seed)
+	$(MAKE) table1 figures SCALE=mini
 
 status: install ## done / failed / missing runs per artefact at SCALE
 	$(PY) -m analysis.sweep --status --scale $(SCALE)
