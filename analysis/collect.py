@@ -51,10 +51,13 @@ def _config(run_dir: Path) -> dict:
 
 
 def _init_name(cfg: dict) -> str | None:
-    target = str((cfg.get("init") or {}).get("_target_", ""))
-    names = {"Scratch": "scratch", "NaiveUpcycling": "naive", "DropUpcycling": "drop", "NoiseUpcycling": "noise",
-             "BranchTrainMix": "btx", "Pretrained": "pretrained"}
-    return names.get(target.rsplit(".", 1)[-1])
+    """The init's name from its `_target_` (for runs that died before writing results.json)."""
+    from dropup.init import STRATEGIES
+    from dropup.init.pretrained import Pretrained
+
+    target = str((cfg.get("init") or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    by_class = {cls.__name__: name for name, cls in {**STRATEGIES, "pretrained": Pretrained}.items()}
+    return by_class.get(target)
 
 
 def read_run(run_dir: Path, role: str = "run") -> dict:

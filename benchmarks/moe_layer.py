@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropup.config import MoEConfig
+from dropup.config import ModelConfig, MoEConfig
 from dropup.hf import hf_config
-from dropup.config import ModelConfig
-from dropup.moe import MoELayer
+from dropup.moe import MoELayer, swiglu
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,8 +34,8 @@ class IdealSwiGLU(nn.Module):
 
     def forward(self, x_TD):
         x_AD = x_TD.repeat(self.top_k, 1)
-        gate_AF, up_AF = F.linear(x_AD, self.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_AF) * up_AF, self.w_down)
+        # the same activation code as the MoE layer, so the comparison isolates routing and dispatch
+        return F.linear(swiglu(F.linear(x_AD, self.w_gate_up)), self.w_down)
 
 
 def transformers_block(args, dtype):

@@ -16,22 +16,22 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from dropup.config import ModelConfig, MoEConfig
+from dropup.config import architecture
 from dropup.flops import forward_flops_per_sequence, param_counts
 from dropup.model import Transformer
+from dropup.stages import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def load_preset(group: str, name: str, schema):
-    cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
-    for parent in cfg.pop("defaults", []):  # presets derived from a base
-        if parent != "_self_":
-            cfg = OmegaConf.merge(OmegaConf.load(CONF / group / f"{parent}.yaml"), cfg)
-    cfg.pop("defaults", None)
-    return schema(**OmegaConf.to_container(cfg))
+def presets(model: str, moe: str):
+    """The typed model/MoE configs of `run.py model=... moe=...` (the same composition, presets derived alike)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return architecture(compose(config_name="config", overrides=[f"model={model}", f"moe={moe}"]))
 
 
 def gemm_seconds(n: int = 2048) -> float:
@@ -51,9 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model_cfg = load_preset("model", args.model, ModelConfig)
-    moe_cfg = load_preset("moe", args.moe, MoEConfig)
-    moe_cfg = moe_cfg if moe_cfg.enabled else None
+    model_cfg, moe_cfg = presets(args.model, args.moe)
     model = Transformer(model_cfg, moe_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     x = torch.randint(0, model_cfg.vocab_size, (args.batch_size, args.seq_len))

@@ -31,7 +31,7 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int):
     return logits_TE, weights_TK, experts_TK
 
 
-def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
+def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
     gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
     return F.silu(gate_AF) * up_AF
 
@@ -43,7 +43,7 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
         token_idx, k_idx = torch.where(experts_TK == e)
         if token_idx.numel() == 0:
             continue
-        h_AF = _swiglu(F.linear(x_TD[token_idx], w_gate_up_E2FD[e]))
+        h_AF = swiglu(F.linear(x_TD[token_idx], w_gate_up_E2FD[e]))
         out_AD = F.linear(h_AF, w_down_EDF[e]) * weights_TK[token_idx, k_idx, None]
         y_TD.index_add_(0, token_idx, out_AD.to(y_TD.dtype))
     return y_TD
@@ -73,7 +73,7 @@ def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
 
     def run(x_AD, counts_E):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_AF = _swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
+        h_AF = swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
         return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
 
     return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
@@ -91,7 +91,7 @@ def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK)
 
     def run(x_AD, counts_E):
         batch_sizes = counts_E.cpu()
-        h_AF = _swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
+        h_AF = swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
         return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
 
     return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)

@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.data import PREPARATION_FIELDS
 from dropup.hf import configs_from_hf, from_hf
 
-DATA_IDENTITY = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain", "seq_len",
-                 "weights")
+# what the seed's training saw: the prepared data plus how it was cut and mixed
+DATA_IDENTITY = (*PREPARATION_FIELDS, "seq_len", "weights")
 
 
 def _hash(obj) -> str:

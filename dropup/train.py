@@ -80,16 +80,20 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
     return {**train, "seq_len": seq_len, "steps": steps, "warmup_steps": int(min(warmup, steps))}
 
 
-def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
-    """The run's token data, prepared on first use (an HF seed model's tokenizer tokenizes the corpus)."""
+def prepared_data_dir(cfg: DictConfig, log) -> Path:
+    """The prepared dataset `cfg` names, built on first use (an HF seed model's tokenizer tokenizes the corpus)."""
     from dropup import seeds
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if data_cfg.get("path"):
         data_cfg["path"] = str(project_path(data_cfg["path"]))
     tokenizer = seeds.hf_tokenizer(cfg.get("seed_model"))
-    data_dir = ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
-    return TokenData(data_dir, data_cfg["domains"], seq_len, data_cfg.get("weights"))
+    return ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
+
+
+def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    return TokenData(prepared_data_dir(cfg, log), data_cfg["domains"], seq_len, data_cfg.get("weights"))
 
 
 def make_strategy(init_cfg):
@@ -104,21 +108,10 @@ def make_strategy(init_cfg):
         raise ConfigError(f"init: {err}") from None
 
 
-def init_name(cfg: DictConfig) -> str:
-    target = str(cfg.init.get("_target_", ""))
-    from dropup.init import STRATEGIES
-
-    for name, cls in STRATEGIES.items():
-        if target.endswith(cls.__name__):
-            return name
-    return "pretrained" if target.endswith("Pretrained") else target
-
-
-def initial_state(cfg: DictConfig, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
+def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
     """Weights to start from, and provenance of the dense models they came from."""
     from dropup import seeds
 
-    strategy = make_strategy(cfg.init)
     if getattr(strategy, "name", None) == "pretrained":
         state, where = seeds.load_pretrained(cfg.seed_model, model, moe)
         return state, {"seed_model": where}
@@ -169,9 +162,9 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         raise ConfigError(f"{run_dir} already holds a {status} run: pass resume=true to continue it, or choose "
                           "another run directory")
     model_cfg, moe_cfg = architecture(cfg)
-    strategy_name = init_name(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
-    ratio = getattr(strategy, "ratio_value", None) if strategy_name not in ("scratch", "btx") else None
+    strategy_name = strategy.name
+    ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     counts = param_counts(model_cfg, moe_cfg)
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
@@ -197,7 +190,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
                                      tokenizer_hash=data.manifest["tokenizer_hash"])
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         resuming = resume and ckpt.exists()
-        state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, model_cfg, moe_cfg, log)
+        state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, strategy, model_cfg, moe_cfg, log)
         if resuming:
             previous = json.loads(results_path.read_text()) if results_path.exists() else {}
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")

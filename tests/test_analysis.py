@@ -111,7 +111,7 @@ def test_table8_rows_are_the_router_variants(runs_dir):
     assert table.cells[("normal:0.02", "val avg")].text() == "missing"
 
 
-def test_figures_have_their_panels(runs_dir, tmp_path):
+def test_figures_have_their_panels(runs_dir, tmp_path, monkeypatch):
     frame = collect([runs_dir])
     lines = curves(frame)
     out = tmp_path / "figs"
@@ -129,11 +129,8 @@ def test_figures_have_their_panels(runs_dir, tmp_path):
         captured["axes"] = [(ax.get_title(), ax.get_ylabel()) for ax in fig.axes]
         return real_save(fig, *args, **kwargs)
 
-    plt.Figure.savefig = spy
-    try:
-        fig5(frame, lines, out)
-    finally:
-        plt.Figure.savefig = real_save
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    fig5(frame, lines, out)
     titles = [t for t, _ in captured["axes"] if t]
     assert titles == ["NU", "DU (r=0.5)", "DU (r=1)"]  # methods side by side (FS failed, BTX unfinished)
     assert sum(1 for _, y in captured["axes"] if y.startswith("layer")) == 2  # layers 0 and 1 of 2

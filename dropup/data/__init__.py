@@ -18,11 +18,12 @@ from dropup.data.corpus import DataError, hf_disk_documents, jsonl_documents, pa
 from dropup.init.rng import generator
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
+# The data settings that determine the prepared token files (and so key their cache folder).
+PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain")
 
 
 def _key(data_cfg: dict, tokenizer_hash: str | None) -> str:
-    fields = {k: data_cfg.get(k) for k in ("source", "path", "domains", "vocab_size", "val_fraction",
-                                           "max_chars_per_domain")}
+    fields = {k: data_cfg.get(k) for k in PREPARATION_FIELDS}
     fields["tokenizer"] = tokenizer_hash
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
