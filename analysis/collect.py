@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -166,6 +167,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     frame = collect(args.roots, args.out)
+    if frame.empty:
+        print(f"error: no run directories (with results.json or .hydra/) under {', '.join(args.roots)}",
+              file=sys.stderr)
+        return 1
     with pd.option_context("display.width", 160, "display.max_columns", 12):
         print(frame[["run_id", "role", "status", "label", "seed", "metrics.val_loss"]
                     if "metrics.val_loss" in frame else ["run_id", "role", "status", "label"]])

@@ -144,3 +144,10 @@ def test_sweep_plans_stable_run_directories(tmp_path):
     assert overrides["DU-0.25-s0"] == ["init=drop", "ratio=0.25", "seed=0"]
     with pytest.raises(SystemExit, match="unknown SCALE"):
         sweep.planned_runs("table1", "huge", tmp_path)
+
+
+def test_collect_cli_with_no_runs_is_one_clear_error(tmp_path, capsys):
+    from analysis.collect import main
+
+    assert main([str(tmp_path / "nothing")]) == 1
+    assert "no run directories" in capsys.readouterr().err
