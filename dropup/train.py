@@ -178,6 +178,8 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
                        "seed_model": None, "wall_time_s": None},
         "error": None,
     }
+    # a resumed run keeps what its first start recorded (the seed it was upcycled from); read it before overwriting
+    previous = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
     write_json_atomic(results_path, results)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
     started = time.perf_counter()
@@ -192,7 +194,6 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         resuming = resume and ckpt.exists()
         state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, strategy, model_cfg, moe_cfg, log)
         if resuming:
-            previous = json.loads(results_path.read_text()) if results_path.exists() else {}
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
         results["provenance"].update(provenance)
         write_json_atomic(results_path, results)

@@ -98,6 +98,8 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
     resumed = train(config(crashed, "init=naive", "resume=true", *store))
     assert resumed["status"] == "completed"
     assert resumed["metrics"] == reference["metrics"]  # bit-identical on CPU
+    assert resumed["provenance"]["seed_model"] == reference["provenance"]["seed_model"] is not None
+    assert resumed["provenance"]["resumed_from_step"] > 0
     ref_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(tmp_path / "ref")]
     got_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(crashed)]
     assert got_rows == ref_rows
