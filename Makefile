@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini mini-seeds
 
 SCALE ?= smoke
 LAUNCHER ?= local
-SWEEP = $(PY) -m analysis.sweep --scale $(SCALE) --launcher $(LAUNCHER)
+JOBS ?= 1
+SWEEP = $(PY) -m analysis.sweep --scale $(SCALE) --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
 # clients of the local test cluster (make slurm-up) find it here; a real cluster's own config wins if set
 ifneq ($(wildcard .slurm/slurm.conf),)
 export SLURM_CONF ?= $(CURDIR)/.slurm/slurm.conf
@@ -55,6 +56,9 @@ figures: install ## Figs. 3, 4, 5 (and 6-8) into results/$(SCALE)/, launching mi
 
 mini: install ## the CPU mini reproduction: Table 1 and Figs. 3-5 at SCALE=mini (resumable; about 2 h per seed)
 	$(MAKE) table1 figures SCALE=mini
+
+mini-seeds: install ## NU vs DU r=0.5 (and FS), 3 seeds, 12 M MoE tokens (resumable; ~6 h on 2 cores; on one GPU: JOBS=9 OVERRIDES=trainer=gpu)
+	$(PY) -m analysis.sweep seeds --scale mini-seeds --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
 
 status: install ## done / failed / missing runs per artefact at SCALE
 	$(PY) -m analysis.sweep --status --scale $(SCALE)

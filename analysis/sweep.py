@@ -2,6 +2,7 @@
 
     python -m analysis.sweep table1 --scale smoke --launcher local
     python -m analysis.sweep --status --scale smoke
+    python -m analysis.sweep seeds --scale mini-seeds --jobs 9 --override trainer=gpu   # one GPU, 9 processes
 
 Each artefact is a file in `sweeps/`: the runs it needs as override lists, and what it renders. Every run has a
 stable directory, `results/<scale>/runs/<name>-s<seed>`, shared by all artefacts that need it, so running an
@@ -14,13 +15,14 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
-ARTEFACTS = ("table1", "table2", "table8", "fig4", "figures")
+ARTEFACTS = ("table1", "table2", "table8", "fig4", "figures", "seeds")
 
 
 def load(artefact: str) -> dict:
@@ -58,14 +60,22 @@ def status_of(run_dir: Path) -> str:
         return "missing"
 
 
-def launch(run_dir: Path, overrides: list[str], launcher: str) -> int:
+def launch(run_dir: Path, overrides: list[str], launcher: str, quiet: bool = False) -> int:
     if launcher == "local":
         cmd = [sys.executable, "run.py", *overrides, "resume=true", f"hydra.run.dir={run_dir}"]
     else:  # one submitit job per run; its folder is the run directory itself
         cmd = [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", *overrides, "resume=true",
                f"hydra.sweep.dir={run_dir}", "hydra.sweep.subdir=."]
     print(f"[sweep] {run_dir.name}: python {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    if not quiet:
+        return subprocess.run(cmd, cwd=ROOT).returncode
+    # concurrent runs would interleave their progress bars: each writes its own log beside its results
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "launch.log", "ab") as log:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    outcome = "done" if code == 0 else f"failed (exit {code}), see {run_dir / 'launch.log'}"
+    print(f"[sweep] {run_dir.name}: {outcome}", flush=True)
+    return code
 
 
 def render(artefact: str, scale: str, results: Path) -> list[Path]:
@@ -102,17 +112,27 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--status", action="store_true", help="list done / failed / missing runs per artefact")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for every run, e.g. trainer=gpu (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="local runs at once (several small runs share one GPU; runs that need the same dense "
+                             "seed wait for the one that trains it)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more")
+    if args.jobs > 1 and args.launcher != "local":
+        raise SystemExit("error: --jobs applies to --launcher local; a cluster runs submitted jobs at once already")
     if args.status or args.artefact is None:
         print_status(args.scale, args.results)
         return 0
     failed = []
     if not args.render_only:
-        for run_dir, overrides in planned_runs(args.artefact, args.scale, args.results):
-            if status_of(run_dir) == "completed":
-                continue
-            if launch(run_dir, overrides, args.launcher) != 0:
-                failed.append(run_dir.name)
+        todo = [(run_dir, [*overrides, *args.override])
+                for run_dir, overrides in planned_runs(args.artefact, args.scale, args.results)
+                if status_of(run_dir) != "completed"]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            codes = list(pool.map(lambda job: launch(*job, args.launcher, quiet=args.jobs > 1), todo))
+        failed = [run_dir.name for (run_dir, _), code in zip(todo, codes) if code != 0]
     for path in render(args.artefact, args.scale, args.results):
         print(f"[sweep] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     if failed:
