@@ -53,7 +53,8 @@ def _band(ax, curves: pd.DataFrame, label: str, column: str, x: str, color, smoo
         if rows.empty:
             continue
         values = rows[column].rolling(smooth, min_periods=1).mean() if smooth > 1 else rows[column]
-        series.append(pd.Series(values.to_numpy(), index=rows[x].to_numpy()))
+        curve = pd.Series(values.to_numpy(), index=rows[x].to_numpy())
+        series.append(curve[~curve.index.duplicated(keep="last")])  # older runs may repeat a row across a restart
     if not series:
         return False
     table = pd.concat(series, axis=1).sort_index().interpolate(limit_area="inside")
@@ -173,7 +174,44 @@ def figs6to8(runs, curves, out_dir):
     return paths
 
 
-FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8}
+def seed_gap(runs, curves, out_dir, reference: str = "NU"):
+    """Each method's validation loss minus the reference's on the same seed, against tokens: the long-run trend.
+
+    A line is the mean over seeds, the band their min to max; below zero is better than the reference.
+    """
+    val = curves[(curves["role"] == "run")].dropna(subset=["val_loss"])
+    ref = val[val["label"] == reference].set_index(["seed", "step"])["val_loss"]
+    labels = sorted({l for l in val["label"] if l not in (reference, "Dense")}, key=method_order)
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.8), gridspec_kw={"width_ratios": [1, 1]})
+    for ax, subset in zip(axes, ([l for l in labels if l != "FS"], ["FS"] if "FS" in labels else [])):
+        for label in subset:
+            gap = val[val["label"] == label].set_index(["seed", "step"])["val_loss"] - ref
+            gap = gap.dropna().reset_index()
+            if gap.empty:
+                continue
+            gap["tokens"] = gap["step"] * float(runs["tokens"].max() / runs["steps"].max())
+            table = gap.pivot(index="tokens", columns="seed", values="val_loss")
+            color = METHOD_COLORS.get(label) or _ratio_color(label)
+            ax.plot(table.index / 1e6, table.mean(axis=1), color=color, lw=1.4, label=f"{label} (n={table.shape[1]})")
+            if table.shape[1] > 1:
+                ax.fill_between(table.index / 1e6, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2, lw=0)
+        ax.axhline(0.0, color=METHOD_COLORS.get(reference, "k"), lw=0.8, ls="--")
+        ax.set_xlabel("MoE training tokens (M)")
+        ax.set_ylabel(f"val loss − {reference} (same seed)")
+        if ax.lines[:-1]:
+            ax.legend(loc="best", frameon=False)
+    if len(axes[0].lines) > 1:  # skip the steep first validations so the late gaps are readable
+        later = axes[0].lines[0].get_xdata()
+        axes[0].set_xlim(later.max() * 0.1, later.max() * 1.01)
+        ys = np.concatenate([l.get_ydata()[l.get_xdata() >= later.max() * 0.1] for l in axes[0].lines[:-1]])
+        if ys.size:
+            axes[0].set_ylim(min(ys.min(), 0) - 0.005, max(ys.max(), 0) + 0.005)
+    fig.suptitle(f"Validation loss relative to {reference}, paired by seed (mean, min–max band)", y=1.02)
+    fig.tight_layout()
+    return _save(fig, out_dir, "seed_gap")
+
+
+FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8, "seed_gap": seed_gap}
 
 
 def render(names, runs: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> list[Path]:

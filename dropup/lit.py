@@ -147,7 +147,7 @@ class RunRecorder(L.Callback):
         self.resumed_from = step if step > 0 else None
         if trainer.is_global_zero:
             rows = []
-            if self.path.exists():
+            if self.path.exists() and step > 0:  # a run killed before its first checkpoint starts over from step 0
                 with open(self.path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
             with open(self.path, "w", newline="") as f:

@@ -105,6 +105,19 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
     assert got_rows == ref_rows
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tmp_path, store, monkeypatch):
+    run = tmp_path / "early"
+    monkeypatch.setenv("DROPUP_CRASH_AT_STEP", "3")  # ckpt_every=5: nothing to resume from
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(run, "init=scratch", *store))
+    monkeypatch.delenv("DROPUP_CRASH_AT_STEP")
+    resumed = train(config(run, "init=scratch", "resume=true", *store))
+    assert resumed["status"] == "completed" and resumed["provenance"]["resumed_from_step"] is None
+    steps = [(r["step"], bool(r["val_loss"])) for r in rows(run)]
+    assert len(steps) == len(set(steps)), "a metrics.csv row was written twice"
+    assert steps.count(("0", True)) == 1
+
+
 def test_dense_run_and_scratch_moe(tmp_path, store):
     dense = train(config(tmp_path / "dense", "moe=none", "init=scratch", *store))
     assert dense["moe"] == "none" and dense["total_params"] == dense["active_params"]
