@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini mini-seeds
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -56,9 +56,17 @@ figures: install ## Figs. 3, 4, 5 (and 6-8) into results/$(SCALE)/, launching mi
 
 mini: install ## the CPU mini reproduction: Table 1 and Figs. 3-5 at SCALE=mini (resumable; about 2 h per seed)
 	$(MAKE) table1 figures SCALE=mini
+	$(PY) -m analysis.report update docs/mini-reproduction.md
 
-mini-seeds: install ## NU vs DU r=0.5 (and FS), 3 seeds, 12 M MoE tokens (resumable; ~6 h on 2 cores; on one GPU: JOBS=9 OVERRIDES=trainer=gpu)
+mini-seeds: install ## FS, NU, DU r=0.25..1 over 3 seeds, 12 M MoE tokens (resumable; ~9 h on 2 cores; one GPU: JOBS=9 OVERRIDES=trainer=gpu)
 	$(PY) -m analysis.sweep seeds --scale mini-seeds --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
+	$(PY) -m analysis.report update docs/mini-reproduction.md
+
+followup: install ## a mini follow-up: NU, DU r=0.5, r=1 at SCALE=mini-low-lr or mini-strong-seed (~30-50 min on 2 cores)
+	$(PY) -m analysis.sweep followup --scale $(SCALE) --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
+
+mini-report: install ## copy the mini scales' runs.csv and figures into docs/mini-reproduction/, re-render its tables
+	$(PY) -m analysis.report update docs/mini-reproduction.md
 
 status: install ## done / failed / missing runs per artefact at SCALE
 	$(PY) -m analysis.sweep --status --scale $(SCALE)

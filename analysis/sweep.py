@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
-ARTEFACTS = ("table1", "table2", "table8", "fig4", "figures", "seeds")
+ARTEFACTS = tuple(sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem != "scales"))
 
 
 def load(artefact: str) -> dict:

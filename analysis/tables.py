@@ -186,7 +186,56 @@ def table8(runs: pd.DataFrame) -> Table:
     return build("table8", "Table 8: router initialization for naive Upcycling", runs, list(TABLE8), "router", columns)
 
 
-TABLES = {"table1": table1, "table2": table2, "table8": table8}
+def paired_difference(runs: pd.DataFrame, label: str, reference: str, column: str) -> Cell:
+    """label minus reference in `column`, seed by seed (same seed = same data order and dense seed)."""
+    done = runs[runs["status"] == "completed"]
+    a = done[done["label"] == label].set_index("seed")[column].dropna()
+    b = done[done["label"] == reference].set_index("seed")[column].dropna()
+    diffs = (a - b).dropna().astype(float)
+    if diffs.empty:
+        return Cell(None, None, 0, "–")
+    return Cell(float(diffs.mean()), float(diffs.std(ddof=1)) if len(diffs) > 1 else None, len(diffs))
+
+
+def seeds(runs: pd.DataFrame, reference: str = "NU") -> Table:
+    """Every method over several seeds, then each method's paired difference to NU and whether it beats the spread.
+
+    A difference "beats the seed spread" by the same rule that bolds a table cell: |mean difference| is larger than
+    the two methods' seed standard deviations added. The note also counts the seeds in which the sign agrees.
+    """
+    runs = runs[runs["role"].isin(["run", "seed"])]
+    labels = sorted(set(runs["label"].dropna()), key=method_order)
+    columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
+    columns.append(("val avg", "metrics.val_loss", True))
+    routing = [("max expert share ×E", "metrics.routing/imbalance", True), ("routing JSD", "metrics.routing/specialization", False)]
+    columns += [c for c in routing if c[1] in runs]
+    table = build("seeds", f"Seeds: validation loss over seeds, and paired differences to {reference}", runs,
+                  labels, "label", columns)
+    for header, _, _ in routing:
+        table.bold[header] = set()  # descriptive, not a score to win
+    compared = [l for l in labels if l not in ("Dense", reference)]
+    for label in compared:
+        row = f"{label} − {reference}"
+        table.rows.append(row)
+        for header, column, _ in columns:
+            table.cells[(row, header)] = paired_difference(runs, label, reference, column)
+        diff, a, b = table.cells[(row, "val avg")], table.cells[(label, "val avg")], table.cells[(reference, "val avg")]
+        if diff.n < 2 or a.sd is None or b.sd is None:
+            table.notes.append(f"{row} (val avg): fewer than two paired seeds, no verdict.")
+            continue
+        done = runs[runs["status"] == "completed"]
+        per_seed = (done[done["label"] == label].set_index("seed")["metrics.val_loss"]
+                    - done[done["label"] == reference].set_index("seed")["metrics.val_loss"]).dropna()
+        same_sign = int((per_seed < 0).sum()) if diff.mean < 0 else int((per_seed > 0).sum())
+        beats = abs(diff.mean) > a.sd + b.sd
+        table.notes.append(
+            f"{row} (val avg): {diff.mean:+.4f} ± {diff.sd:.4f} over {diff.n} seeds, same sign in {same_sign}/"
+            f"{diff.n}; {'beats' if beats else 'does not beat'} the seed spread "
+            f"(|Δ| {abs(diff.mean):.4f} vs sd {a.sd:.4f} + {b.sd:.4f} = {a.sd + b.sd:.4f}).")
+    return table
+
+
+TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds}
 
 
 def render(name: str, runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:

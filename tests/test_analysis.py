@@ -10,8 +10,9 @@ import yaml
 
 from analysis import sweep
 from analysis.collect import collect, curves, label
-from analysis.figures import fig3, fig4, fig5
-from analysis.tables import Cell, best_rows, table1, table8
+from analysis import report
+from analysis.figures import fig3, fig4, fig5, seed_gap
+from analysis.tables import Cell, best_rows, seeds, table1, table8
 
 DOMAINS = ("ja", "en", "code")
 TARGETS = {"scratch": "Scratch", "naive": "NaiveUpcycling", "drop": "DropUpcycling", "btx": "BranchTrainMix"}
@@ -151,3 +152,63 @@ def test_collect_cli_with_no_runs_is_one_clear_error(tmp_path, capsys):
 
     assert main([str(tmp_path / "nothing")]) == 1
     assert "no run directories" in capsys.readouterr().err
+
+
+def test_seeds_table_pairs_runs_by_seed(runs_dir):
+    table = seeds(collect([runs_dir]))
+    assert table.rows[:6] == ["Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)"]
+    assert table.cells[("FS − NU", "val avg")].n == 0  # FS failed: nothing to pair
+    diff = table.cells[("DU (r=0.5) − NU", "val avg")]
+    # DU = NU - 0.3 in every seed: the paired difference has no spread although each method has one
+    assert diff.n == 3 and diff.mean == pytest.approx(-0.3) and diff.sd == pytest.approx(0.0, abs=1e-12)
+    assert table.cells[("DU (r=1) − NU", "val avg")].n == 1  # only seed 0 has both
+    verdict = next(n for n in table.notes if n.startswith("DU (r=0.5) − NU"))
+    assert "same sign in 3/3" in verdict and "beats the seed spread" in verdict
+    assert any(n.startswith("DU (r=1) − NU") and "no verdict" in n for n in table.notes)
+
+
+def test_seeds_verdict_when_the_gap_is_within_the_spread(tmp_path):
+    root = tmp_path / "runs"
+    for s, (nu, du) in enumerate([(4.50, 4.48), (4.40, 4.41), (4.60, 4.55)]):
+        make_run(root, f"NU-s{s}", "naive", seed=s, loss=nu)
+        make_run(root, f"DU-0.5-s{s}", "drop", ratio=0.5, seed=s, loss=du)
+    verdict = next(n for n in seeds(collect([root])).notes if n.startswith("DU (r=0.5) − NU"))
+    assert "does not beat the seed spread" in verdict and "same sign in 2/3" in verdict
+
+
+def test_seed_gap_plots_the_paired_difference(runs_dir, tmp_path, monkeypatch):
+    runs = collect([runs_dir])
+    drawn = {}
+
+    def spy(fig, out_dir, name):
+        drawn[name] = {line.get_label(): (line.get_xdata(), line.get_ydata()) for line in fig.axes[0].lines}
+        return []
+    monkeypatch.setattr("analysis.figures._save", spy)
+    seed_gap(runs, curves(runs), tmp_path)
+    x, y = drawn["seed_gap"]["DU (r=0.5) (n=3)"]
+    assert list(x) == [0.0, 0.005, 0.01] and y == pytest.approx([-0.3, -0.3, -0.3])
+
+
+def test_report_tables_are_rerendered_from_the_committed_runs(runs_dir, tmp_path):
+    results = tmp_path / "results"
+    frame = collect([runs_dir], results / "tiny" / "runs.csv")
+    seed_gap(frame, curves(frame), results / "tiny")
+    doc = tmp_path / "docs" / "report.md"
+    doc.parent.mkdir()
+    doc.write_text("# Report\n<!-- table: seeds @ tiny -->\nstale\n<!-- end table -->\n"
+                   "![gap](report/tiny-seed_gap.png)\n")
+    report.update(doc, results)
+    assert report.check(doc) == []
+    report.update(doc, tmp_path / "elsewhere")  # no runs of that scale here: the committed ones stay
+    assert report.check(doc) == []
+    assert "| DU (r=0.5) − NU |" in doc.read_text() and (tmp_path / "docs" / "report" / "tiny-runs.csv").is_file()
+    doc.write_text(doc.read_text().replace("-0.300", "-0.400"))  # a hand-edited number
+    problems = report.check(doc)
+    assert len(problems) == 1 and "-0.400" in problems[0]
+    (tmp_path / "docs" / "report" / "tiny-seed_gap.png").unlink()
+    assert any("missing" in p for p in report.check(doc))
+
+
+def test_the_mini_reproduction_report_matches_its_runs():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "mini-reproduction.md"
+    assert report.check(doc) == []
