@@ -186,6 +186,10 @@ def table8(runs: pd.DataFrame) -> Table:
     return build("table8", "Table 8: router initialization for naive Upcycling", runs, list(TABLE8), "router", columns)
 
 
+# Student's t, 97.5th percentile, by degrees of freedom (seeds - 1): the paired t-test's 5 % two-sided threshold
+T_CRITICAL_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
 def paired_difference(runs: pd.DataFrame, label: str, reference: str, column: str) -> Cell:
     """label minus reference in `column`, seed by seed (same seed = same data order and dense seed)."""
     done = runs[runs["status"] == "completed"]
@@ -197,7 +201,7 @@ def paired_difference(runs: pd.DataFrame, label: str, reference: str, column: st
     return Cell(float(diffs.mean()), float(diffs.std(ddof=1)) if len(diffs) > 1 else None, len(diffs))
 
 
-def seeds(runs: pd.DataFrame, reference: str = "NU") -> Table:
+def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differences_only: bool = False) -> Table:
     """Every method over several seeds, then each method's paired difference to NU and whether it beats the spread.
 
     A difference "beats the seed spread" by the same rule that bolds a table cell: |mean difference| is larger than
@@ -209,8 +213,9 @@ def seeds(runs: pd.DataFrame, reference: str = "NU") -> Table:
     columns.append(("val avg", "metrics.val_loss", True))
     routing = [("max expert share ×E", "metrics.routing/imbalance", True), ("routing JSD", "metrics.routing/specialization", False)]
     columns += [c for c in routing if c[1] in runs]
-    table = build("seeds", f"Seeds: validation loss over seeds, and paired differences to {reference}", runs,
-                  labels, "label", columns)
+    caption = (f"Paired differences to {reference} over seeds" if differences_only else
+               f"Seeds: validation loss over seeds, and paired differences to {reference}")
+    table = build(name, caption, runs, labels, "label", columns)
     for header, _, _ in routing:
         table.bold[header] = set()  # descriptive, not a score to win
     compared = [l for l in labels if l not in ("Dense", reference)]
@@ -228,14 +233,20 @@ def seeds(runs: pd.DataFrame, reference: str = "NU") -> Table:
                     - done[done["label"] == reference].set_index("seed")["metrics.val_loss"]).dropna()
         same_sign = int((per_seed < 0).sum()) if diff.mean < 0 else int((per_seed > 0).sum())
         beats = abs(diff.mean) > a.sd + b.sd
+        t = diff.mean / (diff.sd / diff.n ** 0.5) if diff.sd else float("inf")
+        critical = T_CRITICAL_95.get(diff.n - 1, 2.0)
         table.notes.append(
             f"{row} (val avg): {diff.mean:+.4f} ± {diff.sd:.4f} over {diff.n} seeds, same sign in {same_sign}/"
             f"{diff.n}; {'beats' if beats else 'does not beat'} the seed spread "
-            f"(|Δ| {abs(diff.mean):.4f} vs sd {a.sd:.4f} + {b.sd:.4f} = {a.sd + b.sd:.4f}).")
+            f"(|Δ| {abs(diff.mean):.4f} vs sd {a.sd:.4f} + {b.sd:.4f} = {a.sd + b.sd:.4f}); paired t = {t:.1f} "
+            f"({'significant' if abs(t) > critical else 'not significant'} at 5 %, two-sided: |t| > {critical:.2f}).")
+    if differences_only:
+        table.rows = [row for row in table.rows if row.endswith(f" − {reference}")]
     return table
 
 
-TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds}
+TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds,
+          "seeds_vs_du": lambda runs: seeds(runs, "DU (r=0.5)", "seeds_vs_du", differences_only=True)}
 
 
 def render(name: str, runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:

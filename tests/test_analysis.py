@@ -165,6 +165,9 @@ def test_seeds_table_pairs_runs_by_seed(runs_dir):
     verdict = next(n for n in table.notes if n.startswith("DU (r=0.5) − NU"))
     assert "same sign in 3/3" in verdict and "beats the seed spread" in verdict
     assert any(n.startswith("DU (r=1) − NU") and "no verdict" in n for n in table.notes)
+    against_du = seeds(collect([runs_dir]), "DU (r=0.5)", differences_only=True)
+    assert against_du.rows == ["FS − DU (r=0.5)", "BTX − DU (r=0.5)", "NU − DU (r=0.5)", "DU (r=1) − DU (r=0.5)"]
+    assert against_du.cells[("NU − DU (r=0.5)", "val avg")].mean == pytest.approx(0.3)
 
 
 def test_seeds_verdict_when_the_gap_is_within_the_spread(tmp_path):
@@ -174,6 +177,8 @@ def test_seeds_verdict_when_the_gap_is_within_the_spread(tmp_path):
         make_run(root, f"DU-0.5-s{s}", "drop", ratio=0.5, seed=s, loss=du)
     verdict = next(n for n in seeds(collect([root])).notes if n.startswith("DU (r=0.5) − NU"))
     assert "does not beat the seed spread" in verdict and "same sign in 2/3" in verdict
+    # differences -0.02, +0.01, -0.05: mean -0.02, sd 0.03, t = -0.02 / (0.03 / sqrt 3) = -1.2
+    assert "paired t = -1.2 (not significant" in verdict
 
 
 def test_seed_gap_plots_the_paired_difference(runs_dir, tmp_path, monkeypatch):
