@@ -114,12 +114,18 @@ def main(argv=None) -> int:
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every run, e.g. trainer=gpu (repeatable)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="launch only these runs of the artefact (its names, e.g. DU-0.5; repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="local runs at once (several small runs share one GPU; runs that need the same dense "
                              "seed wait for the one that trains it)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more")
+    unknown = set(args.only) - set(load(args.artefact)["runs"]) if args.artefact else set()
+    if unknown:
+        raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a run of {args.artefact}; its runs: "
+                         f"{', '.join(load(args.artefact)['runs'])}")
     if args.jobs > 1 and args.launcher != "local":
         raise SystemExit("error: --jobs applies to --launcher local; a cluster runs submitted jobs at once already")
     if args.status or args.artefact is None:
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
     if not args.render_only:
         todo = [(run_dir, [*overrides, *args.override])
                 for run_dir, overrides in planned_runs(args.artefact, args.scale, args.results)
-                if status_of(run_dir) != "completed"]
+                if status_of(run_dir) != "completed" and (not args.only or run_dir.name.rsplit("-s", 1)[0] in args.only)]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             codes = list(pool.map(lambda job: launch(*job, args.launcher, quiet=args.jobs > 1), todo))
         failed = [run_dir.name for (run_dir, _), code in zip(todo, codes) if code != 0]

@@ -147,6 +147,23 @@ def test_sweep_plans_stable_run_directories(tmp_path):
         sweep.planned_runs("table1", "huge", tmp_path)
 
 
+def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(sweep, "launch", lambda run_dir, overrides, launcher, quiet=False:
+                        launched.append((run_dir.name, overrides, quiet)) or 0)
+    monkeypatch.setattr(sweep, "render", lambda *args: [])
+    make_run(tmp_path / "mini-seeds" / "runs", "NU-s1", "naive", seed=1)  # completed: not launched again
+    args = ["seeds", "--scale", "mini-seeds", "--results", str(tmp_path), "--only", "NU", "--only", "FS",
+            "--jobs", "2", "--override", "trainer=gpu"]
+    assert sweep.main(args) == 0
+    assert sorted(name for name, _, _ in launched) == ["FS-s0", "FS-s1", "FS-s2", "NU-s0", "NU-s2"]
+    assert all(o[-1] == "trainer=gpu" and quiet for _, o, quiet in launched)
+    with pytest.raises(SystemExit, match="not a run of seeds"):
+        sweep.main(["seeds", "--only", "DU-2"])
+    with pytest.raises(SystemExit, match="--jobs applies to --launcher local"):
+        sweep.main(["seeds", "--jobs", "2", "--launcher", "slurm"])
+
+
 def test_collect_cli_with_no_runs_is_one_clear_error(tmp_path, capsys):
     from analysis.collect import main
 
