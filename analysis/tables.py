@@ -224,7 +224,8 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
         table.rows.append(row)
         for header, column, _ in columns:
             table.cells[(row, header)] = paired_difference(runs, label, reference, column)
-        diff, a, b = table.cells[(row, "val avg")], table.cells[(label, "val avg")], table.cells[(reference, "val avg")]
+        diff, a = table.cells[(row, "val avg")], table.cells[(label, "val avg")]
+        b = table.cells.get((reference, "val avg"), Cell(None, None, 0, "missing"))
         if diff.n < 2 or a.sd is None or b.sd is None:
             table.notes.append(f"{row} (val avg): fewer than two paired seeds, no verdict.")
             continue

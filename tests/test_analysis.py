@@ -182,6 +182,8 @@ def test_seeds_table_pairs_runs_by_seed(runs_dir):
     verdict = next(n for n in table.notes if n.startswith("DU (r=0.5) − NU"))
     assert "same sign in 3/3" in verdict and "beats the seed spread" in verdict
     assert any(n.startswith("DU (r=1) − NU") and "no verdict" in n for n in table.notes)
+    without_nu = collect([runs_dir]).query("label != 'NU'")
+    assert seeds(without_nu).cells[("DU (r=0.5) − NU", "val avg")].n == 0  # no reference runs: nothing to pair
     against_du = seeds(collect([runs_dir]), "DU (r=0.5)", differences_only=True)
     assert against_du.rows == ["FS − DU (r=0.5)", "BTX − DU (r=0.5)", "NU − DU (r=0.5)", "DU (r=1) − DU (r=0.5)"]
     assert against_du.cells[("NU − DU (r=0.5)", "val avg")].mean == pytest.approx(0.3)
