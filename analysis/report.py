@@ -30,7 +30,7 @@ from analysis import tables
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) @ (?P<scale>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end table -->)",
                          re.S)
-FIGURE_LINK = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+?/(?P<scale>[\w.-]+?)-(?P<figure>fig\w+|seed_gap)\.png)\)")
+FIGURE_LINK = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+?/(?P<scale>[\w.-]+?)-(?P<figure>\w+)\.png)\)")
 
 
 def assets_dir(report: Path) -> Path:
