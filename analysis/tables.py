@@ -41,6 +41,13 @@ class Cell:
         return f"{fmt(self.mean)} ± {fmt(self.sd)} ({self.n})"
 
 
+def _summary(values: pd.Series) -> Cell:
+    """mean ± sd (n) of some values; n = 0 when there are none."""
+    if values.empty:
+        return Cell(None, None, 0, "–")
+    return Cell(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None, len(values))
+
+
 def cell(runs: pd.DataFrame, column: str) -> Cell:
     done = runs[runs["status"] == "completed"]
     if not done.empty and (column not in done or done[column].isna().all()):
@@ -48,8 +55,7 @@ def cell(runs: pd.DataFrame, column: str) -> Cell:
     if done.empty:
         statuses = sorted(set(runs["status"])) if not runs.empty else ["missing"]
         return Cell(None, None, 0, "/".join(statuses))
-    values = done[column].dropna().astype(float)
-    return Cell(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None, len(values))
+    return _summary(done[column].dropna().astype(float))
 
 
 def best_rows(cells: dict[str, Cell], lower_is_better: bool = True) -> set[str]:
@@ -190,15 +196,11 @@ def table8(runs: pd.DataFrame) -> Table:
 T_CRITICAL_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
-def paired_difference(runs: pd.DataFrame, label: str, reference: str, column: str) -> Cell:
-    """label minus reference in `column`, seed by seed (same seed = same data order and dense seed)."""
-    done = runs[runs["status"] == "completed"]
+def paired_differences(done: pd.DataFrame, label: str, reference: str, column: str) -> pd.Series:
+    """label minus reference in `column` of completed runs, seed by seed (a seed fixes data order and MoE init)."""
     a = done[done["label"] == label].set_index("seed")[column].dropna()
     b = done[done["label"] == reference].set_index("seed")[column].dropna()
-    diffs = (a - b).dropna().astype(float)
-    if diffs.empty:
-        return Cell(None, None, 0, "–")
-    return Cell(float(diffs.mean()), float(diffs.std(ddof=1)) if len(diffs) > 1 else None, len(diffs))
+    return (a - b).dropna().astype(float)
 
 
 def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differences_only: bool = False) -> Table:
@@ -218,20 +220,19 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
     table = build(name, caption, runs, labels, "label", columns)
     for header, _, _ in routing:
         table.bold[header] = set()  # descriptive, not a score to win
+    done = runs[runs["status"] == "completed"]
     compared = [l for l in labels if l not in ("Dense", reference)]
     for label in compared:
         row = f"{label} − {reference}"
         table.rows.append(row)
         for header, column, _ in columns:
-            table.cells[(row, header)] = paired_difference(runs, label, reference, column)
+            table.cells[(row, header)] = _summary(paired_differences(done, label, reference, column))
         diff, a = table.cells[(row, "val avg")], table.cells[(label, "val avg")]
         b = table.cells.get((reference, "val avg"), Cell(None, None, 0, "missing"))
         if diff.n < 2 or a.sd is None or b.sd is None:
             table.notes.append(f"{row} (val avg): fewer than two paired seeds, no verdict.")
             continue
-        done = runs[runs["status"] == "completed"]
-        per_seed = (done[done["label"] == label].set_index("seed")["metrics.val_loss"]
-                    - done[done["label"] == reference].set_index("seed")["metrics.val_loss"]).dropna()
+        per_seed = paired_differences(done, label, reference, "metrics.val_loss")
         same_sign = int((per_seed < 0).sum()) if diff.mean < 0 else int((per_seed > 0).sum())
         beats = abs(diff.mean) > a.sd + b.sd
         t = diff.mean / (diff.sd / diff.n ** 0.5) if diff.sd else float("inf")
