@@ -64,8 +64,14 @@ def _dispatch(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     out_TKD = out_AD.index_select(0, inverse_A).view(T, K, -1)
-    # Combine in fp32 (the router weights' precision), round once to the activation dtype.
-    return torch.bmm(weights_TK.unsqueeze(1), out_TKD.float()).squeeze(1).to(x_TD.dtype)
+    return combine(weights_TK, out_TKD, x_TD.dtype)
+
+
+def combine(weights_TK: torch.Tensor, out_TKD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's weighted sum of its k expert outputs, in fp32 (the router weights' precision) even under
+    autocast, which would otherwise run the bmm in bf16 and round the weights; rounded once to `dtype`."""
+    with torch.autocast(out_TKD.device.type, enabled=False):
+        return torch.bmm(weights_TK.float().unsqueeze(1), out_TKD.float()).squeeze(1).to(dtype)
 
 
 def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):

@@ -66,6 +66,23 @@ def test_autocast_bf16_runs_grouped_in_bf16():
     assert y.dtype == torch.bfloat16
 
 
+def test_combine_is_fp32_under_bf16_autocast():
+    """The weighted sum of a token's k outputs runs in fp32 (autocast would run bmm in bf16, rounding the router
+    weights), and is rounded to the activation dtype once."""
+    from dropup.moe import combine
+
+    g = torch.Generator().manual_seed(0)
+    weights_TK = torch.softmax(torch.randn(64, 2, generator=g), dim=-1)
+    out_TKD = torch.randn(64, 2, 48, generator=g).bfloat16()
+    expected = (weights_TK[:, :, None] * out_TKD.float()).sum(dim=1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = combine(weights_TK, out_TKD, torch.bfloat16)
+        in_bf16 = torch.bmm(weights_TK.unsqueeze(1), out_TKD.float()).squeeze(1).bfloat16()
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+    assert not torch.equal(in_bf16, expected)  # what the bmm gives when autocast is left on
+
+
 @pytest.mark.skipif(importlib.util.find_spec("megablocks") is None or not torch.cuda.is_available(),
                     reason="megablocks is optional and CUDA-only; not installed here")
 def test_megablocks_equals_loop():  # pragma: no cover - runs only where megablocks imports
