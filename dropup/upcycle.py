@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
     p.add_argument("--granularity", type=int, default=1,
                    help="split each dense FFN into G narrower experts (fine-grained; default 1)")
-    p.add_argument("--router-init", default="uniform:0.0346",
-                   help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346)")
+    p.add_argument("--router-init",
+                   help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346; "
+                        "normal:0.02 for --init scratch, like every other weight matrix)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=("keep", *DTYPES), default="keep",
                    help="output dtype; keep = that of the dense weights (fp32 for scratch) (default keep)")
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_strategy(args: argparse.Namespace) -> InitStrategy:
     """The init strategy the options describe; options that do not apply to it are errors, not ignored."""
-    kwargs: dict = {"router": args.router_init}
+    kwargs: dict = {"router": args.router_init} if args.router_init else {}
     if args.init in ("drop", "noise"):
         kwargs["ratio"] = 0.5 if args.ratio is None else args.ratio
         kwargs["index_mode"] = args.index_mode or "shared"
@@ -788,7 +789,7 @@ def plan_job(args: argparse.Namespace) -> Job:
         "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
         "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
         "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
-        "router_init": args.router_init, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
+        "router_init": strategy.router, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
         "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
     }
     return Job(strategy, inputs, readers, model, moe, dtype,

@@ -1,5 +1,7 @@
 """From scratch (FS): no dense model. Every weight matrix ~ N(0, std^2) with std = model.init_std (0.02 in the
-paper, section 4), every RMSNorm gain = 1, the router from its own spec. Each tensor (and each expert's
+paper, section 4: "the same initialization as the dense models" for all parameters), every RMSNorm gain = 1. The
+router is a weight matrix like the others: N(0, 0.02^2) by default (`normal:0.02`), not the upcycling inits'
+U(-0.0346, 0.0346), which has the same std but another distribution. Each tensor (and each expert's
 W_gate, W_up, W_down) has its own seeded generator, so dense and MoE scratch models are reproducible by name."""
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 from dropup.config import ModelConfig
 from dropup.init import rng
 from dropup.init.base import ExpertKey, InitStrategy, dense_shapes
+
+ROUTER = "normal:0.02"
 
 
 def scratch_tensor(name: str, shape, std: float, seed: int) -> torch.Tensor:
@@ -28,6 +32,7 @@ def dense_state(model: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 @dataclass
 class Scratch(InitStrategy):
     std: float = 0.02
+    router: str = ROUTER
 
     name: ClassVar[str] = "scratch"
     min_sources: ClassVar[int] = 0
