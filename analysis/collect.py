@@ -81,6 +81,7 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
         "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
         "router": (cfg.get("init") or {}).get("router"),
         "tokens": results.get("tokens"), "steps": results.get("steps"), "train_flops": results.get("train_flops"),
+        "schedule_tokens": results.get("schedule_tokens", results.get("tokens")),
         "total_params": results.get("total_params"), "active_params": results.get("active_params"),
         "error": results.get("error"),
         "wall_time_s": (results.get("provenance") or {}).get("wall_time_s"),
@@ -159,6 +160,38 @@ def curves(runs: pd.DataFrame) -> pd.DataFrame:
             table["run_id"], table["label"], table["seed"], table["role"] = run["run_id"], run["label"], run["seed"], run["role"]
             parts.append(table)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def at_budget(runs: pd.DataFrame, curves: pd.DataFrame, budget: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs as they stood after `budget` x their schedule's tokens (Table 8 reads runs on the 500B schedule at
+    50B tokens, Fig. 4 at 150B): the validation metrics of the row logged at that step replace the final ones,
+    tokens and FLOPs are those spent until then, and curves stop there. A run with no validation at that step
+    (it has not got there, or did not validate there) becomes status "short". Seeds and branches stay whole."""
+    if budget >= 1.0 or runs.empty:
+        return runs, curves
+    runs = runs.copy()
+    keep = pd.Series(True, index=curves.index) if not curves.empty else None
+    for i, run in runs[runs["role"] == "run"].iterrows():
+        if not run.get("steps") or not run.get("tokens"):
+            continue
+        per_step = int(run["tokens"]) // int(run["steps"])
+        step = int(budget * float(run.get("schedule_tokens") or run["tokens"])) // per_step
+        mine = curves["run_id"] == run["run_id"] if not curves.empty else None
+        rows = curves[mine & (curves["step"] == step) & curves["val_loss"].notna()] if mine is not None else []
+        metric_cols = [c for c in runs.columns if c.startswith("metrics.")]  # final-only ones (eval/...) go too
+        runs.loc[i, metric_cols] = float("nan")
+        if len(rows) == 0:
+            runs.loc[i, "status"] = "short" if run["status"] == "completed" else run["status"]
+            continue
+        for col in metric_cols:
+            if col[len("metrics."):] in rows.columns:
+                runs.loc[i, col] = rows.iloc[-1][col[len("metrics."):]]
+        fraction = step * per_step / float(run["tokens"])
+        train_flops = float(run["train_flops"] or 0.0) * fraction
+        runs.loc[i, "total_flops"] = float(run.get("total_flops") or 0.0) - float(run["train_flops"] or 0.0) + train_flops
+        runs.loc[i, ["tokens", "steps", "train_flops"]] = [step * per_step, step, train_flops]
+        keep &= ~mine | (curves["step"] <= step)
+    return runs, (curves[keep] if keep is not None else curves)
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,11 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+from dataclasses import dataclass
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -26,14 +28,36 @@ ARTEFACTS = tuple(sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem != "sca
 
 
 def load(artefact: str) -> dict:
+    """An artefact's runs ({name: overrides}), the budget each needs (a fraction of its schedule: the largest
+    over the files that list it), and its renders with the budget each reads its runs at."""
     path = SWEEPS / f"{artefact}.yaml"
     if not path.is_file():
         raise SystemExit(f"error: no sweep definition {path}; artefacts: {', '.join(ARTEFACTS)}")
     spec = yaml.safe_load(path.read_text())
+    own_budget = float(spec.get("budget", 1.0))
+    if not 0.0 < own_budget <= 1.0:
+        raise SystemExit(f"error: {path}: budget {own_budget} must be a fraction of the schedule in (0, 1]")
     runs = dict(spec.get("runs") or {})
+    budgets = {name: own_budget for name in runs}
     for included in spec.get("include", []):
-        runs.update(load(included)["runs"])
-    return {"renders": spec.get("renders", []), "runs": runs}
+        sub = load(included)
+        runs.update(sub["runs"])
+        for name, budget in sub["budgets"].items():
+            budgets[name] = max(budget, budgets.get(name, 0.0))
+    read_at = dict(spec.get("read_at") or {})
+    renders = {name: float(read_at.get(name, own_budget)) for name in spec.get("renders", [])}
+    return {"renders": renders, "runs": runs, "budgets": budgets}
+
+
+def read_points(name: str) -> list[float]:
+    """Every budget below 1 at which some artefact reads run `name`: the run validates at each of them."""
+    points = set()
+    for artefact in ARTEFACTS:
+        spec = load(artefact)
+        if name in spec["runs"]:
+            points.add(spec["budgets"][name])
+            points.update(spec["renders"].values())
+    return sorted(p for p in points if p < 1.0)
 
 
 def scale_spec(scale: str) -> dict:
@@ -43,21 +67,94 @@ def scale_spec(scale: str) -> dict:
     return scales[scale]
 
 
-def planned_runs(artefact: str, scale: str, results: Path) -> list[tuple[Path, list[str]]]:
+def compose(overrides: list[str]):
+    """The config run.py would compose from `overrides`."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dropup.stages import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    run_dir: Path
+    overrides: list[str]  # everything run.py is given, budget included
+    tokens: int  # what this artefact needs the run to reach
+    schedule_tokens: int
+    train_flops: float
+    status: str = "missing"
+
+
+def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float) -> Run:
+    """Compose the run to place its budget on its schedule: the schedule (and the run directory) are the same
+    whichever artefact asks, only how far the run goes differs, so a longer budget extends the same run."""
+    from dropup.config import architecture
+    from dropup.flops import train_flops
+
+    cfg = compose(base)
+    schedule = int(cfg.train.schedule_tokens or cfg.train.tokens)
+    per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
+    tokens = int(budget * schedule) // per_step * per_step
+    extra = [f"train.schedule_tokens={schedule}", f"train.tokens={tokens}"]
+    points = [int(p * schedule) // per_step * per_step for p in read_points(name)]
+    if points:
+        extra.append(f"train.eval_tokens=[{','.join(map(str, points))}]")
+    model, moe = architecture(cfg)
+    flops = train_flops(model, moe, tokens, int(cfg.data.seq_len))
+    return Run(name, seed, run_dir, [*base, *extra], tokens, schedule, flops)
+
+
+def planned_runs(artefact: str, scale: str, results: Path, extra: list[str] = ()) -> list[Run]:
     spec, scale_cfg = load(artefact), scale_spec(scale)
     plan = []
     for seed in scale_cfg["seeds"]:
         for name, overrides in spec["runs"].items():
             run_dir = results / scale / "runs" / f"{name}-s{seed}"
-            plan.append((run_dir, [*scale_cfg["overrides"], *overrides, f"seed={seed}"]))
+            run = plan_run(name, seed, run_dir, [*scale_cfg["overrides"], *overrides, f"seed={seed}", *extra],
+                           spec["budgets"][name])
+            run.status = status_of(run_dir, run)
+            plan.append(run)
     return plan
 
 
-def status_of(run_dir: Path) -> str:
+def status_of(run_dir: Path, run: Run | None = None) -> str:
+    """completed (as far as `run` needs) | short (completed, but to fewer tokens: extend it) | stale (another
+    data-stream version or schedule: rerun from scratch, never mix in) | running | failed | missing."""
+    from dropup.data import DATA_STREAM_VERSION
+
     try:
-        return json.loads((run_dir / "results.json").read_text())["status"]
+        results = json.loads((run_dir / "results.json").read_text())
+        status = results["status"]
     except (OSError, ValueError, KeyError):
         return "missing"
+    if results.get("provenance", {}).get("data_stream") != DATA_STREAM_VERSION:
+        return "stale"
+    if run is not None:
+        if results.get("schedule_tokens", results.get("tokens")) != run.schedule_tokens:
+            return "stale"
+        if status == "completed" and int(results.get("tokens") or 0) < run.tokens:
+            return "short"
+    return status
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a stale run out of runs/ (kept, not deleted) so that neither the rerun nor the tables mix it in."""
+    stale = run_dir.parent.parent / "stale"
+    stale.mkdir(parents=True, exist_ok=True)
+    target = stale / run_dir.name
+    n = 1
+    while target.exists():
+        target, n = stale / f"{run_dir.name}.{n}", n + 1
+    run_dir.rename(target)
+    print(f"[sweep] {run_dir.name}: stale (other data stream or schedule), moved to {target}", flush=True)
+    return target
 
 
 def launch(run_dir: Path, overrides: list[str], launcher: str, quiet: bool = False) -> int:
@@ -80,24 +177,27 @@ def launch(run_dir: Path, overrides: list[str], launcher: str, quiet: bool = Fal
 
 def render(artefact: str, scale: str, results: Path) -> list[Path]:
     from analysis import figures, tables
-    from analysis.collect import collect, curves
+    from analysis.collect import at_budget, collect, curves
 
     out = results / scale
     runs = collect([out / "runs"], out / "runs.csv")
+    all_curves = curves(runs)
     paths = []
-    for name in load(artefact)["renders"]:
+    for name, budget in load(artefact)["renders"].items():
+        runs_b, curves_b = at_budget(runs, all_curves, budget)
         if name in tables.TABLES:
-            paths += tables.render(name, runs, out).values()
+            paths += tables.render(name, runs_b, out).values()
         else:
-            paths += figures.render([name], runs, curves(runs), out)
+            paths += figures.render([name], runs_b, curves_b, out)
     return paths
 
 
 def print_status(scale: str, results: Path) -> None:
     for artefact in ARTEFACTS:
         plan = planned_runs(artefact, scale, results)
-        states = {run_dir.name: status_of(run_dir) for run_dir, _ in plan}
-        counts = {s: sum(1 for v in states.values() if v == s) for s in ("completed", "failed", "running", "missing")}
+        states = {run.run_dir.name: run.status for run in plan}
+        counts = {s: sum(1 for v in states.values() if v == s)
+                  for s in ("completed", "short", "stale", "failed", "running", "missing")}
         print(f"{artefact:8s} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
         for name, state in states.items():
             if state != "completed":
@@ -111,6 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", default="local", help="local, or a conf/hydra/launcher option (slurm)")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--status", action="store_true", help="list done / failed / missing runs per artefact")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="launch nothing: print each run as one JSON line (name, run_dir, status, overrides, "
+                             "tokens, schedule_tokens, train_flops)")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every run, e.g. trainer=gpu (repeatable)")
@@ -131,14 +234,22 @@ def main(argv=None) -> int:
     if args.status or args.artefact is None:
         print_status(args.scale, args.results)
         return 0
+    plan = planned_runs(args.artefact, args.scale, args.results, args.override)
+    if args.dry_run:
+        for run in plan:
+            print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(run).items()
+                              if k != "seed"}))
+        return 0
     failed = []
     if not args.render_only:
-        todo = [(run_dir, [*overrides, *args.override])
-                for run_dir, overrides in planned_runs(args.artefact, args.scale, args.results)
-                if status_of(run_dir) != "completed" and (not args.only or run_dir.name.rsplit("-s", 1)[0] in args.only)]
+        todo = [run for run in plan if run.status != "completed" and (not args.only or run.name in args.only)]
+        for run in todo:
+            if run.status == "stale":
+                set_aside(run.run_dir)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            codes = list(pool.map(lambda job: launch(*job, args.launcher, quiet=args.jobs > 1), todo))
-        failed = [run_dir.name for (run_dir, _), code in zip(todo, codes) if code != 0]
+            codes = list(pool.map(lambda run: launch(run.run_dir, run.overrides, args.launcher, quiet=args.jobs > 1),
+                                  todo))
+        failed = [run.run_dir.name for run, code in zip(todo, codes) if code != 0]
     for path in render(args.artefact, args.scale, args.results):
         print(f"[sweep] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     if failed:

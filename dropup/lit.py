@@ -24,7 +24,9 @@ from dropup.model import Transformer
 
 
 def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float, final_constant: int = 0) -> float:
-    """Linear warmup to the peak, cosine decay to `min_ratio` x peak, optionally held for the final steps."""
+    """Linear warmup to the peak, cosine decay to `min_ratio` x peak, optionally held for the final steps.
+
+    `steps` is the schedule's horizon (`train.schedule_tokens`), which a run may stop before (`train.tokens`)."""
     if step < warmup:
         return (step + 1) / warmup
     decay_steps = max(1, steps - warmup - final_constant)
@@ -52,7 +54,7 @@ class LitLM(L.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         batch = self.train_cfg["batch_size"]
         per_rank = batch // world
-        x, y = self.data.train_batch(self.global_step, batch, self.data_seed,
+        x, y = self.data.train_batch(self.global_step, batch, self.data_seed, self.train_cfg["stream"],
                                      rows=slice(rank * per_rank, (rank + 1) * per_rank))
         losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device))
         self.last_losses = {k: v.detach() for k, v in losses.items()}
@@ -66,7 +68,7 @@ class LitLM(L.LightningModule):
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
         )
-        steps = cfg["steps"]
+        steps = cfg["schedule_steps"]
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: lr_lambda(s, steps, cfg["warmup_steps"], cfg["min_lr_ratio"], cfg["final_constant_steps"]),
@@ -116,12 +118,17 @@ class RunRecorder(L.Callback):
         self.columns += ["tokens_per_s", "elapsed_s"]
         self.cfg, self.on_eval = train_cfg, on_eval
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
+        # validations beyond every val_every steps: the points an artefact reads off a longer run's curve
+        self.extra_val_steps = {int(t) // self.tokens_per_step for t in train_cfg.get("eval_tokens") or ()}
         self.final: dict[str, float] = {}
         self.routing = None
         self.resumed_from: int | None = None
         self._clock = None
         # Fault injection for resume tests: behave like a job killed right after this step's checkpoint.
         self.crash_at_step = int(os.environ.get("DROPUP_CRASH_AT_STEP", -1))
+
+    def _validates_at(self, step: int) -> bool:
+        return step % self.cfg["val_every"] == 0 or step in self.extra_val_steps
 
     def _write(self, trainer, row: dict) -> None:
         if trainer.is_global_zero:
@@ -158,7 +165,7 @@ class RunRecorder(L.Callback):
         else:
             have_val = False
         have_val = trainer.strategy.broadcast(have_val, src=0)
-        if step == 0 or (step % self.cfg["val_every"] == 0 and not have_val):
+        if step == 0 or (self._validates_at(step) and not have_val):
             self._evaluate(trainer, module)
         self._clock = (time.perf_counter(), step)
 
@@ -182,7 +189,7 @@ class RunRecorder(L.Callback):
                    "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
             self.final.update(train_loss=losses["loss"], lm_loss=losses["lm_loss"])
             self._write(trainer, row)
-        if step % self.cfg["val_every"] == 0 and step != self.cfg["steps"]:
+        if self._validates_at(step) and step != self.cfg["steps"]:
             self._evaluate(trainer, module)
 
     def on_train_end(self, trainer, module):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.data import PREPARATION_FIELDS
+from dropup.data import DATA_STREAM_VERSION, PREPARATION_FIELDS
 from dropup.hf import configs_from_hf, from_hf
 
 # what the seed's training saw: the prepared data plus how it was cut and mixed
@@ -42,7 +42,7 @@ def seed_key(cfg: DictConfig) -> str:
     model.pop("name", None)
     return _hash({"model": model, "data": {k: data.get(k) for k in DATA_IDENTITY},
                   "recipe": OmegaConf.to_container(cfg.seed_recipe.train, resolve=True),
-                  "seed": int(cfg.seed_recipe.seed)})
+                  "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION})
 
 
 def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dict, weights=None, seed_model=None):
@@ -74,7 +74,7 @@ def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
 
 def seed_dir(cfg: DictConfig, log=print) -> Path:
     run_dir = _store(cfg) / f"seed-{seed_key(cfg)}"
-    train = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
+    train = {**OmegaConf.to_container(cfg.seed_recipe.train, resolve=True), "stream": "seed"}
     return _find_or_train(
         run_dir,
         lambda: _dense_cfg(cfg, run_dir, train, int(cfg.seed_recipe.seed), {"_target_": "dropup.init.scratch.Scratch"}),
@@ -84,14 +84,16 @@ def seed_dir(cfg: DictConfig, log=print) -> Path:
 
 def branch_dirs(cfg: DictConfig, parent: Path, log=print) -> list[Path]:
     """One dense branch per domain, each the seed trained further on that domain only (BTX)."""
-    train = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
-    train["tokens"] = int(float(cfg.seed_recipe.branch_tokens) * int(cfg.train.tokens))
+    recipe = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
+    recipe.update(tokens=int(float(cfg.seed_recipe.branch_tokens) * int(cfg.train.tokens)), schedule_tokens=None)
     dirs = []
     for domain in cfg.data.domains:
-        run_dir = _store(cfg) / f"branch-{_hash({'parent': parent.name, 'domain': domain, 'train': train})}-{domain}"
+        train = {**recipe, "stream": f"branch-{domain}"}
+        key = _hash({'parent': parent.name, 'domain': domain, 'train': train, 'data_stream': DATA_STREAM_VERSION})
+        run_dir = _store(cfg) / f"branch-{key}-{domain}"
         dirs.append(_find_or_train(
             run_dir,
-            lambda rd=run_dir, d=domain: _dense_cfg(cfg, rd, train, int(cfg.seed_recipe.seed),
+            lambda rd=run_dir, d=domain, t=train: _dense_cfg(cfg, rd, t, int(cfg.seed_recipe.seed),
                                                     {"_target_": "dropup.init.pretrained.Pretrained"},
                                                     weights={d: 1.0}, seed_model=str(parent)),
             {"what": f"the BTX branch for domain {domain!r}", "model": cfg.model.name, "init": "pretrained"}, log,

@@ -33,7 +33,10 @@ class DataSchema:
 
 @dataclass
 class TrainSchema:
+    # the run stops after `tokens`; the lr schedule (warmup fraction, cosine, constant tail) spans `schedule_tokens`
+    # (null: = tokens), so a run can stop mid-schedule and `resume=true train.tokens=<more>` continues it
     tokens: int = 2_000_000
+    schedule_tokens: Optional[int] = None
     batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -48,6 +51,10 @@ class TrainSchema:
     val_tokens: int = 32768
     val_batch_size: int = 16
     ckpt_every: int = 100
+    # extra validations at these token counts (the points artefacts read off a longer run's curve)
+    eval_tokens: list[int] = field(default_factory=list)
+    # which data stream the run reads (dropup.data.STREAMS); null: "moe" for an MoE, "dense" for a dense model
+    stream: Optional[str] = None
 
 
 @dataclass
@@ -139,8 +146,15 @@ def info(cfg: DictConfig) -> dict:
         **param_counts(model, moe),
         "tokens": int(cfg.train.tokens),
         "seq_len": int(cfg.data.seq_len),
+        "schedule_tokens": int(cfg.train.schedule_tokens or cfg.train.tokens),
         "train_flops": train_flops(model, moe, int(cfg.train.tokens), int(cfg.data.seq_len)),
     }
+    if moe is not None and cfg.init.get("_target_", "").rsplit(".", 1)[-1] not in ("Scratch", "Pretrained"):
+        # an upcycled run's cost includes the dense seed it starts from (Table 2 lists the seed's own row)
+        seed_train = cfg.seed_recipe.train
+        report.update(seed_tokens=int(seed_train.tokens),
+                      seed_schedule_tokens=int(seed_train.schedule_tokens or seed_train.tokens),
+                      seed_train_flops=train_flops(model, None, int(seed_train.tokens), int(cfg.data.seq_len)))
     print(json.dumps(report))
     return report
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
-from dropup.data import TokenData, ensure_prepared
+from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
 from dropup.flops import param_counts, train_flops
 from dropup.init import build_moe_state, dense_state
@@ -64,7 +64,8 @@ def versions() -> dict[str, str]:
 
 
 def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
-    """The resolved training recipe: steps from the token budget, and the batch in sequences."""
+    """The resolved training recipe: steps from the token budget, the schedule's horizon in steps, the batch in
+    sequences and the data stream."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     seq_len = int(cfg.data.seq_len)
     batch = int(train["batch_size"])
@@ -74,10 +75,17 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
     if steps < 1:
         raise ConfigError(f"train.tokens={train['tokens']} is less than one batch ({batch} x {seq_len} tokens): "
                           "raise train.tokens or lower train.batch_size")
+    schedule_tokens = int(train.get("schedule_tokens") or train["tokens"])
+    schedule_steps = schedule_tokens // (batch * seq_len)
+    if schedule_steps < steps:
+        raise ConfigError(f"train.tokens={train['tokens']} runs past the schedule's end (train.schedule_tokens="
+                          f"{schedule_tokens}): raise train.schedule_tokens or lower train.tokens")
     warmup = train["warmup_steps"]
-    if isinstance(warmup, float):  # a fraction of the run
-        warmup = max(1, int(warmup * steps))
-    return {**train, "seq_len": seq_len, "steps": steps, "warmup_steps": int(min(warmup, steps))}
+    if isinstance(warmup, float):  # a fraction of the schedule
+        warmup = max(1, int(warmup * schedule_steps))
+    stream = train.get("stream") or ("moe" if cfg.moe.enabled else "dense")
+    return {**train, "seq_len": seq_len, "steps": steps, "schedule_tokens": schedule_tokens,
+            "schedule_steps": schedule_steps, "warmup_steps": int(min(warmup, schedule_steps)), "stream": stream}
 
 
 def prepared_data_dir(cfg: DictConfig, log) -> Path:
@@ -172,10 +180,12 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "init": strategy_name, "ratio": ratio, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
+        "schedule_tokens": settings["schedule_steps"] * settings["batch_size"] * settings["seq_len"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,
         "metrics": {}, "routing": None,
         "provenance": {"git_sha": git_sha(), "versions": versions(), "corpus_hash": None, "tokenizer_hash": None,
-                       "seed_model": None, "wall_time_s": None},
+                       "seed_model": None, "wall_time_s": None,
+                       "data_stream": DATA_STREAM_VERSION, "stream": settings["stream"]},
         "error": None,
     }
     # a resumed run keeps what its first start recorded (the seed it was upcycled from); read it before overwriting
@@ -247,6 +257,8 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     )
     torch.manual_seed(int(cfg.seed))
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+    # a checkpoint at the last step, whatever ckpt_every: `resume=true train.tokens=<more>` extends the run from it
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return module, trainer, recorder
 
 

@@ -19,7 +19,8 @@ TARGETS = {"scratch": "Scratch", "naive": "NaiveUpcycling", "drop": "DropUpcycli
 
 
 def make_run(root: Path, name: str, init: str, ratio=None, seed=0, loss=4.0, status="completed", moe=True,
-             router="uniform:0.0346", write_results=True, seed_model=None):
+             router="uniform:0.0346", write_results=True, seed_model=None, tokens=10000, schedule_tokens=None,
+             data_stream=2):
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     cfg = {"model": {"name": "tiny", "n_layers": 2}, "moe": {"enabled": moe}, "seed": seed,
@@ -34,9 +35,11 @@ def make_run(root: Path, name: str, init: str, ratio=None, seed=0, loss=4.0, sta
     if write_results:
         metrics = {"val_loss": loss, **{f"val_loss/{d}": loss + i * 0.1 for i, d in enumerate(DOMAINS)}}
         results = {"status": status, "init": init, "ratio": ratio, "seed": seed, "model": "tiny",
-                   "moe": "mixtral" if moe else "none", "tokens": 10000, "steps": 100, "train_flops": 1e9,
+                   "moe": "mixtral" if moe else "none", "tokens": tokens, "steps": 100, "train_flops": 1e9,
+                   "schedule_tokens": schedule_tokens or tokens,
                    "total_params": 10, "active_params": 5, "metrics": metrics if status == "completed" else {},
-                   "provenance": {"seed_model": seed_model}, "error": "boom" if status == "failed" else None}
+                   "provenance": {"seed_model": seed_model, "data_stream": data_stream},
+                   "error": "boom" if status == "failed" else None}
         (run / "results.json").write_text(json.dumps(results))
         if moe:
             counts = {d: [[10 * (e == i) + 1 for e in range(8)] for i in range(2)] for d in DOMAINS}
@@ -139,12 +142,38 @@ def test_figures_have_their_panels(runs_dir, tmp_path, monkeypatch):
 
 def test_sweep_plans_stable_run_directories(tmp_path):
     plan = sweep.planned_runs("figures", "smoke", tmp_path)
-    names = [p.name for p, _ in plan]
+    names = [run.run_dir.name for run in plan]
     assert len(names) == len(set(names)) == 8  # Table 1's runs and the r sweep, NU and DU shared
-    overrides = dict((p.name, o) for p, o in plan)
-    assert overrides["DU-0.25-s0"] == ["init=drop", "ratio=0.25", "seed=0"]
+    by_name = {run.run_dir.name: run for run in plan}
+    # smoke: 1 M tokens in steps of 16 x 256; the r sweep stops at 0.3 of the schedule (Fig. 4: 150B of 500B)
+    per_step, full = 16 * 256, 1_000_000 // (16 * 256) * (16 * 256)
+    part = int(0.3 * 1_000_000) // per_step * per_step
+    assert by_name["DU-0.25-s0"].overrides == ["init=drop", "ratio=0.25", "seed=0", "train.schedule_tokens=1000000",
+                                               f"train.tokens={part}", f"train.eval_tokens=[{part}]"]
+    assert (by_name["DU-0.5-s0"].tokens, by_name["FS-s0"].tokens) == (full, full)  # Table 1 needs them whole
+    assert all(run.schedule_tokens == 1_000_000 for run in plan)
     with pytest.raises(SystemExit, match="unknown SCALE"):
         sweep.planned_runs("table1", "huge", tmp_path)
+
+
+def test_paper_budgets_of_table8_and_fig4(capsys):
+    """Table 8 reads NU 'after training on 50B tokens' and Fig. 4 runs 'up to 150B tokens', both on the MoE's
+    500B-token schedule (A.4): the dry run launches nothing and says so per run."""
+    assert sweep.main(["table8", "--scale", "1.5b", "--dry-run", "--results", "/nonexistent"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 5 and {"name", "run_dir", "status", "overrides", "tokens", "schedule_tokens",
+                                "train_flops"} <= set(lines[0])
+    per_step = 1024 * 4096
+    for line in lines:
+        assert line["schedule_tokens"] == 500 * 10**9 and line["status"] == "missing"
+        assert line["tokens"] == 50 * 10**9 // per_step * per_step
+    sweep.main(["fig4", "--scale", "152m", "--dry-run", "--results", "/nonexistent"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {line["tokens"] for line in lines} == {150 * 10**9 // (512 * 4096) * (512 * 4096)}
+    nu = next(line for line in lines if line["name"] == "NU")
+    # NU is also Table 8's and Table 1's run: the same directory validates at 50B and 150B on its way
+    assert any(o.startswith("train.eval_tokens=") and o.count(",") == 1 for o in nu["overrides"])
+    assert not Path("/nonexistent").exists()
 
 
 def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch):
@@ -152,16 +181,42 @@ def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch
     monkeypatch.setattr(sweep, "launch", lambda run_dir, overrides, launcher, quiet=False:
                         launched.append((run_dir.name, overrides, quiet)) or 0)
     monkeypatch.setattr(sweep, "render", lambda *args: [])
-    make_run(tmp_path / "mini-seeds" / "runs", "NU-s1", "naive", seed=1)  # completed: not launched again
+    full = 12_000_000 // 4096 * 4096
+    runs = tmp_path / "mini-seeds" / "runs"
+    make_run(runs, "NU-s1", "naive", seed=1, tokens=full, schedule_tokens=12_000_000)  # completed: not again
+    make_run(runs, "FS-s1", "scratch", seed=1, tokens=full // 2, schedule_tokens=12_000_000)  # short: extended
+    make_run(runs, "FS-s2", "scratch", seed=2, tokens=full, schedule_tokens=12_000_000, data_stream=1)  # stale
     args = ["seeds", "--scale", "mini-seeds", "--results", str(tmp_path), "--only", "NU", "--only", "FS",
             "--jobs", "2", "--override", "trainer=gpu"]
     assert sweep.main(args) == 0
     assert sorted(name for name, _, _ in launched) == ["FS-s0", "FS-s1", "FS-s2", "NU-s0", "NU-s2"]
-    assert all(o[-1] == "trainer=gpu" and quiet for _, o, quiet in launched)
+    assert all("trainer=gpu" in o and f"train.tokens={full}" in o and quiet for _, o, quiet in launched)
+    assert (runs / "FS-s1" / "results.json").is_file()  # extended in place (launch passes resume=true)
+    assert not (runs / "FS-s2").exists() and (tmp_path / "mini-seeds" / "stale" / "FS-s2" / "results.json").is_file()
     with pytest.raises(SystemExit, match="not a run of seeds"):
         sweep.main(["seeds", "--only", "DU-2"])
     with pytest.raises(SystemExit, match="--jobs applies to --launcher local"):
         sweep.main(["seeds", "--jobs", "2", "--launcher", "slurm"])
+
+
+def test_at_budget_reads_each_run_where_its_schedule_says(tmp_path):
+    from analysis.collect import at_budget
+
+    root = tmp_path / "runs"
+    # 100 steps of 100 tokens; validation rows every 50 steps (make_run)
+    make_run(root, "NU-s0", "naive", tokens=10000, schedule_tokens=10000)
+    make_run(root, "DU-0.5-s0", "drop", ratio=0.5, tokens=10000, schedule_tokens=20000)
+    runs = collect([root])
+    at, lines = at_budget(runs, curves(runs), 0.5)
+    nu, du = (at[at["run_id"] == n].iloc[0] for n in ("NU-s0", "DU-0.5-s0"))
+    # NU: half its schedule is step 50, whose validation row has loss 4 + 1 - 0.5
+    assert (nu["status"], nu["tokens"], nu["metrics.val_loss"]) == ("completed", 5000, pytest.approx(4.5))
+    assert nu["train_flops"] == pytest.approx(0.5e9)
+    assert lines[lines["run_id"] == "NU-s0"]["step"].max() == 50
+    # DU: half of a 20000-token schedule is step 100, the end of what it has run so far
+    assert (du["tokens"], du["metrics.val_loss"]) == (10000, pytest.approx(4.0))
+    at, _ = at_budget(runs, curves(runs), 0.3)  # step 30 / 60: never validated there
+    assert set(at["status"]) == {"short"} and at["metrics.val_loss"].isna().all()
 
 
 def test_collect_cli_with_no_runs_is_one_clear_error(tmp_path, capsys):

@@ -55,19 +55,19 @@ def test_prepare_writes_a_manifest_and_token_files(prepared):
 
 def test_batches_depend_only_on_the_step(prepared):
     data = TokenData(prepared[0], ["a", "b"], seq_len=32)
-    x1, y1 = data.train_batch(step=7, batch_size=8, seed=0)
-    x2, _ = data.train_batch(step=7, batch_size=8, seed=0)
-    x3, _ = data.train_batch(step=8, batch_size=8, seed=0)
+    x1, y1 = data.train_batch(step=7, batch_size=8, seed=0, stream="moe")
+    x2, _ = data.train_batch(step=7, batch_size=8, seed=0, stream="moe")
+    x3, _ = data.train_batch(step=8, batch_size=8, seed=0, stream="moe")
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert torch.equal(x1[:, 1:], y1[:, :-1])
-    top, _ = data.train_batch(step=7, batch_size=8, seed=0, rows=slice(0, 4))
-    bottom, _ = data.train_batch(step=7, batch_size=8, seed=0, rows=slice(4, 8))
+    top, _ = data.train_batch(step=7, batch_size=8, seed=0, stream="moe", rows=slice(0, 4))
+    bottom, _ = data.train_batch(step=7, batch_size=8, seed=0, stream="moe", rows=slice(4, 8))
     assert torch.equal(torch.cat([top, bottom]), x1)  # data-parallel ranks split the same global batch
 
 
 def test_mixture_weights(prepared):
     data = TokenData(prepared[0], ["a", "b"], seq_len=16, weights={"a": 1.0})
-    x, _ = data.train_batch(step=0, batch_size=64, seed=0)
+    x, _ = data.train_batch(step=0, batch_size=64, seed=0, stream="moe")
     tokenizer_ids_of_b = set(np.fromfile(prepared[0] / "b.train.bin", dtype=np.uint16).tolist()) - set(
         np.fromfile(prepared[0] / "a.train.bin", dtype=np.uint16).tolist())
     assert not (set(x.flatten().tolist()) & tokenizer_ids_of_b)

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dropup.config import ConfigError
+from dropup.data import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
 from dropup.stages import register_configs
 from dropup.train import train
@@ -70,6 +72,9 @@ def test_multirun_sweep_through_run_py(tmp_path, store):
         assert results["metrics"]["val_loss"] == pytest.approx(sum(domains) / 3)
         prov = results["provenance"]
         assert prov["corpus_hash"] and prov["tokenizer_hash"] and prov["seed_model"] == str(seed_dirs[0])
+        # each kind of run reads its own data: the MoE does not replay its dense seed's batches
+        assert (prov["data_stream"], prov["stream"]) == (DATA_STREAM_VERSION, "moe")
+        assert seed_results["provenance"]["stream"] == "seed"
         assert results["routing"] == "routing.json" and (job / "routing.json").is_file()
         table = rows(job)
         assert {"step", "tokens", "train_loss", "lr", "lb_loss", "val_loss", "val_loss/ja"} <= set(table[0])
@@ -105,6 +110,47 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
     assert got_rows == ref_rows
 
 
+def test_a_run_stopped_mid_schedule_extends_bit_identical(tmp_path, store):
+    """train.tokens stops a run on a longer schedule (train.schedule_tokens); `resume=true train.tokens=<more>`
+    continues it on that schedule, and ends where an uninterrupted run ends."""
+    schedule = ["init=naive", "train.schedule_tokens=10240", "train.ckpt_every=7", *store]
+    reference = train(config(tmp_path / "ref", *schedule))
+    short = train(config(tmp_path / "ext", *schedule, "train.tokens=5120"))
+    assert (short["steps"], short["tokens"], short["schedule_tokens"]) == (10, 5120, 10240)
+    ref_lr = {r["step"]: float(r["lr"]) for r in rows(tmp_path / "ref") if r["lr"]}
+    short_lr = {r["step"]: float(r["lr"]) for r in rows(tmp_path / "ext") if r["lr"]}
+    assert short_lr == {k: ref_lr[k] for k in short_lr}  # the same cosine, cut off mid-way
+    assert short_lr["10"] > 2 * ref_lr["20"]
+    extended = train(config(tmp_path / "ext", *schedule, "train.tokens=10240", "resume=true"))
+    assert extended["provenance"]["resumed_from_step"] == 10  # from the run's own last step, not step 7
+    assert extended["metrics"] == reference["metrics"]
+    assert (tmp_path / "ext" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="past the schedule"):
+        train(config(tmp_path / "too-far", *schedule, "train.tokens=20480"))
+
+
+def test_streams_per_kind_of_run(tmp_path, store):
+    """The dense seed, each BTX branch and the MoE runs read different batches at the same (seed, step); MoE
+    runs of one seed read the same ones, whatever their init."""
+    from dropup.data import TokenData
+    from dropup.train import load_data, train_settings
+
+    cfg = config(tmp_path / "x", "init=naive", *store)
+    data = load_data(cfg, 64, log=lambda *_: None)
+    assert isinstance(data, TokenData)
+    streams = {
+        "naive": train_settings(cfg)["stream"],
+        "drop": train_settings(config(tmp_path / "y", "init=drop", *store))["stream"],
+        "dense": train_settings(config(tmp_path / "z", "moe=none", "init=scratch", *store))["stream"],
+    }
+    assert streams == {"naive": "moe", "drop": "moe", "dense": "dense"}
+    batches = {s: data.train_batch(3, 8, 0, s)[0] for s in ("moe", "seed", "branch-ja", "branch-en", "dense")}
+    names = list(batches)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.equal(batches[a], batches[b]), (a, b)
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_clean(tmp_path, store, monkeypatch):
     run = tmp_path / "early"
     monkeypatch.setenv("DROPUP_CRASH_AT_STEP", "3")  # ckpt_every=5: nothing to resume from
@@ -133,6 +179,8 @@ def test_btx_trains_one_branch_per_domain(tmp_path, store):
     assert len(sources) == 4 and [Path(s).name.split("-")[-1] for s in sources[1:]] == ["ja", "en", "code"]
     branch = json.loads((Path(sources[1]) / "results.json").read_text())
     assert branch["init"] == "pretrained" and branch["tokens"] == int(0.2 * 10240) // 512 * 512
+    streams = [json.loads((Path(s) / "results.json").read_text())["provenance"]["stream"] for s in sources]
+    assert streams == ["seed", "branch-ja", "branch-en", "branch-code"]
 
 
 def test_seed_model_may_be_a_run_directory(tmp_path, store):

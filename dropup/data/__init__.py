@@ -1,4 +1,4 @@
-"""Data: prepared token files per domain, batches that depend only on (seed, step), per-domain validation.
+"""Data: prepared token files per domain, batches that depend only on (stream, seed, step), per-domain validation.
 
 `ensure_prepared(data_cfg, ...)` builds (once, under a lock) or finds the prepared dataset a config names;
 `TokenData` serves training batches and fixed validation windows from it.
@@ -18,6 +18,13 @@ from dropup.data.corpus import DataError, hf_disk_documents, jsonl_documents, pa
 from dropup.init.rng import generator
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
+# Version of the map (stream, seed, step) -> training windows. Runs and dense seeds of another version read other
+# data: the seed store keys on it and the sweep reruns such runs instead of mixing them in.
+# 1: keyed on (seed, step) only, so a seed-0 MoE replayed its dense seed's batches. 2: keyed on the stream too.
+DATA_STREAM_VERSION = 2
+# Each kind of run reads its own stream; MoE runs of one seed share theirs, so paired comparisons see equal data.
+STREAMS = ("moe", "dense", "seed", "branch-<domain>")
+
 # The data settings that determine the prepared token files (and so key their cache folder).
 PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain")
 
@@ -64,8 +71,9 @@ def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None
 
 
 class TokenData:
-    """Token streams of a prepared dataset. Training windows are drawn from a generator seeded by (seed, step),
-    so a batch depends only on the step: resuming, or any number of data-parallel ranks, sees the same data."""
+    """Token streams of a prepared dataset. Training windows are drawn from a generator seeded by (stream, seed,
+    step), so a batch depends only on the step: resuming, or any number of data-parallel ranks, sees the same data;
+    the dense seed, each BTX branch and the MoE runs of one seed each read a stream of their own."""
 
     def __init__(self, path: Path, domains: list[str], seq_len: int, weights: dict | None = None):
         self.path = Path(path)
@@ -96,9 +104,9 @@ class TokenData:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
-    def train_batch(self, step: int, batch_size: int, seed: int, rows: slice | None = None):
-        """(inputs, targets), each (rows of batch_size, seq_len) int64, for optimizer step `step`."""
-        g = generator("train-batch", seed, step)
+    def train_batch(self, step: int, batch_size: int, seed: int, stream: str, rows: slice | None = None):
+        """(inputs, targets), each (rows of batch_size, seq_len) int64, for optimizer step `step` of `stream`."""
+        g = generator("train-batch", f"v{DATA_STREAM_VERSION}", stream, seed, step)
         domain_idx = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
         starts = torch.rand(batch_size, generator=g, dtype=torch.float64)
         windows = []
