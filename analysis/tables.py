@@ -210,6 +210,14 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
     the two methods' seed standard deviations added. The note also counts the seeds in which the sign agrees.
     """
     runs = runs[runs["role"].isin(["run", "seed"])]
+    # paired differences compare runs that went equally far: leave out runs stopped at another budget (the r
+    # sweep's extra ratios stop at 0.3 of the schedule, as Fig. 4 does)
+    budget = runs.loc[(runs["label"] == reference) & (runs["role"] == "run"), "tokens"].dropna()
+    other_budget = pd.Series(False, index=runs.index)
+    if not budget.empty:
+        other_budget = (runs["role"] == "run") & runs["tokens"].notna() & (runs["tokens"] != budget.max())
+    left_out = sorted(set(runs.loc[other_budget, "label"]), key=method_order)
+    runs = runs[~other_budget]
     labels = sorted(set(runs["label"].dropna()), key=method_order)
     columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
     columns.append(("val avg", "metrics.val_loss", True))
@@ -242,6 +250,9 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
             f"{diff.n}; {'beats' if beats else 'does not beat'} the seed spread "
             f"(|Δ| {abs(diff.mean):.4f} vs sd {a.sd:.4f} + {b.sd:.4f} = {a.sd + b.sd:.4f}); paired t = {t:.1f} "
             f"({'significant' if abs(t) > critical else 'not significant'} at 5 %, two-sided: |t| > {critical:.2f}).")
+    if left_out:
+        table.notes.append(f"Left out, trained to another budget than {reference}'s {budget.max() / 1e6:.2f} M "
+                           f"tokens: {', '.join(left_out)}.")
     if differences_only:
         table.rows = [row for row in table.rows if row.endswith(f" − {reference}")]
     return table

@@ -244,6 +244,14 @@ def test_seeds_table_pairs_runs_by_seed(runs_dir):
     assert against_du.cells[("NU − DU (r=0.5)", "val avg")].mean == pytest.approx(0.3)
 
 
+def test_seeds_table_leaves_out_runs_stopped_at_another_budget(runs_dir):
+    make_run(runs_dir, "DU-0.1-s0", "drop", ratio=0.1, tokens=3000, schedule_tokens=10000, loss=3.0)
+    table = seeds(collect([runs_dir]))
+    assert "DU (r=0.1)" not in table.rows and "DU (r=0.1) − NU" not in table.rows
+    assert any("another budget" in n and "DU (r=0.1)" in n for n in table.notes)
+    assert table.cells[("DU (r=0.5) − NU", "val avg")].n == 3
+
+
 def test_seeds_verdict_when_the_gap_is_within_the_spread(tmp_path):
     root = tmp_path / "runs"
     for s, (nu, du) in enumerate([(4.50, 4.48), (4.40, 4.41), (4.60, 4.55)]):
