@@ -190,6 +190,10 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
     }
     # a resumed run keeps what its first start recorded (the seed it was upcycled from); read it before overwriting
     previous = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
+    if previous.get("schedule_tokens") not in (None, results["schedule_tokens"]):
+        raise ConfigError(f"{run_dir} runs on a schedule of {previous['schedule_tokens']} tokens, this config on "
+                          f"one of {results['schedule_tokens']}: to continue it pass train.schedule_tokens="
+                          f"{previous['schedule_tokens']} (a different schedule is a new run: another directory)")
     write_json_atomic(results_path, results)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
     started = time.perf_counter()

@@ -109,6 +109,22 @@ def test_info_stage_prints_json_last(model, moe, tmp_path):
         assert report["total_params"] > report["active_params"]
 
 
+def test_info_reports_the_dense_seed_of_an_upcycled_run(tmp_path):
+    """8x3.7B upcycled: the seed is Table 2's row 1 (Dense 3.7B, 1,000B tokens, 2.70e22 FLOPs), stopped on its
+    2,072B-token schedule; a scratch MoE has no seed to report."""
+    def info(*overrides):
+        proc = subprocess.run([sys.executable, "run.py", "stage=info", "experiment=paper_8x3.7b", *overrides,
+                               f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    report = info("init=drop")
+    assert (report["seed_tokens"], report["seed_schedule_tokens"]) == (1000 * 10**9, 2072 * 10**9)
+    assert abs(report["seed_train_flops"] / 2.70e22 - 1) < 0.01
+    assert abs(report["train_flops"] / 1.98e22 - 1) < 0.01 and report["schedule_tokens"] == 500 * 10**9
+    assert "seed_tokens" not in info("init=scratch")
+
+
 def test_info_allocates_no_weights(monkeypatch):
     """Counting the 13B preset must not build it: fail if any parameter-sized tensor is created."""
     calls = []

@@ -125,6 +125,9 @@ def test_a_run_stopped_mid_schedule_extends_bit_identical(tmp_path, store):
     assert extended["provenance"]["resumed_from_step"] == 10  # from the run's own last step, not step 7
     assert extended["metrics"] == reference["metrics"]
     assert (tmp_path / "ext" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="train.schedule_tokens=10240"):  # forgetting the horizon changes it
+        train(config(tmp_path / "ext", "init=naive", "train.ckpt_every=7", *store, "train.tokens=20480",
+                     "resume=true"))
     with pytest.raises(ConfigError, match="past the schedule"):
         train(config(tmp_path / "too-far", *schedule, "train.tokens=20480"))
 
