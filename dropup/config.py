@@ -8,6 +8,7 @@ that names the field and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 BACKENDS = ("grouped", "loop", "megablocks")
 LB_MODES = ("pooled", "per_layer")
@@ -22,11 +23,26 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder (Table 4 columns), shared by the dense model and the MoE built from it."""
+    """A Llama-style decoder (Table 4 columns), shared by the dense model and the MoE built from it.
+
+    The fields after `init_std` switch on what the Hugging Face families add to the paper's Llama (all off by
+    default, which is the paper's model): tied input/output embeddings (Llama 3.2, small Qwens), RoPE scaling
+    (`{"rope_type": "linear", "factor": f}` or Llama 3.1's `"llama3"` with `factor`, `low_freq_factor`,
+    `high_freq_factor`, `original_max_position_embeddings`), q/k/v biases (Qwen2), RMSNorm of each head's q and k
+    (Qwen3), a head width other than d_model / n_heads (Qwen3), and a sliding attention window of
+    `sliding_window` tokens (the query's own included) on layers >= `sliding_window_from_layer` (Mistral v0.1: all
+    layers; Qwen2: from `max_window_layers`).
+    """
 
     name: str = "custom"
+    # the Hugging Face family this architecture is written as (dropup.families: llama, mistral, qwen2, qwen3);
+    # an MoE is written as the MoE family it becomes (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    family: str = "llama"
     vocab_size: int = 8192
     n_layers: int = 4
     d_model: int = 128
@@ -36,14 +52,32 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    tie_embeddings: bool = False
+    rope_scaling: Optional[dict[str, Any]] = None
+    attn_bias: bool = False
+    qk_norm: bool = False
+    head_dim: Optional[int] = None  # null: d_model / n_heads
+    sliding_window: Optional[int] = None
+    sliding_window_from_layer: int = 0
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads"):
             _require(getattr(self, field) > 0, f"model.{field} must be positive, got {getattr(self, field)}")
-        _require(
-            self.d_model % self.n_heads == 0,
-            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: pick heads that divide it",
-        )
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: pick heads that "
+                "divide it, or set model.head_dim",
+            )
+        else:
+            _require(self.head_dim > 0 and self.head_dim % 2 == 0,
+                     f"model.head_dim={self.head_dim} must be a positive even number (RoPE rotates pairs)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            _require(kind in ROPE_SCALINGS, f"model.rope_scaling.rope_type={kind!r} is not supported; choose one "
+                     f"of {ROPE_SCALINGS} or set model.rope_scaling=null")
+        if self.sliding_window is not None:
+            _require(self.sliding_window > 0, f"model.sliding_window={self.sliding_window} must be positive or null")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} (grouped-query "
@@ -51,8 +85,13 @@ class ModelConfig:
         )
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def d_head(self) -> int:
+        """Width of one attention head (K in shape names)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window in effect on `layer`, or None for full causal attention."""
+        return self.sliding_window if layer >= self.sliding_window_from_layer else None
 
 
 @dataclass

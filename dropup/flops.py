@@ -15,12 +15,15 @@ def _active(moe: MoEConfig | None) -> MoEConfig | None:
 
 
 def param_counts(model: ModelConfig, moe: MoEConfig | None = None) -> dict[str, int]:
-    """Total and active (used per token) parameter counts, embeddings and LM head included (untied)."""
+    """Total and active (used per token) parameter counts, embeddings and LM head included (once when tied)."""
     check_pair(model, moe)
     moe = _active(moe)
-    d, h = model.d_model, model.head_dim
-    embeddings = 2 * model.vocab_size * d  # input embedding + untied LM head
-    attention = d * h * (model.n_heads + 2 * model.n_kv_heads) + model.n_heads * h * d
+    d, h = model.d_model, model.d_head
+    embeddings = (1 if model.tie_embeddings else 2) * model.vocab_size * d
+    qkv_width = h * (model.n_heads + 2 * model.n_kv_heads)
+    attention = d * qkv_width + model.n_heads * h * d
+    attention += qkv_width if model.attn_bias else 0
+    attention += 2 * h if model.qk_norm else 0
     norms = 2 * d
     if moe is None:
         ffn_total = ffn_active = 3 * d * model.d_ff
@@ -40,22 +43,27 @@ def forward_flops_per_sequence(model: ModelConfig, moe: MoEConfig | None, seq_le
     check_pair(model, moe)
     moe = _active(moe)
     s, d_h, v = seq_len, model.d_model, model.vocab_size
-    n_h, n_q, d_k = model.n_heads, model.n_kv_heads, model.head_dim
+    n_h, n_q, d_k = model.n_heads, model.n_kv_heads, model.d_head
     embeddings = 2 * s * v * d_h
-    attention = (
-        4 * s * d_h * d_k * n_q  # key and value projections
-        + 2 * s * d_h * d_k * n_h  # query projection
-        + 2 * s * s * d_k * n_h  # key @ query logits
-        + 2 * s * s * d_k * n_h  # attention matrix @ values
-        + 2 * s * d_k * n_h * d_h  # output projection
-    )
+
+    def attention(keys: int) -> int:  # keys per query: s (Table 3), or the sliding window where it is shorter
+        return (
+            4 * s * d_h * d_k * n_q  # key and value projections
+            + 2 * s * d_h * d_k * n_h  # query projection
+            + 2 * s * keys * d_k * n_h  # key @ query logits
+            + 2 * s * keys * d_k * n_h  # attention matrix @ values
+            + 2 * s * d_k * n_h * d_h  # output projection
+        )
+
+    windows = [model.window_of(layer) for layer in range(model.n_layers)]
+    attention_all = sum(attention(min(s, w) if w else s) for w in windows)
     if moe is None:
         ffn = 4 * s * d_h * model.d_ff + 2 * s * model.d_ff * d_h
     else:
         d_f = moe.expert_d_ff(model)
         ffn = moe.top_k * (4 * s * d_h * d_f + 2 * s * d_f * d_h)
     logits = 2 * s * d_h * v
-    return float(embeddings + model.n_layers * (attention + ffn) + logits)
+    return float(embeddings + attention_all + model.n_layers * ffn + logits)
 
 
 def train_flops(model: ModelConfig, moe: MoEConfig | None, tokens: int, seq_len: int) -> float:

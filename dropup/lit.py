@@ -62,8 +62,10 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        decay = [p for n, p in self.model.named_parameters() if not n.endswith("norm.weight")]
-        no_decay = [p for n, p in self.model.named_parameters() if n.endswith("norm.weight")]
+        # norm gains and biases are not decayed (the usual AdamW grouping; the paper's models have no biases)
+        plain = lambda n: n.endswith("norm.weight") or n.endswith(".bias")  # noqa: E731
+        decay = [p for n, p in self.model.named_parameters() if not plain(n)]
+        no_decay = [p for n, p in self.model.named_parameters() if plain(n)]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],

@@ -2,11 +2,14 @@
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Llama),
 grouped-query attention through `scaled_dot_product_attention`, SwiGLU FFNs, untied input/output embeddings.
+What the HF families add is switched by `ModelConfig` fields (tied embeddings, RoPE scaling, q/k/v biases, q/k
+RMSNorm, a free head width, a sliding window); with all of them off this is the paper's model.
 Shapes: B batch, S sequence, D d_model, H query heads, G KV heads, K head dim, V vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +33,31 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None):
-    inv_freq_K2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE's K/2 inverse frequencies theta^(-2i/K), rescaled as `cfg.rope_scaling` says.
+
+    `linear` divides every frequency by `factor` (position interpolation). `llama3` (Llama 3.1) divides only the
+    low frequencies: wavelengths longer than original_max_position_embeddings / low_freq_factor are stretched by
+    `factor`, those shorter than original_max_position_embeddings / high_freq_factor are kept, and in between the
+    two are blended linearly in context / wavelength.
+    """
+    K = cfg.d_head
+    inv_freq_K2 = 1.0 / (cfg.rope_theta ** (torch.arange(0, K, 2, device=device, dtype=torch.float32) / K))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return inv_freq_K2 / float(scaling["factor"])
+    if kind == "llama3":
+        factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = float(scaling["original_max_position_embeddings"])
+        wavelength_K2 = 2 * math.pi / inv_freq_K2
+        keep_K2 = ((context / wavelength_K2 - low) / (high - low)).clamp(0.0, 1.0)  # 0: stretch, 1: keep
+        return (1 - keep_K2) * inv_freq_K2 / factor + keep_K2 * inv_freq_K2
+    return inv_freq_K2
+
+
+def rope_cos_sin(seq_len: int, cfg: ModelConfig, device=None):
+    inv_freq_K2 = rope_inv_freq(cfg, device)
     angles_SK2 = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq_K2)
     angles_SK = torch.cat([angles_SK2, angles_SK2], dim=-1)
     return angles_SK.cos(), angles_SK.sin()
@@ -44,22 +70,36 @@ def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, window
+        K = cfg.d_head
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * K, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * K, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * K, bias=cfg.attn_bias)
+        self.wo = nn.Linear(cfg.n_heads * K, cfg.d_model, bias=False)
+        # Qwen3: each head's q and k are RMS-normalized (one gain vector of K shared by the heads) before RoPE
+        self.q_norm = RMSNorm(K, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(K, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGSK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSHK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k_BSGK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHK, k_BSGK = self.q_norm(q_BSHK), self.k_norm(k_BSGK)
+        q_BHSK, k_BGSK = q_BSHK.transpose(1, 2), k_BSGK.transpose(1, 2)
         v_BGSK = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSK, k_BGSK = apply_rope(q_BHSK, cos_SK, sin_SK), apply_rope(k_BGSK, cos_SK, sin_SK)
+        mask_SS = None
+        if self.window is not None and S > self.window:
+            # a query attends to itself and the window - 1 keys before it
+            pos_S = torch.arange(S, device=x_BSD.device)
+            offset_SS = pos_S[:, None] - pos_S[None, :]
+            mask_SS = (offset_SS >= 0) & (offset_SS < self.window)
         out_BHSK = F.scaled_dot_product_attention(
-            q_BHSK, k_BGSK, v_BGSK, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q_BHSK, k_BGSK, v_BGSK, attn_mask=mask_SS, is_causal=mask_SS is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, -1))
 
@@ -78,10 +118,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cfg.window_of(layer))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe is not None and moe.enabled
         self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
@@ -147,9 +187,10 @@ class Transformer(nn.Module):
         check_pair(cfg, moe)
         self.cfg, self.moe = cfg, (moe if moe is not None and moe.enabled else None)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self.moe) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.moe, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # tied: the output projection is tok_emb.weight itself (one tensor in the state dict, no `lm_head.weight`)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -160,16 +201,20 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             else:
                 param.normal_(0.0, self.cfg.init_std)
 
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
-        cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
+        cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg, tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS)
         router_logits: list[torch.Tensor] = []
         for block in self.layers:
             x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits)
-        return ModelOutput(self.lm_head(self.norm(x_BSD)), router_logits)
+        normed_BSD = self.norm(x_BSD)
+        logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
+        return ModelOutput(logits_BSV, router_logits)
 
     def losses(self, out: ModelOutput, targets_BS: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted."""

@@ -21,6 +21,8 @@ ROUTER = "normal:0.02"
 def scratch_tensor(name: str, shape, std: float, seed: int) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     return rng.normal(tuple(shape), 0.0, std, seed, name)
 
 

@@ -1,0 +1,48 @@
+"""Qwen3 (model_type `qwen3`) -> Qwen3-MoE (`qwen3_moe`).
+
+Config: each head's q and k are RMS-normalized before RoPE, `head_dim` is its own field (128 where
+hidden / heads is not), q/k/v/o have no biases unless `attention_bias` (refused: o's bias has no place in the
+MoE's experts... nor in ours), the window slides as in Qwen2, and small models tie their embeddings.
+Qwen3-MoE has no shared expert; it needs `norm_topk_prob: true` to route as the paper does. Expert names as
+Qwen2-MoE's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.families.qwen2 import Qwen2
+
+
+class Qwen3(Qwen2):
+    dense_type = "qwen3"
+    moe_type = "qwen3_moe"
+
+    def read_fields(self, config: Mapping) -> dict:
+        if config.get("attention_bias"):
+            raise ConfigError("config field attention_bias=true: this Qwen3 has an o_proj bias, which dropup "
+                              "cannot hold")
+        fields = super(Qwen2, self).read_fields(config)
+        return {**fields, "qk_norm": True, "head_dim": int(config.get("head_dim") or fields["d_model"] //
+                                                            fields["n_heads"])}
+
+    def read_moe(self, config: Mapping) -> MoEConfig:
+        return super().read_moe({**config, "shared_expert_intermediate_size": 0})
+
+    def check(self, model: ModelConfig) -> None:
+        if model.attn_bias or not model.qk_norm:
+            raise ConfigError("model family qwen3 has q/k norms and no q/k/v biases: set model.qk_norm=true, "
+                              "model.attn_bias=false")
+
+    def write_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
+        fields = super().write_fields(model, moe)
+        fields.pop("shared_expert_intermediate_size", None)
+        fields.pop("qkv_bias", None)
+        return {**fields, "attention_bias": False}
+
+    def extra_moe_tensors(self, layer, model, dtype):
+        return {}
+
+
+FAMILY = Qwen3()

@@ -1,0 +1,169 @@
+"""Every supported family against transformers' own classes: same weights, same logits; upcycled at r = 0, the
+MoE family's class computes the dense function. Tiny random models built from transformers' config classes (no
+hub); biases, norm gains and q/k norms get non-trivial values so that a dropped one would show."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dropup import families
+from dropup.config import ConfigError, MoEConfig
+from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf
+from dropup.init import build_moe_state
+from dropup.init.drop import DropUpcycling
+from dropup.init.naive import NaiveUpcycling
+from dropup.model import Transformer, rope_inv_freq
+
+BASE = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
+# each family with the features its popular checkpoints have, made visible at this size
+CASES = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}, tie_word_embeddings=True),
+    "llama-linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "mistral": dict(sliding_window=5, head_dim=16),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, tie_word_embeddings=True),
+    "qwen3": dict(head_dim=16, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 1000000.0}),
+}
+MOE = MoEConfig(enabled=True, num_experts=4, top_k=2)
+
+
+def model_type(case):
+    return case.split("-")[0]
+
+
+def hf_dense(case, seed=0):
+    """A transformers dense model of the case's family with every parameter random (norms and biases too)."""
+    config = AutoConfig.for_model(model_type(case), **BASE, **CASES[case])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1 if name.endswith("bias") else 0.05)
+    return model
+
+
+def ours_from(hf_model):
+    model_cfg, moe_cfg = configs_from_hf(hf_model.config.to_dict())
+    ours = Transformer(model_cfg, moe_cfg if moe_cfg.enabled else None).eval()
+    state = from_hf(hf_model.state_dict(), model_cfg.family, tied=model_cfg.tie_embeddings)
+    ours.load_state_dict(state, strict=True)
+    return ours, model_cfg
+
+
+def tokens(vocab, seq=16):
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dense_logits_equal_transformers(case):
+    theirs = hf_dense(case)
+    ours, cfg = ours_from(theirs)
+    x = tokens(cfg.vocab_size)
+    assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+    # the config says what the family has: nothing dropped, nothing invented
+    assert cfg.family == model_type(case)
+    assert cfg.tie_embeddings == bool(CASES[case].get("tie_word_embeddings"))
+    assert cfg.attn_bias == (case == "qwen2") and cfg.qk_norm == (case == "qwen3")
+    assert cfg.sliding_window == CASES[case].get("sliding_window")
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-linear"])
+def test_rope_inverse_frequencies_equal_transformers(case):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.for_model("llama", **BASE, **CASES[case])
+    theirs, factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, "cpu")
+    model_cfg, _ = configs_from_hf(config.to_dict())
+    assert factor == 1.0
+    assert_close(rope_inv_freq(model_cfg), theirs.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("strategy", [NaiveUpcycling(), DropUpcycling(ratio=0.0)], ids=["naive", "drop-r0"])
+def test_upcycled_at_r0_the_moe_family_computes_the_dense_function(case, strategy, tmp_path):
+    dense = hf_dense(case)
+    ours, cfg = ours_from(dense)
+    moe_state = build_moe_state(strategy, [ours.state_dict()], cfg, MOE, seed=0)
+    config = hf_config(cfg, MOE)
+    assert config.model_type == families.family(cfg.family).moe_type
+    theirs = AutoModelForCausalLM.from_config(config).eval()
+    hf_state = to_hf(moe_state, MOE, family=cfg.family)
+    for layer in range(cfg.n_layers):
+        hf_state.update(families.family(cfg.family).extra_moe_tensors(layer, cfg, torch.float32))
+    missing, unexpected = theirs.load_state_dict(hf_state, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
+    x = tokens(cfg.vocab_size)
+    assert_close(theirs(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+    # what save_pretrained writes (per expert) reads back into the same model, and loads again
+    theirs.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_close(loaded(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+
+    reread, moe = configs_from_hf(loaded.config.to_dict())
+    back = Transformer(reread, moe).eval()
+    back.load_state_dict(from_hf(load_file(tmp_path / "model.safetensors"), reread.family, reread.tie_embeddings))
+    assert_close(back(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_random_moe_matches_its_family_logits_and_aux_loss(case):
+    cfg, _ = configs_from_hf(AutoConfig.for_model(model_type(case), **BASE, **CASES[case]).to_dict())
+    torch.manual_seed(3)
+    ours = Transformer(cfg, MOE).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    theirs = AutoModelForCausalLM.from_config(hf_config(cfg, MOE)).eval()
+    hf_state = to_hf(ours.state_dict(), MOE, family=cfg.family)
+    for layer in range(cfg.n_layers):
+        hf_state.update(families.family(cfg.family).extra_moe_tensors(layer, cfg, torch.float32))
+    theirs.load_state_dict(hf_state, strict=False)
+    x = tokens(cfg.vocab_size)
+    out = ours(x)
+    ref = theirs(x, labels=x, output_router_logits=True)
+    assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    losses = ours.losses(type(out)(out.logits[:, :-1], out.router_logits), x[:, 1:])
+    assert_close(losses["lb_loss"], ref.aux_loss)
+    assert theirs.config.router_aux_loss_coef == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "phi3", "olmo"])
+def test_other_families_are_one_error_naming_the_supported_ones(model_type):
+    with pytest.raises(ConfigError, match="llama -> mixtral, mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe"):
+        configs_from_hf({**BASE, "model_type": model_type})
+
+
+def test_qwen_moe_that_would_not_route_like_the_paper_is_refused():
+    config = hf_config(configs_from_hf({**BASE, "model_type": "qwen2"})[0], MOE).to_dict()
+    configs_from_hf(config)  # what we write reads back
+    with pytest.raises(ConfigError, match="norm_topk_prob"):
+        configs_from_hf({**config, "norm_topk_prob": False})
+    with pytest.raises(ConfigError, match="shared expert"):
+        configs_from_hf({**config, "shared_expert_intermediate_size": 64})
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parameter_counts_are_the_real_models(case):
+    """flops.param_counts counts biases, q/k norms, the head width and tied embeddings (once) as the models hold
+    them: ours and transformers' (whose parameters() lists a tied matrix once)."""
+    from dropup.flops import param_counts
+
+    dense = hf_dense(case)
+    ours, cfg = ours_from(dense)
+    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert param_counts(cfg)["total_params"] == numel(ours) == numel(dense)
+    with torch.device("meta"):
+        moe_model = Transformer(cfg, MOE)
+    counts = param_counts(cfg, MOE)
+    assert counts["total_params"] == numel(moe_model)
+    expert = 3 * cfg.d_model * cfg.d_ff
+    assert counts["total_params"] - counts["active_params"] == cfg.n_layers * (MOE.num_experts - MOE.top_k) * expert
