@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dropup import shards, upcycle
+from dropup.upcycle import convert as upcycle_convert, output as upcycle_output
 from dropup.config import ModelConfig, MoEConfig
 from dropup.hf import from_hf, hf_config, to_hf
 from dropup.init import STRATEGIES, build_moe_state
@@ -198,14 +199,14 @@ def _kill_after(monkeypatch, cls, method, calls):
 
 
 def _kill_before_config(patch):
-    original = upcycle.atomic_write
+    original = upcycle_output.atomic_write
 
     def dying(path, data):
         if path.name == "config.json":
             raise Killed
         original(path, data)
 
-    patch.setattr(upcycle, "atomic_write", dying)
+    patch.setattr(upcycle_output, "atomic_write", dying)
 
 
 @pytest.mark.parametrize("where", ["after-2-shards", "inside-a-shard", "before-recording-a-shard",
@@ -215,11 +216,11 @@ def test_a_killed_conversion_resumes_to_byte_identical_files(dense, tmp_path, mo
     clean = convert(dense[:1], tmp_path / "clean", *args)
     with monkeypatch.context() as patch:
         if where == "after-2-shards":
-            _kill_after(patch, upcycle.Progress, "record", 2)
+            _kill_after(patch, upcycle_output.Progress, "record", 2)
         elif where == "inside-a-shard":
             _kill_after(patch, shards.ShardWriter, "write", 20)
         elif where == "before-recording-a-shard":  # renamed into place, not yet in the progress file
-            _kill_after(patch, upcycle.Progress, "record", 1)
+            _kill_after(patch, upcycle_output.Progress, "record", 1)
         else:  # every shard, the manifest and the index are written
             _kill_before_config(patch)
         with pytest.raises(Killed):
@@ -235,7 +236,7 @@ def test_a_killed_conversion_resumes_to_byte_identical_files(dense, tmp_path, mo
 def test_partial_output_with_other_arguments_and_complete_output_need_force(dense, tmp_path, monkeypatch, capsys):
     out = tmp_path / "moe"
     with monkeypatch.context() as patch:
-        _kill_after(patch, upcycle.Progress, "record", 1)
+        _kill_after(patch, upcycle_output.Progress, "record", 1)
         with pytest.raises(Killed):
             run("--dense", dense[0], "--out", out, "--init", "drop", "--shard-size", "60KB")
     capsys.readouterr()
@@ -399,12 +400,12 @@ def test_streamed_shards_read_back_exactly_with_safetensors(tmp_path, monkeypatc
 
 
 def test_a_target_tensor_never_produced_fails_and_nothing_looks_complete(dense, tmp_path, monkeypatch, capsys):
-    original = upcycle.moe_tensors
+    original = upcycle_convert.moe_tensors
 
     def losing_one(*args, **kwargs):
         return ((name, t) for name, t in original(*args, **kwargs) if name != "layers.1.attn.wo.weight")
 
-    monkeypatch.setattr(upcycle, "moe_tensors", losing_one)
+    monkeypatch.setattr(upcycle_convert, "moe_tensors", losing_one)
     assert run("--dense", dense[0], "--out", tmp_path / "moe", "--init", "naive") == 1
     err = capsys.readouterr().err
     assert "the next planned tensor is model.layers.1.self_attn.o_proj.weight" in err and err.count("\n") == 1

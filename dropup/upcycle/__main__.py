@@ -1,0 +1,3 @@
+from dropup.upcycle.cli import main
+
+raise SystemExit(main())

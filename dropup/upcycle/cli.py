@@ -1,0 +1,116 @@
+"""The dropup-upcycle command line: its options, its errors as one line each, and the closing summary."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+
+from dropup.config import ConfigError
+from dropup.hf import LAYOUTS
+from dropup.init import STRATEGIES
+from dropup.shards import PlanError
+from dropup.upcycle.common import DTYPES, MANIFEST, UpcycleError, _bytes, _count
+from dropup.upcycle.convert import Result, upcycle
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage dump
+        self.exit(2, f"error: {message} (see dropup-upcycle --help)\n")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (decimal units as transformers' max_shard_size; KiB/MiB/GiB are binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    if number * scale < 1:
+        raise argparse.ArgumentTypeError(f"shard size {text!r} must be at least one byte")
+    return int(number * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="dropup-upcycle",
+        description="Upcycle dense Hugging Face Llama checkpoints (safetensors) into a Mixtral checkpoint.",
+    )
+    p.add_argument("--dense", action="append", required=True, type=Path, metavar="DIR",
+                   help="HF Llama directory (config.json + safetensors) or dropup run directory; repeat for btx")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (HF Mixtral)")
+    p.add_argument("--init", required=True, choices=sorted(STRATEGIES), help="how experts are initialized")
+    p.add_argument("--ratio", type=float, help="re-initialized share of d_ff per expert (drop, noise; default 0.5)")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--index-mode", choices=("shared", "per-matrix"),
+                   help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="split each dense FFN into G narrower experts (fine-grained; default 1)")
+    p.add_argument("--router-init",
+                   help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346; "
+                        "normal:0.02 for --init scratch, like every other weight matrix)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=("keep", *DTYPES), default="keep",
+                   help="output dtype; keep = that of the dense weights (fp32 for scratch) (default keep)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                   help="per-expert (save_pretrained's w1/w2/w3 names; default) or fused (gate_up_proj/down_proj)")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                   help="largest output shard, e.g. 5GB (default), 500MB")
+    p.add_argument("--force", action="store_true", help="replace an existing or unfinished output in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="check the written model against the dense one(s) (logits at r=0, re-initialized shares)")
+    return p
+
+
+def summary(result: Result) -> str:
+    m = result.manifest
+    o, params = m["options"], m["params"]
+    how = {"drop": f"drop r={o['ratio']} ({o['index_mode']} index sets)", "noise": f"noise r={o['ratio']} "
+           f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
+    sources = ", ".join(d["path"] for d in m["dense"])
+    resumed = f", resuming {result.shards_resumed} shard(s) already written" if result.shards_resumed else ""
+    rate = result.bytes_written / result.seconds if result.seconds else 0.0
+    carried = (f" Carried over from the dense directory: {', '.join(m['carried'])}." if m["carried"] else
+               " The dense directory had no tokenizer files to carry over.")
+    return (
+        f"Upcycled {sources} into a Mixtral with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
+        f"init {how}, "
+        f"router {o['router_init']}, seed {o['seed']}: {_count(params['total_params'])} parameters in total, "
+        f"{_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "
+        f"({o['layout']} layout) in {len(m['files'])} shard(s). Wrote {_bytes(result.bytes_written)} in "
+        f"{result.seconds:.1f} s ({_bytes(rate)}/s){resumed}. Every tensor's sha256"
+        f"{' and the re-initialized neuron sets' if m['reinitialized'] else ''} are in {MANIFEST}; load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained('{result.out}').{carried}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        result = upcycle(args, console)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (UpcycleError, PlanError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: {err}: fix the cause (disk space, permissions) and re-run the same command to resume",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted: re-run the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    for line in result.verify_lines:
+        print(line)
+    print(summary(result))
+    return 1 if any(line.startswith("FAIL") for line in result.verify_lines) else 0

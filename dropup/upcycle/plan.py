@@ -1,0 +1,132 @@
+"""Planning a conversion before writing anything: the strategy from the options, the checked inputs, every output tensor
+in its shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
+from dropup.hf import hf_tensors
+from dropup.init import STRATEGIES, InitStrategy
+from dropup.init.base import check_sources, moe_shapes
+from dropup.shards import CheckpointReader, PlannedTensor
+from dropup.upcycle.common import DTYPE_LABELS, DTYPES
+from dropup.upcycle.inputs import Dense, _same_architecture, open_dense
+
+
+def make_strategy(args: argparse.Namespace) -> InitStrategy:
+    """The init strategy the options describe; options that do not apply to it are errors, not ignored."""
+    kwargs: dict = {"router": args.router_init} if args.router_init else {}
+    if args.init in ("drop", "noise"):
+        kwargs["ratio"] = 0.5 if args.ratio is None else args.ratio
+        kwargs["index_mode"] = args.index_mode or "shared"
+    else:
+        for flag, value in (("--ratio", args.ratio), ("--index-mode", args.index_mode)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --init drop and noise only, not --init {args.init}: drop it")
+    return STRATEGIES[args.init](**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Shard:
+    """One output file: the tensors it holds, in order, and our names of the tensors they come from."""
+
+    file: str
+    tensors: list[PlannedTensor]
+    sources: set[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(model: ModelConfig, moe: MoEConfig, layout: str, dtype: torch.dtype, max_bytes: int) -> list[Shard]:
+    """Every output tensor (our state-dict order, as HF names), cut into shards of at most `max_bytes`.
+
+    Shapes come from the model built on the meta device, mapped by the same `hf_tensors` the writer uses, so the
+    plan is exact before any weight exists; a tensor larger than `max_bytes` gets a shard of its own."""
+    groups: list[list[tuple[PlannedTensor, str]]] = [[]]
+    size = 0
+    for ours, shape in moe_shapes(model, moe).items():
+        for name, meta in hf_tensors(ours, torch.empty(shape, dtype=dtype, device="meta"), layout).items():
+            planned = PlannedTensor(name, tuple(meta.shape), dtype)
+            if groups[-1] and size + planned.nbytes > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((planned, ours))
+            size += planned.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", [t for t, _ in g], {o for _, o in g})
+            for i, g in enumerate(groups)]
+
+
+@dataclass
+class Job:
+    """A conversion, fully validated before anything is written."""
+
+    strategy: InitStrategy
+    inputs: list[Dense]
+    readers: list[CheckpointReader]  # empty for scratch, which reads only the config
+    model: ModelConfig
+    moe: MoEConfig
+    dtype: torch.dtype
+    shards: list[Shard]
+    options: dict  # everything that determines the output bytes (compared on resume)
+    out: Path
+
+
+def plan_job(args: argparse.Namespace) -> Job:
+    """Check every input and option, and plan every output tensor; reads headers only, writes nothing."""
+    strategy = make_strategy(args)
+    if args.init == "scratch" and len(args.dense) != 1:
+        raise ConfigError("--init scratch reads only the architecture (config.json) of one --dense directory")
+    inputs = [open_dense(p) for p in args.dense]
+    model = _same_architecture(inputs)
+    try:
+        moe = MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity)
+        check_pair(model, moe)
+    except ConfigError as err:  # say it in the CLI's words
+        message = str(err)
+        for field_name, flag in (("moe.num_experts", "--experts"), ("moe.top_k", "--top-k"),
+                                 ("moe.granularity", "--granularity")):
+            message = message.replace(field_name, flag)
+        raise ConfigError(message) from None
+    readers = [] if args.init == "scratch" else [d.reader() for d in inputs]
+    try:
+        strategy.validate(len(readers), moe)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (one --dense per model)") from None
+    check_sources(readers, model)
+    dtype = DTYPES.get(args.dtype) or (readers[0].meta("tok_emb.weight")[1] if readers else torch.float32)
+    out = args.out.resolve()
+    for d in inputs:
+        if out == d.path or out.is_relative_to(d.path) or d.path.is_relative_to(out):
+            raise ConfigError(f"--out {out} overlaps --dense {d.path}: write the MoE to a directory of its own")
+    options = {
+        "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
+        "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
+        "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
+        "router_init": strategy.router, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
+        "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
+    }
+    return Job(strategy, inputs, readers, model, moe, dtype,
+               plan_shards(model, moe, args.layout, dtype, args.shard_size), options, out)
+
+
+def _layer_bytes(model: ModelConfig, moe: MoEConfig, dtype: torch.dtype) -> int:
+    """Bytes of one layer's experts (or of the largest tensor, if bigger): the writer's memory budget."""
+    shapes = moe_shapes(model, moe)
+    numel = [math.prod(shape) for shape in shapes.values()]
+    experts = math.prod(shapes["layers.0.ffn.w_gate_up"]) + math.prod(shapes["layers.0.ffn.w_down"])
+    return max(experts, *numel) * torch.empty((), dtype=dtype).element_size()
+
+

@@ -1,0 +1,139 @@
+"""--verify: the written checkpoint against the dense model(s), streaming index-set checks and logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dropup.config import ModelConfig
+from dropup.flops import param_counts
+from dropup.hf import hf_config
+from dropup.init.base import ExpertKey, expert_source, reinit_count
+from dropup.shards import CheckpointReader, scan
+from dropup.upcycle.common import INDEX, VERIFY_MAX_PARAMS, _count
+from dropup.upcycle.inputs import Dense
+from dropup.upcycle.plan import Job
+
+
+# ------------------------------------------------------------------------------------------------- verifying
+
+
+def _output_reader(out: Path) -> CheckpointReader:
+    weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+    return CheckpointReader(scan(sorted({out / f for f in weight_map.values()})))
+
+
+def _output_experts(output: CheckpointReader, layer: int, layout: str, d_f: int, n: int) -> list[tuple]:
+    """(W_gate (F, D), W_up (F, D), W_down (D, F)) of every expert of one layer, as written."""
+    if layout == "fused":
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = output[prefix + "gate_up_proj"], output[prefix + "down_proj"]
+        return [(gate_up[e, :d_f], gate_up[e, d_f:], down[e]) for e in range(n)]
+    prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+    return [tuple(output[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w3", "w2")) for e in range(n)]
+
+
+def changed_neurons(new_FD: torch.Tensor, old_FD: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of the neurons (rows in the (F, D) layout) where an expert differs from its source."""
+    return (new_FD != old_FD).any(dim=1).nonzero().flatten()
+
+
+def verify(job: Job) -> list[str]:
+    """Check the written files against the dense model(s); lines starting with FAIL mark a failed check.
+
+    1. Streaming, any size (not scratch): in every expert and matrix, exactly the neurons of the strategy's index
+       set differ from the source FFN slice (none for naive and BTX); prints the re-initialized share per expert
+       and matrix.
+    2. When small enough to load twice in fp32: logits of the MoE (transformers) vs the dense model -- equal up
+       to rounding at r = 0, finite otherwise."""
+    lines = [] if job.strategy.name == "scratch" else _verify_index_sets(job)
+    total = param_counts(job.model, job.moe)["total_params"]
+    if total > VERIFY_MAX_PARAMS:
+        return [*lines, f"logits: not compared ({_count(total)} parameters; transformers runs both models only "
+                        f"below {_count(VERIFY_MAX_PARAMS)})"]
+    return lines + _verify_logits(job)
+
+
+def _verify_index_sets(job: Job) -> list[str]:
+    model, moe, strategy, seed = job.model, job.moe, job.strategy, job.options["seed"]
+    d_f, n_e, n_l = moe.expert_d_ff(model), moe.num_experts, model.n_layers
+    output = _output_reader(job.out)
+    readers = [d.reader() for d in job.inputs]
+    none = torch.empty(0, dtype=torch.long)
+    share = np.zeros((n_e, 3))  # changed neurons / d_f, mean over layers, per (expert, gate/up/down)
+    mismatches = []
+    for layer in range(n_l):
+        ffn = {}
+        for e, written in enumerate(_output_experts(output, layer, job.options["layout"], d_f, n_e)):
+            m, part = expert_source(e, n_e, moe.granularity, len(readers))
+            if m not in ffn:
+                ffn[m] = [readers[m][f"layers.{layer}.ffn.{w}.weight"].to(job.dtype)
+                          for w in ("w_gate", "w_up", "w_down")]
+            cols = slice(part * d_f, (part + 1) * d_f)
+            source = (ffn[m][0][cols], ffn[m][1][cols], ffn[m][2][:, cols].t())
+            expected = (strategy.indices(d_f, ExpertKey(seed, layer, e)) if hasattr(strategy, "indices")
+                        else {"gate": none, "up": none, "down": none})
+            for j, (matrix, new, old) in enumerate(zip(("gate", "up", "down"),
+                                                       (written[0], written[1], written[2].t()), source)):
+                changed = changed_neurons(new, old)
+                share[e, j] += changed.numel() / d_f / n_l
+                if not torch.equal(changed, expected[matrix]):
+                    mismatches.append(f"layer {layer} expert {e} {matrix}")
+    count = reinit_count(strategy.ratio, d_f) if hasattr(strategy, "indices") else 0
+    lines = [f"re-initialized share of each expert's d_ff={d_f} neurons, mean over {n_l} layers "
+             f"(the init sets floor(r * d_f) / d_f = {count / d_f:.4f}):",
+             "  expert   gate     up       down"]
+    lines += [f"  {e:<6}   {share[e, 0]:.4f}   {share[e, 1]:.4f}   {share[e, 2]:.4f}" for e in range(n_e)]
+    if mismatches:
+        return [*lines, f"FAIL: changed neurons differ from the init's index sets in {len(mismatches)} "
+                        f"place(s), first {mismatches[0]}"]
+    return [*lines, "OK: in every layer, expert and matrix exactly the init's neuron set differs from the dense "
+                    "source (the sets in the manifest)"]
+
+
+def _dense_transformers(dense: Dense, model: ModelConfig):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from dropup.hf import to_hf
+
+    if dense.kind == "hf":
+        return AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32)
+    llama = LlamaForCausalLM(hf_config(model))
+    llama.load_state_dict({k: v.float() for k, v in to_hf(load_file(dense.path / "model.safetensors")).items()})
+    return llama
+
+
+def _verify_logits(job: Job) -> list[str]:
+    """Both models in fp32; the dense weights are first rounded to the output dtype, as the MoE's were."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out, dense, model, moe, strategy = job.out, job.inputs[0], job.model, job.moe, job.strategy
+    seed, d_f = job.options["seed"], moe.expert_d_ff(job.model)
+    tokens = torch.randint(0, model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        moe_logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
+        if not torch.isfinite(moe_logits).all():
+            return ["FAIL: the MoE's logits are not finite"]
+        if strategy.name == "scratch":
+            return ["logits: the MoE loads with transformers and its logits are finite"]
+        reference = _dense_transformers(dense, model).eval()
+        for param in reference.parameters():
+            param.copy_(param.to(job.dtype))
+        dense_logits = reference(tokens).logits
+    diff = (moe_logits - dense_logits).abs().max().item()
+    dense_function = moe.granularity == 1 and (
+        strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0))
+    if not dense_function:
+        return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g} (not expected to be 0 for this init)"]
+    scale = dense_logits.abs().max().item()
+    verdict = "OK" if diff <= 1e-4 * (1 + scale) else "FAIL"
+    return [(f"{verdict}: logits of the MoE equal the dense model's (r = 0): max |difference| = {diff:.3g} "
+             f"(max |logit| {scale:.3g})")]
+
+
