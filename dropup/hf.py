@@ -62,6 +62,24 @@ def hf_tensors(name: str, tensor: torch.Tensor, layout: str = "fused", family: s
     return out
 
 
+def hf_output_tensors(name: str, tensor: torch.Tensor, layout: str, model: ModelConfig) -> dict:
+    """`hf_tensors` plus what the MoE family needs beyond our tensors, placed after each layer's last expert
+    tensor (Qwen2-MoE's size-0 shared expert): the converter plans and writes exactly this sequence."""
+    out = hf_tensors(name, tensor, layout, model.family)
+    match = LAYER.match(name)
+    if match and match.group(2) == "ffn.w_down":
+        extra = families.family(model.family).extra_moe_tensors(int(match.group(1)), model, tensor.dtype)
+        out.update({k: v.to(tensor.device) if tensor.device.type != "meta" else v.to("meta") for k, v in extra.items()})
+    return out
+
+
+def causal_lm_class(model_type: str) -> str:
+    """transformers' class name for a model_type (what config.json's `architectures` lists)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+
+
 _INVERSE_TOP = {v: k for k, v in TOP_NAMES.items()}
 _INVERSE_LAYER = {v: k for k, v in LAYER_NAMES.items()}
 
@@ -138,8 +156,8 @@ def hf_config(model: ModelConfig, moe: MoEConfig | None = None, **extra):
     """A transformers config object (LlamaConfig, Qwen2MoeConfig, ...) describing the same architecture."""
     from transformers import AutoConfig
 
-    fields = hf_config_dict(model, moe)
-    return AutoConfig.for_model(fields.pop("model_type"), **fields, **extra)
+    fields = {**hf_config_dict(model, moe), **extra}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def configs_from_hf(config: Mapping) -> tuple[ModelConfig, MoEConfig]:

@@ -167,3 +167,43 @@ def test_parameter_counts_are_the_real_models(case):
     assert counts["total_params"] == numel(moe_model)
     expert = 3 * cfg.d_model * cfg.d_ff
     assert counts["total_params"] - counts["active_params"] == cfg.n_layers * (MOE.num_experts - MOE.top_k) * expert
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converter_upcycles_every_family(case, tmp_path, capsys):
+    """dropup-upcycle on a saved checkpoint of each family: the MoE family's directory loads with
+    AutoModelForCausalLM, keeps the dense config's fields that still apply, computes the dense function at r = 0
+    (--verify says so too), and at r = 0.5 holds exactly what run.py's init builds."""
+    import json
+
+    from dropup import upcycle
+
+    dense = hf_dense(case)
+    dense.config.bos_token_id, dense.config.eos_token_id = 1, 2
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="40KB")  # sharded, through the index
+    ours, cfg = ours_from(dense)
+    x = tokens(cfg.vocab_size)
+    code = upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), "--init", "naive",
+                         "--experts", "4", "--verify"])
+    out = capsys.readouterr().out
+    assert code == 0 and "OK: logits of the MoE equal the dense model's" in out
+    written = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert written["model_type"] == families.family(cfg.family).moe_type
+    assert written["router_aux_loss_coef"] == 0.02 and (written["bos_token_id"], written["eos_token_id"]) == (1, 2)
+    assert written["tie_word_embeddings"] == cfg.tie_embeddings
+    assert written["rope_parameters"] == dense.config.to_dict()["rope_parameters"]
+    assert written.get("sliding_window") == dense.config.to_dict().get("sliding_window")
+    if cfg.family.startswith("qwen"):
+        assert written["norm_topk_prob"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert_close(loaded(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+
+    assert upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "drop"), "--init", "drop",
+                         "--ratio", "0.5", "--experts", "4", "--seed", "3"]) == 0
+    from safetensors.torch import load_file
+
+    files = sorted((tmp_path / "drop").glob("model-*.safetensors"))
+    converted = from_hf({k: v for f in files for k, v in load_file(f).items()}, cfg.family)
+    expected = build_moe_state(DropUpcycling(ratio=0.5), [ours.state_dict()], cfg, MOE, seed=3)
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)

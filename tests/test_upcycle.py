@@ -338,7 +338,7 @@ def test_a_tensor_with_no_place_in_llama_is_refused(dense, tmp_path, capsys):
     state["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     assert run("--dense", src, "--out", tmp_path / "moe", "--init", "naive") == 2
-    assert "model.layers.0.mlp.extra.weight is not part of a dense Llama model" in capsys.readouterr().err
+    assert "model.layers.0.mlp.extra.weight is not part of a dense llama model" in capsys.readouterr().err
 
 
 def test_an_output_directory_with_foreign_files_is_never_touched(dense, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""dropup-upcycle: turn Hugging Face Llama checkpoints into a Hugging Face Mixtral checkpoint (DESIGN contract 4).
+"""dropup-upcycle: turn dense Hugging Face checkpoints into the matching MoE family (DESIGN contract 4): Llama and
+Mistral into Mixtral, Qwen2/2.5 into Qwen2-MoE, Qwen3 into Qwen3-MoE (`dropup.families`).
 
     dropup-upcycle --dense llama-3.7b --out mixtral-8x3.7b --init drop --ratio 0.5
 

@@ -39,11 +39,13 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="dropup-upcycle",
-        description="Upcycle dense Hugging Face Llama checkpoints (safetensors) into a Mixtral checkpoint.",
+        description="Upcycle dense Hugging Face checkpoints (safetensors) into the matching MoE family: Llama, "
+                    "Mistral -> Mixtral; Qwen2 -> Qwen2-MoE; Qwen3 -> Qwen3-MoE.",
     )
     p.add_argument("--dense", action="append", required=True, type=Path, metavar="DIR",
-                   help="HF Llama directory (config.json + safetensors) or dropup run directory; repeat for btx")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (HF Mixtral)")
+                   help="HF directory of a supported family (config.json + safetensors) or dropup run directory; "
+                        "repeat for btx")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (the HF MoE family of the input)")
     p.add_argument("--init", required=True, choices=sorted(STRATEGIES), help="how experts are initialized")
     p.add_argument("--ratio", type=float, help="re-initialized share of d_ff per expert (drop, noise; default 0.5)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
@@ -79,7 +81,7 @@ def summary(result: Result) -> str:
     carried = (f" Carried over from the dense directory: {', '.join(m['carried'])}." if m["carried"] else
                " The dense directory had no tokenizer files to carry over.")
     return (
-        f"Upcycled {sources} into a Mixtral with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
+        f"Upcycled {sources} into a {m['model']['family']}-family MoE ({m.get('moe_type', 'mixtral')}) with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
         f"init {how}, "
         f"router {o['router_init']}, seed {o['seed']}: {_count(params['total_params'])} parameters in total, "
         f"{_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "

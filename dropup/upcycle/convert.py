@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from dropup.config import ConfigError
-from dropup.hf import hf_tensors
+from dropup.hf import hf_output_tensors
 from dropup.init import moe_tensors
 from dropup.shards import PlannedTensor
 from dropup.upcycle.common import BUILD_THREADS, UpcycleError, _bytes, _existing_parent
@@ -63,7 +63,7 @@ def stream(job: Job, todo: list[Shard], progress: Progress, console) -> None:
         try:
             for ours, tensor in moe_tensors(job.strategy, job.readers, job.model, job.moe, job.options["seed"],
                                             job.dtype, names=wanted, threads=BUILD_THREADS):
-                for name, part in hf_tensors(ours, tensor, job.options["layout"]).items():
+                for name, part in hf_output_tensors(ours, tensor, job.options["layout"], job.model).items():
                     if name not in done:
                         writer.put(name, part)
                 # Drop our references: only the writer may keep this layer alive while the next one is built.

@@ -41,8 +41,8 @@ class Dense:
 def open_dense(path: Path) -> Dense:
     path = path.resolve()
     if not path.is_dir():
-        raise ConfigError(f"--dense {path} is not a directory: name a Hugging Face Llama directory "
-                          "(config.json + *.safetensors) or a dropup run directory")
+        raise ConfigError(f"--dense {path} is not a directory: name a Hugging Face model directory of a supported "
+                          "family (config.json + *.safetensors) or a dropup run directory")
     if (path / "config.json").is_file():
         return _open_hf(path)
     if (path / "model.safetensors").is_file() and (_run_config(path) is not None):
@@ -83,9 +83,10 @@ def _open_hf(path: Path) -> Dense:
     except ValueError as err:  # invalid JSON
         raise ConfigError(f"{path / 'config.json'} is not a readable config ({err})") from None
     except KeyError as err:
-        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete Llama config") from None
+        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete model config") from None
     if moe.enabled:
-        raise ConfigError(f"--dense {path} is a Mixtral (MoE) model: upcycling starts from a dense Llama model")
+        raise ConfigError(f"--dense {path} is a {config.get('model_type')} (MoE) model: upcycling starts from a "
+                          "dense model")
     files, weight_map = _weight_files(path)
     stored = scan(files)
     if weight_map is not None:
@@ -96,7 +97,9 @@ def _open_hf(path: Path) -> Dense:
         absent = sorted(set(weight_map) - set(stored))
         if absent:
             raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
-    return Dense(path, "hf", model, _as_dense_names(model, stored, rename=renamed_from_hf),
+    if model.tie_embeddings:  # transformers ties lm_head at load: a stored copy is redundant (and not ours)
+        stored.pop("lm_head.weight", None)
+    return Dense(path, "hf", model, _as_dense_names(model, stored, rename=lambda n: renamed_from_hf(n, model.family)),
                  config_fields={k: config[k] for k in KEPT_CONFIG_FIELDS if config.get(k) is not None},
                  carried=[path / f for f in CARRIED_FILES if (path / f).is_file()])
 
@@ -136,8 +139,8 @@ def _as_dense_names(model: ModelConfig, stored: dict, rename) -> dict:
     for name, entry in stored.items():
         ours = rename(name)
         if ours not in expected:
-            raise ConfigError(f"{entry.path}: tensor {name} is not part of a dense Llama model: dropup-upcycle "
-                              "converts plain Llama checkpoints only")
+            raise ConfigError(f"{entry.path}: tensor {name} is not part of a dense {model.family} model of this "
+                              "config: remove stray files (adapters, other checkpoints) from the directory")
         tensors[ours] = entry
     return tensors
 

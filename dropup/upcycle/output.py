@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.flops import param_counts
-from dropup.hf import hf_config
+from dropup.hf import causal_lm_class, hf_config
 from dropup.init.base import ExpertKey, reinit_count
 from dropup.shards import PARTIAL_SUFFIX, ShardWriter, atomic_write, file_digests, fsync_dir
 from dropup.upcycle.common import CARRIED_FILES, DTYPE_LABELS, FORMAT, INDEX, MANIFEST, PROGRESS, SHARD_NAME, UpcycleError
@@ -280,6 +281,7 @@ def write_outputs(job: Job, progress: Progress) -> dict:
         "options": {k: v for k, v in job.options.items() if k != "dense"},
         "dense": job.options["dense"],
         "model": asdict(model),
+        "moe_type": families.family(model.family).moe_type,
         "moe": {"num_experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
                 "expert_d_ff": moe.expert_d_ff(model)},
         "params": param_counts(model, moe),
@@ -296,7 +298,7 @@ def write_outputs(job: Job, progress: Progress) -> dict:
     atomic_write(out / INDEX, json.dumps(index, indent=2))
     extra = dict(inputs[0].config_fields)
     config = hf_config(model, moe, **extra)
-    config.architectures = ["MixtralForCausalLM"]
+    config.architectures = [causal_lm_class(config.model_type)]
     config.dtype = DTYPE_LABELS[job.dtype]
     atomic_write(out / "config.json", config.to_json_string(use_diff=False))
     progress.path.unlink()

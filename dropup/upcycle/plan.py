@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
-from dropup.hf import hf_tensors
+from dropup.hf import hf_output_tensors
 from dropup.init import STRATEGIES, InitStrategy
 from dropup.init.base import check_sources, moe_shapes
 from dropup.shards import CheckpointReader, PlannedTensor
@@ -52,12 +52,13 @@ class Shard:
 def plan_shards(model: ModelConfig, moe: MoEConfig, layout: str, dtype: torch.dtype, max_bytes: int) -> list[Shard]:
     """Every output tensor (our state-dict order, as HF names), cut into shards of at most `max_bytes`.
 
-    Shapes come from the model built on the meta device, mapped by the same `hf_tensors` the writer uses, so the
+    Shapes come from the model built on the meta device, mapped by the same `hf_output_tensors` the writer uses, so the
     plan is exact before any weight exists; a tensor larger than `max_bytes` gets a shard of its own."""
     groups: list[list[tuple[PlannedTensor, str]]] = [[]]
     size = 0
     for ours, shape in moe_shapes(model, moe).items():
-        for name, meta in hf_tensors(ours, torch.empty(shape, dtype=dtype, device="meta"), layout).items():
+        for name, meta in hf_output_tensors(ours, torch.empty(shape, dtype=dtype, device="meta"), layout,
+                                            model).items():
             planned = PlannedTensor(name, tuple(meta.shape), dtype)
             if groups[-1] and size + planned.nbytes > max_bytes:
                 groups.append([])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dropup import families
 from dropup.config import ModelConfig
 from dropup.flops import param_counts
 from dropup.hf import hf_config
@@ -26,14 +27,14 @@ def _output_reader(out: Path) -> CheckpointReader:
     return CheckpointReader(scan(sorted({out / f for f in weight_map.values()})))
 
 
-def _output_experts(output: CheckpointReader, layer: int, layout: str, d_f: int, n: int) -> list[tuple]:
+def _output_experts(output: CheckpointReader, layer: int, layout: str, d_f: int, n: int, family: str) -> list[tuple]:
     """(W_gate (F, D), W_up (F, D), W_down (D, F)) of every expert of one layer, as written."""
     if layout == "fused":
         prefix = f"model.layers.{layer}.mlp.experts."
         gate_up, down = output[prefix + "gate_up_proj"], output[prefix + "down_proj"]
         return [(gate_up[e, :d_f], gate_up[e, d_f:], down[e]) for e in range(n)]
-    prefix = f"model.layers.{layer}.block_sparse_moe.experts."
-    return [tuple(output[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w3", "w2")) for e in range(n)]
+    names = families.family(family).expert_names
+    return [tuple(output[f"model.layers.{layer}." + w.format(e=e)] for w in names) for e in range(n)]
 
 
 def changed_neurons(new_FD: torch.Tensor, old_FD: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def _verify_index_sets(job: Job) -> list[str]:
     mismatches = []
     for layer in range(n_l):
         ffn = {}
-        for e, written in enumerate(_output_experts(output, layer, job.options["layout"], d_f, n_e)):
+        for e, written in enumerate(_output_experts(output, layer, job.options["layout"], d_f, n_e, model.family)):
             m, part = expert_source(e, n_e, moe.granularity, len(readers))
             if m not in ffn:
                 ffn[m] = [readers[m][f"layers.{layer}.ffn.{w}.weight"].to(job.dtype)
@@ -96,15 +97,16 @@ def _verify_index_sets(job: Job) -> list[str]:
 
 def _dense_transformers(dense: Dense, model: ModelConfig):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from dropup.hf import to_hf
 
     if dense.kind == "hf":
         return AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32)
-    llama = LlamaForCausalLM(hf_config(model))
-    llama.load_state_dict({k: v.float() for k, v in to_hf(load_file(dense.path / "model.safetensors")).items()})
-    return llama
+    reference = AutoModelForCausalLM.from_config(hf_config(model))
+    state = to_hf(load_file(dense.path / "model.safetensors"), family=model.family)
+    reference.load_state_dict({k: v.float() for k, v in state.items()}, strict=not model.tie_embeddings)
+    return reference
 
 
 def _verify_logits(job: Job) -> list[str]:
