@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -39,8 +40,19 @@ def _tokenizer_file(run_dir: Path, data_dir: Path) -> Path | None:
     return None
 
 
+def _hf_seed(run_dir: Path) -> Path | None:
+    """The Hugging Face directory the run was upcycled from (its provenance), if it was."""
+    results = json.loads((run_dir / "results.json").read_text())
+    seed = (results.get("provenance") or {}).get("seed_model")
+    seed = seed[0] if isinstance(seed, list) else seed
+    return Path(seed) if seed and (Path(seed) / "config.json").is_file() else None
+
+
 def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from dropup import families
+    from dropup.upcycle.common import CARRIED_FILES
 
     from dropup.hf import hf_config, to_hf
 
@@ -49,19 +61,39 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     if not weights.is_file():
         raise ConfigError(f"{run_dir} has no model.safetensors: only completed runs can be exported")
     model_cfg, moe_cfg = architecture(_run_config(run_dir))
-    tokenizer_file = _tokenizer_file(run_dir, data_dir)
-    if tokenizer_file is None:
-        raise ConfigError(f"the tokenizer of {run_dir} is not in {data_dir}: set paths.data_dir to where its data is")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOT, bos_token=EOT,
-                                        unk_token=EOT, pad_token=EOT)
-    config = hf_config(model_cfg, moe_cfg, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.eos_token_id)
+    hf_seed = _hf_seed(run_dir)
+    tokenizer = None
+    if hf_seed is not None:  # upcycled from a Hugging Face checkpoint: its tokenizer files and special tokens
+        seed_config = json.loads((hf_seed / "config.json").read_text())
+        ids = {k: seed_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+               if seed_config.get(k) is not None}
+    else:
+        tokenizer_file = _tokenizer_file(run_dir, data_dir)
+        if tokenizer_file is None:
+            raise ConfigError(f"the tokenizer of {run_dir} is not in {data_dir}: set paths.data_dir to where its "
+                              "data is")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOT, bos_token=EOT,
+                                            unk_token=EOT, pad_token=EOT)
+        ids = {k: tokenizer.eos_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
+    config = hf_config(model_cfg, moe_cfg, **ids)
     model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(to_hf(load_file(str(weights))), strict=True)
+    state = to_hf(load_file(str(weights)), moe_cfg, family=model_cfg.family)
+    for layer in range(model_cfg.n_layers if moe_cfg is not None else 0):
+        state.update(families.family(model_cfg.family).extra_moe_tensors(layer, model_cfg, torch.float32))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing != (["lm_head.weight"] if model_cfg.tie_embeddings else []):
+        raise ConfigError(f"{run_dir}: its weights do not fill a {config.model_type} model (missing {missing}, "
+                          f"unexpected {unexpected})")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    else:
+        for name in CARRIED_FILES:
+            if (hf_seed / name).is_file() and not (partial / name).exists():
+                shutil.copyfile(hf_seed / name, partial / name)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out

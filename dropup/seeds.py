@@ -4,18 +4,20 @@
 data, the `seed_recipe` training recipe and its random seed). If it is not there it is trained first, once, under
 a file lock, so parallel sweep jobs wait for it instead of duplicating it. BTX's domain branches are found or made
 the same way: the seed trained further on one domain each, for `seed_recipe.branch_tokens` x the MoE budget.
-`seed_model=<dir>` names a dropup run directory or a Hugging Face Llama (or, for init=pretrained, Mixtral) dir.
+`seed_model=<dir>` names a dropup run directory or a Hugging Face directory of a supported family (dense; for
+init=pretrained also its MoE family), whose config.json then is the architecture (`adopt_hf_seed`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
@@ -108,45 +110,92 @@ def load_run_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        if list(hf_dir.glob("*.bin")):
-            raise ConfigError(f"{hf_dir} holds only pickled .bin weights, which dropup does not unpickle: "
-                              "re-save the model with safetensors (save_pretrained(safe_serialization=True))")
-        raise ConfigError(f"{hf_dir} has no *.safetensors weights")
-    state = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return from_hf(state)
+def _hf_state(hf_dir: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory under our names, read through its index (`scan_hf_dir`): a stray
+    consolidated copy or adapter file beside the shards is never merged in."""
+    from dropup.shards import CheckpointReader
+    from dropup.upcycle.inputs import scan_hf_dir
+
+    stored = scan_hf_dir(hf_dir)
+    reader = CheckpointReader(stored)
+    return from_hf({name: reader[name] for name in stored}, model.family, tied=model.tie_embeddings)
+
+
+# what an architecture is (the rest, name and init_std, only labels or initializes it)
+ARCHITECTURE_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "init_std"))
+
+
+def hf_seed_dir(cfg: DictConfig) -> Path | None:
+    """seed_model when it names a Hugging Face directory (one with config.json)."""
+    seed = cfg.get("seed_model")
+    if seed in (None, "auto"):
+        return None
+    where = Path(seed)
+    if not where.exists():
+        raise ConfigError(f"seed_model={seed} does not exist: name a dropup run directory or a Hugging Face "
+                          "directory of a supported family")
+    return where if (where / "config.json").is_file() else None
+
+
+def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
+    """With seed_model=<HF dir> the architecture is the seed's config.json (model=hf). A model preset or model.*
+    override the user gave explicitly must agree with it field by field: a silently different rope_theta or
+    rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work."""
+    from dropup.flops import param_counts
+    from dropup.upcycle.inputs import read_hf_config
+
+    where = hf_seed_dir(cfg)
+    if where is None:
+        if cfg.model.name == "hf":
+            raise ConfigError("model=hf reads the architecture from seed_model=<Hugging Face directory>: set it")
+        return cfg
+    _, found, _ = read_hf_config(where)
+    if cfg.model.name == "hf" or not explicit_model:
+        adopted = {**asdict(found), "init_std": float(cfg.model.init_std)}
+        adopted["name"] = f"{found.family}-{_size(param_counts(found)['total_params'])}"
+        with open_dict(cfg):
+            for key, value in adopted.items():
+                cfg.model[key] = value
+        return cfg
+    wanted = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    diff = [f"{f}={getattr(found, f)!r} (model={wanted.name} has {getattr(wanted, f)!r})"
+            for f in ARCHITECTURE_FIELDS if getattr(found, f) != getattr(wanted, f)]
+    if diff:
+        raise ConfigError(f"seed_model={where} is a {found.family} model with {', '.join(diff)}: drop the model= / "
+                          "model.* overrides (the seed's own config.json is then used: model=hf)")
+    return cfg
+
+
+def _size(n: int) -> str:
+    return (f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M" if n >= 1e6
+            else f"{n / 1e3:.0f}K")
 
 
 def _check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: Path) -> None:
-    fields = ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")
-    diff = [f"{f}={getattr(found, f)} (config has {getattr(wanted, f)})" for f in fields
+    diff = [f"{f}={getattr(found, f)!r} (config has {getattr(wanted, f)!r})" for f in ARCHITECTURE_FIELDS
             if getattr(found, f) != getattr(wanted, f)]
     if diff:
-        raise ConfigError(f"{where} does not match model={wanted.name}: {', '.join(diff)}; choose the matching "
-                          "model preset or override those model fields")
+        raise ConfigError(f"{where} does not match model={wanted.name}: {', '.join(diff)}; drop the model "
+                          "overrides to use the seed's own config (model=hf)")
 
 
 def load_dense(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """A dense state dict from a dropup run directory or a Hugging Face Llama directory."""
+    """A dense state dict from a dropup run directory or a Hugging Face directory of a supported family."""
     where = Path(path)
     if not where.exists():
-        raise ConfigError(f"seed_model={path} does not exist: name a dropup run directory or an HF Llama directory")
+        raise ConfigError(f"seed_model={path} does not exist: name a dropup run directory or an HF directory")
     if (where / "config.json").is_file():
         hf_model, hf_moe = configs_from_hf(json.loads((where / "config.json").read_text()))
         if hf_moe.enabled:
-            raise ConfigError(f"seed_model={path} is a Mixtral (MoE) model: upcycling needs a dense Llama; "
-                              "to continue training it use init=pretrained")
+            raise ConfigError(f"seed_model={path} is an MoE model: upcycling needs a dense model; to continue "
+                              "training it use init=pretrained")
         _check_same_architecture(hf_model, model, where)
-        return _hf_state(where)
+        return _hf_state(where, hf_model)
     return load_run_state(where)
 
 
 def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
-    """init=pretrained: the full state (dense or MoE) of a run directory or an HF Llama/Mixtral directory."""
+    """init=pretrained: the full state (dense or MoE) of a run directory or an HF directory (dense or MoE)."""
     if path in (None, "auto"):
         raise ConfigError("init=pretrained needs seed_model=<run dir or HF directory>")
     where = Path(path)
@@ -156,7 +205,10 @@ def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
         if hf_moe.enabled != (moe is not None):
             raise ConfigError(f"seed_model={path} is {'an MoE' if hf_moe.enabled else 'dense'} but moe= says "
                               f"{'MoE' if moe is not None else 'dense'}: set moe accordingly")
-        return _hf_state(where), str(where)
+        if moe is not None and (hf_moe.num_experts, hf_moe.top_k) != (moe.num_experts, moe.top_k):
+            raise ConfigError(f"seed_model={path} has {hf_moe.num_experts} experts, top-{hf_moe.top_k}: set "
+                              f"moe.num_experts={hf_moe.num_experts} moe.top_k={hf_moe.top_k}")
+        return _hf_state(where, hf_model), str(where)
     return load_run_state(where), str(where)
 
 

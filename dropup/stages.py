@@ -137,11 +137,25 @@ def _choice(group: str, default: str) -> str:
     return HydraConfig.get().runtime.choices.get(group, default) if HydraConfig.initialized() else default
 
 
+def _model_overridden() -> bool:
+    """Whether the user named a model preset or a model.* field (then it must agree with an HF seed's config)."""
+    if not HydraConfig.initialized():
+        return True
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return any(k == "model" or k.startswith("model.") for k in keys)
+
+
+def _model_name(cfg: DictConfig) -> str:
+    from dropup.seeds import hf_seed_dir
+
+    return cfg.model.name if hf_seed_dir(cfg) is not None else _choice("model", cfg.model.name)
+
+
 def info(cfg: DictConfig) -> dict:
     """Contract 1: total/active parameters and training FLOPs, counted from the config alone."""
     model, moe = architecture(cfg)
     report = {
-        "model": _choice("model", model.name),
+        "model": _model_name(cfg),
         "moe": _choice("moe", "mixtral" if moe else "none"),
         **param_counts(model, moe),
         "tokens": int(cfg.train.tokens),
@@ -163,6 +177,7 @@ def train(cfg: DictConfig) -> dict:
     from dropup.train import train as train_run
 
     names = {g: _choice(g, "") for g in ("model", "moe", "init")}
+    names["model"] = _model_name(cfg)
     return train_run(cfg, names={k: v for k, v in names.items() if v})
 
 
@@ -207,6 +222,10 @@ def run(cfg: DictConfig):
     try:
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage!r} is not available; choose one of {STAGES}")
+        if cfg.stage in ("info", "train"):
+            from dropup.seeds import adopt_hf_seed
+
+            adopt_hf_seed(cfg, explicit_model=_model_overridden())
         return {"info": info, "train": train, "export": export, "eval": evaluate}[cfg.stage](cfg)
     except (ConfigError, DataError, SourceError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -131,6 +131,21 @@ def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig 
     return build_moe_state(strategy, sources, model, moe, int(cfg.seed)), {"seed_model": where}
 
 
+def _check_tokenizer_fits(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    """An HF seed's tokenizer tokenizes the corpus: its vocabulary must fit the model's, checked before any corpus
+    work (not after tokenizing it)."""
+    from tokenizers import Tokenizer
+
+    from dropup import seeds
+
+    path = seeds.hf_tokenizer(cfg.get("seed_model"))
+    if path is not None:
+        size = Tokenizer.from_file(str(path)).get_vocab_size()
+        if size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer of seed_model={cfg.seed_model} has {size} tokens but model.vocab_size="
+                              f"{model_cfg.vocab_size}: use the seed's own config (model=hf)")
+
+
 def _quiet_lightning() -> None:
     """Route Lightning's messages through the root logger only (Hydra's console and run log), once, without ads."""
     if logging.getLogger().handlers:
@@ -169,8 +184,12 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         status = json.loads(results_path.read_text()).get("status")
         raise ConfigError(f"{run_dir} already holds a {status} run: pass resume=true to continue it, or choose "
                           "another run directory")
+    from dropup import seeds
+
+    seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf")  # (run.py has done it with Hydra's overrides)
     model_cfg, moe_cfg = architecture(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
+    _check_tokenizer_fits(cfg, model_cfg)
     strategy_name = strategy.name
     ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))

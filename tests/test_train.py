@@ -273,7 +273,7 @@ def test_pretrained_continues_an_hf_mixtral(tmp_path, store):
     assert results["status"] == "completed" and results["init"] == "pretrained"
     with pytest.raises(ConfigError, match="is an MoE but moe= says dense"):
         train(config(tmp_path / "run2", "init=pretrained", "moe=none", f"seed_model={hf}", *store))
-    with pytest.raises(ConfigError, match="is a Mixtral"):
+    with pytest.raises(ConfigError, match="is an MoE model"):
         train(config(tmp_path / "run3", "init=naive", f"seed_model={hf}", *store))
 
 

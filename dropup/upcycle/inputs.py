@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from dropup.config import ConfigError, ModelConfig
+from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.hf import configs_from_hf, renamed_from_hf
 from dropup.init.base import dense_shapes
 from dropup.shards import CheckpointReader, scan
@@ -76,17 +76,9 @@ def _weight_files(path: Path) -> tuple[list[Path], dict | None]:
     raise ConfigError(f"{path} has no *.safetensors weights")
 
 
-def _open_hf(path: Path) -> Dense:
-    try:
-        config = json.loads((path / "config.json").read_text())
-        model, moe = configs_from_hf(config)
-    except ValueError as err:  # invalid JSON
-        raise ConfigError(f"{path / 'config.json'} is not a readable config ({err})") from None
-    except KeyError as err:
-        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete model config") from None
-    if moe.enabled:
-        raise ConfigError(f"--dense {path} is a {config.get('model_type')} (MoE) model: upcycling starts from a "
-                          "dense model")
+def scan_hf_dir(path: Path) -> dict:
+    """The tensors of an HF directory (HF name -> shards.Stored), read through its index where it has one, so a
+    stray copy or adapter file beside the shards is never merged in; the index and the shards must agree."""
     files, weight_map = _weight_files(path)
     stored = scan(files)
     if weight_map is not None:
@@ -97,6 +89,27 @@ def _open_hf(path: Path) -> Dense:
         absent = sorted(set(weight_map) - set(stored))
         if absent:
             raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
+    return stored
+
+
+def read_hf_config(path: Path) -> tuple[dict, ModelConfig, MoEConfig]:
+    """config.json of an HF directory, and our configs from it (one clear error for anything unreadable)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        model, moe = configs_from_hf(config)
+    except ValueError as err:  # invalid JSON
+        raise ConfigError(f"{path / 'config.json'} is not a readable config ({err})") from None
+    except KeyError as err:
+        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete model config") from None
+    return config, model, moe
+
+
+def _open_hf(path: Path) -> Dense:
+    config, model, moe = read_hf_config(path)
+    if moe.enabled:
+        raise ConfigError(f"--dense {path} is a {config.get('model_type')} (MoE) model: upcycling starts from a "
+                          "dense model")
+    stored = scan_hf_dir(path)
     if model.tie_embeddings:  # transformers ties lm_head at load: a stored copy is redundant (and not ours)
         stored.pop("lm_head.weight", None)
     return Dense(path, "hf", model, _as_dense_names(model, stored, rename=lambda n: renamed_from_hf(n, model.family)),
