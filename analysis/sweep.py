@@ -89,6 +89,7 @@ class Run:
     tokens: int  # what this artefact needs the run to reach
     schedule_tokens: int
     train_flops: float
+    tokens_per_step: int
     status: str = "missing"
 
 
@@ -108,7 +109,7 @@ def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float
         extra.append(f"train.eval_tokens=[{','.join(map(str, points))}]")
     model, moe = architecture(cfg)
     flops = train_flops(model, moe, tokens, int(cfg.data.seq_len))
-    return Run(name, seed, run_dir, [*base, *extra], tokens, schedule, flops)
+    return Run(name, seed, run_dir, [*base, *extra], tokens, schedule, flops, per_step)
 
 
 def planned_runs(artefact: str, scale: str, results: Path, extra: list[str] = ()) -> list[Run]:
@@ -137,7 +138,9 @@ def status_of(run_dir: Path, run: Run | None = None) -> str:
     if results.get("provenance", {}).get("data_stream") != DATA_STREAM_VERSION:
         return "stale"
     if run is not None:
-        if results.get("schedule_tokens", results.get("tokens")) != run.schedule_tokens:
+        # compared in steps: a schedule is its horizon in optimizer steps, however its tokens were written down
+        recorded = int(results.get("schedule_tokens") or results.get("tokens") or 0)
+        if recorded // run.tokens_per_step != run.schedule_tokens // run.tokens_per_step:
             return "stale"
         if status == "completed" and int(results.get("tokens") or 0) < run.tokens:
             return "short"

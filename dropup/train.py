@@ -199,7 +199,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
         "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "init": strategy_name, "ratio": ratio, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
-        "schedule_tokens": settings["schedule_steps"] * settings["batch_size"] * settings["seq_len"],
+        "schedule_tokens": settings["schedule_tokens"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,
         "metrics": {}, "routing": None,
         "provenance": {"git_sha": git_sha(), "versions": versions(), "corpus_hash": None, "tokenizer_hash": None,
@@ -209,7 +209,9 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
     }
     # a resumed run keeps what its first start recorded (the seed it was upcycled from); read it before overwriting
     previous = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
-    if previous.get("schedule_tokens") not in (None, results["schedule_tokens"]):
+    per_step = settings["batch_size"] * settings["seq_len"]
+    if previous.get("schedule_tokens") is not None and int(previous["schedule_tokens"]) // per_step != \
+            settings["schedule_steps"]:
         raise ConfigError(f"{run_dir} runs on a schedule of {previous['schedule_tokens']} tokens, this config on "
                           f"one of {results['schedule_tokens']}: to continue it pass train.schedule_tokens="
                           f"{previous['schedule_tokens']} (a different schedule is a new run: another directory)")

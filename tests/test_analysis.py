@@ -183,7 +183,8 @@ def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch
     monkeypatch.setattr(sweep, "render", lambda *args: [])
     full = 12_000_000 // 4096 * 4096
     runs = tmp_path / "mini-seeds" / "runs"
-    make_run(runs, "NU-s1", "naive", seed=1, tokens=full, schedule_tokens=12_000_000)  # completed: not again
+    # completed (its schedule written down as whole steps, 11,997,184 of the 12 M asked): not launched again
+    make_run(runs, "NU-s1", "naive", seed=1, tokens=full, schedule_tokens=full)
     make_run(runs, "FS-s1", "scratch", seed=1, tokens=full // 2, schedule_tokens=12_000_000)  # short: extended
     make_run(runs, "FS-s2", "scratch", seed=2, tokens=full, schedule_tokens=12_000_000, data_stream=1)  # stale
     args = ["seeds", "--scale", "mini-seeds", "--results", str(tmp_path), "--only", "NU", "--only", "FS",

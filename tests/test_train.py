@@ -113,19 +113,25 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
 def test_a_run_stopped_mid_schedule_extends_bit_identical(tmp_path, store):
     """train.tokens stops a run on a longer schedule (train.schedule_tokens); `resume=true train.tokens=<more>`
     continues it on that schedule, and ends where an uninterrupted run ends."""
-    schedule = ["init=naive", "train.schedule_tokens=10240", "train.ckpt_every=7", *store]
-    reference = train(config(tmp_path / "ref", *schedule))
+    from analysis.sweep import Run, status_of
+
+    # 10500 tokens: 20 steps of 512 and a remainder, as a sweep's schedule in tokens usually has
+    schedule = ["init=naive", "train.schedule_tokens=10500", "train.ckpt_every=7", *store]
+    reference = train(config(tmp_path / "ref", *schedule, "train.tokens=10500"))
     short = train(config(tmp_path / "ext", *schedule, "train.tokens=5120"))
-    assert (short["steps"], short["tokens"], short["schedule_tokens"]) == (10, 5120, 10240)
+    assert (short["steps"], short["tokens"], short["schedule_tokens"]) == (10, 5120, 10500)
+    planned = Run("NU", 0, tmp_path / "ext", [], 10240, 10500, 0.0, 512)
+    assert status_of(tmp_path / "ext", planned) == "short"  # the sweep extends it, not reruns it
+    assert status_of(tmp_path / "ref", planned) == "completed"
     ref_lr = {r["step"]: float(r["lr"]) for r in rows(tmp_path / "ref") if r["lr"]}
     short_lr = {r["step"]: float(r["lr"]) for r in rows(tmp_path / "ext") if r["lr"]}
     assert short_lr == {k: ref_lr[k] for k in short_lr}  # the same cosine, cut off mid-way
     assert short_lr["10"] > 2 * ref_lr["20"]
-    extended = train(config(tmp_path / "ext", *schedule, "train.tokens=10240", "resume=true"))
+    extended = train(config(tmp_path / "ext", *schedule, "train.tokens=10500", "resume=true"))
     assert extended["provenance"]["resumed_from_step"] == 10  # from the run's own last step, not step 7
     assert extended["metrics"] == reference["metrics"]
     assert (tmp_path / "ext" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match="train.schedule_tokens=10240"):  # forgetting the horizon changes it
+    with pytest.raises(ConfigError, match="train.schedule_tokens=10500"):  # forgetting the horizon changes it
         train(config(tmp_path / "ext", "init=naive", "train.ckpt_every=7", *store, "train.tokens=20480",
                      "resume=true"))
     with pytest.raises(ConfigError, match="past the schedule"):
