@@ -38,10 +38,20 @@ def _store(cfg: DictConfig) -> Path:
     return project_path(cfg.paths.seed_store)
 
 
+# ModelConfig fields added after seed keys were first defined (the HF families' extensions): at their defaults
+# they leave the key as it was, so a seed trained before they existed is still found
+KEY_NEUTRAL_AT_DEFAULT = ("family", "tie_embeddings", "rope_scaling", "attn_bias", "qk_norm", "head_dim",
+                          "sliding_window", "sliding_window_from_layer")
+
+
 def seed_key(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
+    defaults = ModelConfig()
+    for field_name in KEY_NEUTRAL_AT_DEFAULT:
+        if field_name in model and model[field_name] == getattr(defaults, field_name):
+            del model[field_name]
     return _hash({"model": model, "data": {k: data.get(k) for k in DATA_IDENTITY},
                   "recipe": OmegaConf.to_container(cfg.seed_recipe.train, resolve=True),
                   "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION})
