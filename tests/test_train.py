@@ -138,6 +138,24 @@ def test_a_run_stopped_mid_schedule_extends_bit_identical(tmp_path, store):
         train(config(tmp_path / "too-far", *schedule, "train.tokens=20480"))
 
 
+def test_seed_key_is_kept_by_model_fields_at_their_defaults_and_changed_by_others(tmp_path, store):
+    """Seeds trained before the HF-family fields existed are still found; a field that changes the model, or
+    another data-stream version, makes another key."""
+    from dropup import seeds
+
+    base = seeds.seed_key(config(tmp_path, *store))
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(config(tmp_path, *store), resolve=True)
+    model = {k: v for k, v in cfg["model"].items() if k not in seeds.KEY_NEUTRAL_AT_DEFAULT and k != "name"}
+    legacy = seeds._hash({"model": model, "data": {k: cfg["data"].get(k) for k in seeds.DATA_IDENTITY},
+                          "recipe": cfg["seed_recipe"]["train"], "seed": 0,
+                          "data_stream": seeds.DATA_STREAM_VERSION})
+    assert base == legacy
+    assert seeds.seed_key(config(tmp_path, *store, "model.tie_embeddings=true")) != base
+    assert seeds.seed_key(config(tmp_path, *store, "model.rope_theta=500000")) != base
+
+
 def test_streams_per_kind_of_run(tmp_path, store):
     """The dense seed, each BTX branch and the MoE runs read different batches at the same (seed, step); MoE
     runs of one seed read the same ones, whatever their init."""
