@@ -50,7 +50,9 @@ def test_upcycled_run_from_each_family_trains_and_exports_the_dense_function(cas
     seed, dense = save_seed(tmp_path, store, case)
     run = tmp_path / "run"
     # lr 0: the run trains (every step, the losses, the checkpoint) but keeps its step-0 weights
-    results = train(config(run, "model=hf", f"seed_model={seed}", "init=naive", "train.tokens=2048", "train.lr=0",
+    # naive upcycling for two families, drop at r = 0 for the other two: each MoE class sees both
+    init = ["init=naive"] if case in ("llama", "qwen2") else ["init=drop", "ratio=0.0"]
+    results = train(config(run, "model=hf", f"seed_model={seed}", *init, "train.tokens=2048", "train.lr=0",
                            "train.val_every=4", *store))
     assert results["status"] == "completed" and results["model"].startswith(case + "-")
     from dropup.export import export
