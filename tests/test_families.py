@@ -183,7 +183,8 @@ def test_converter_upcycles_every_family(case, tmp_path, capsys):
     dense.save_pretrained(tmp_path / "dense", max_shard_size="40KB")  # sharded, through the index
     ours, cfg = ours_from(dense)
     x = tokens(cfg.vocab_size)
-    code = upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), "--init", "naive",
+    init = ["--init", "naive"] if case in ("llama", "qwen2", "llama-linear") else ["--init", "drop", "--ratio", "0"]
+    code = upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), *init,
                          "--experts", "4", "--verify"])
     out = capsys.readouterr().out
     assert code == 0 and "OK: logits of the MoE equal the dense model's" in out
