@@ -69,7 +69,7 @@ def hf_output_tensors(name: str, tensor: torch.Tensor, layout: str, model: Model
     match = LAYER.match(name)
     if match and match.group(2) == "ffn.w_down":
         extra = families.family(model.family).extra_moe_tensors(int(match.group(1)), model, tensor.dtype)
-        out.update({k: v.to(tensor.device) if tensor.device.type != "meta" else v.to("meta") for k, v in extra.items()})
+        out.update({k: v.to(tensor.device) for k, v in extra.items()})
     return out
 
 

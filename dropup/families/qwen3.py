@@ -1,8 +1,8 @@
 """Qwen3 (model_type `qwen3`) -> Qwen3-MoE (`qwen3_moe`).
 
 Config: each head's q and k are RMS-normalized before RoPE, `head_dim` is its own field (128 where
-hidden / heads is not), q/k/v/o have no biases unless `attention_bias` (refused: o's bias has no place in the
-MoE's experts... nor in ours), the window slides as in Qwen2, and small models tie their embeddings.
+hidden / heads is not), q/k/v/o have no biases unless `attention_bias` (refused: it would put a bias on o_proj,
+which our attention does not have), the window slides as in Qwen2, and small models tie their embeddings.
 Qwen3-MoE has no shared expert; it needs `norm_topk_prob: true` to route as the paper does. Expert names as
 Qwen2-MoE's.
 """
