@@ -16,19 +16,20 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from dataclasses import dataclass
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
 ARTEFACTS = tuple(sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem != "scales"))
 
 
+@lru_cache(maxsize=None)
 def load(artefact: str) -> dict:
-    """An artefact's runs ({name: overrides}), the budget each needs (a fraction of its schedule: the largest
+    """(Read once per process; callers do not modify it.) An artefact's runs ({name: overrides}), the budget each needs (a fraction of its schedule: the largest
     over the files that list it), and its renders with the budget each reads its runs at."""
     path = SWEEPS / f"{artefact}.yaml"
     if not path.is_file():
@@ -67,8 +68,10 @@ def scale_spec(scale: str) -> dict:
     return scales[scale]
 
 
-def compose(overrides: list[str]):
-    """The config run.py would compose from `overrides`."""
+@lru_cache(maxsize=None)
+def compose(overrides: tuple[str, ...]):
+    """The config run.py would compose from `overrides` (composed once per process: `--status` plans the same
+    run for every artefact that lists it; callers only read it)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -77,7 +80,7 @@ def compose(overrides: list[str]):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 @dataclass
@@ -99,7 +102,7 @@ def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float
     from dropup.config import architecture
     from dropup.flops import train_flops
 
-    cfg = compose(base)
+    cfg = compose(tuple(base))
     schedule = int(cfg.train.schedule_tokens or cfg.train.tokens)
     per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
     tokens = int(budget * schedule) // per_step * per_step
