@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -51,10 +50,8 @@ def _hf_seed(run_dir: Path) -> Path | None:
 def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from dropup import families
+    from dropup.hf import hf_config, to_hf_model
     from dropup.upcycle.common import CARRIED_FILES
-
-    from dropup.hf import hf_config, to_hf
 
     run_dir, out = Path(run_dir), Path(out)
     weights = run_dir / "model.safetensors"
@@ -78,10 +75,7 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
     config = hf_config(model_cfg, moe_cfg, **ids)
     model = AutoModelForCausalLM.from_config(config)
-    state = to_hf(load_file(str(weights)), moe_cfg, family=model_cfg.family)
-    for layer in range(model_cfg.n_layers if moe_cfg is not None else 0):
-        state.update(families.family(model_cfg.family).extra_moe_tensors(layer, model_cfg, torch.float32))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(to_hf_model(load_file(str(weights)), model_cfg), strict=False)
     if unexpected or missing != (["lm_head.weight"] if model_cfg.tie_embeddings else []):
         raise ConfigError(f"{run_dir}: its weights do not fill a {config.model_type} model (missing {missing}, "
                           f"unexpected {unexpected})")

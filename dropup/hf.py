@@ -73,6 +73,15 @@ def hf_output_tensors(name: str, tensor: torch.Tensor, layout: str, model: Model
     return out
 
 
+def to_hf_model(state: Mapping[str, torch.Tensor], model: ModelConfig, layout: str = "fused") -> dict:
+    """Our state dict -> everything the family's (or its MoE family's) transformers class holds, the tensors
+    beyond ours included (`hf_output_tensors`); a tied model has no `lm_head.weight` (transformers ties it)."""
+    out = {}
+    for name, tensor in state.items():
+        out.update(hf_output_tensors(name, tensor, layout, model))
+    return out
+
+
 def causal_lm_class(model_type: str) -> str:
     """transformers' class name for a model_type (what config.json's `architectures` lists)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

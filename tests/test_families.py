@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dropup import families
 from dropup.config import ConfigError, MoEConfig
-from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf
+from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf_model
 from dropup.init import build_moe_state
 from dropup.init.drop import DropUpcycling
 from dropup.init.naive import NaiveUpcycling
@@ -94,10 +94,7 @@ def test_upcycled_at_r0_the_moe_family_computes_the_dense_function(case, strateg
     config = hf_config(cfg, MOE)
     assert config.model_type == families.family(cfg.family).moe_type
     theirs = AutoModelForCausalLM.from_config(config).eval()
-    hf_state = to_hf(moe_state, MOE, family=cfg.family)
-    for layer in range(cfg.n_layers):
-        hf_state.update(families.family(cfg.family).extra_moe_tensors(layer, cfg, torch.float32))
-    missing, unexpected = theirs.load_state_dict(hf_state, strict=False)
+    missing, unexpected = theirs.load_state_dict(to_hf_model(moe_state, cfg), strict=False)
     assert not unexpected and missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
     x = tokens(cfg.vocab_size)
     assert_close(theirs(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
@@ -123,10 +120,7 @@ def test_random_moe_matches_its_family_logits_and_aux_loss(case):
             if name.endswith("norm.weight") or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
     theirs = AutoModelForCausalLM.from_config(hf_config(cfg, MOE)).eval()
-    hf_state = to_hf(ours.state_dict(), MOE, family=cfg.family)
-    for layer in range(cfg.n_layers):
-        hf_state.update(families.family(cfg.family).extra_moe_tensors(layer, cfg, torch.float32))
-    theirs.load_state_dict(hf_state, strict=False)
+    theirs.load_state_dict(to_hf_model(ours.state_dict(), cfg), strict=False)
     x = tokens(cfg.vocab_size)
     out = ours(x)
     ref = theirs(x, labels=x, output_router_logits=True)
