@@ -202,3 +202,11 @@ def test_converter_upcycles_every_family(case, tmp_path, capsys):
     expected = build_moe_state(DropUpcycling(ratio=0.5), [ours.state_dict()], cfg, MOE, seed=3)
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
+def test_a_config_without_head_dim_gets_the_width_transformers_gives_it(model_type):
+    config = AutoConfig.for_model(model_type, **BASE)
+    saved = {k: v for k, v in config.to_dict().items() if k != "head_dim"}
+    expected = AutoConfig.for_model(model_type, **{k: v for k, v in saved.items() if k != "model_type"}).head_dim
+    assert configs_from_hf(saved)[0].d_head == (expected or BASE["hidden_size"] // BASE["num_attention_heads"])

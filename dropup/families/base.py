@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
@@ -77,7 +76,6 @@ def window_fields(config: Mapping, n_layers: int) -> dict:
     return {"sliding_window": int(window), "sliding_window_from_layer": sliding[0]}
 
 
-@dataclass(frozen=True)
 class Family:
     """One dense family and the MoE family it becomes. Subclasses set the class variables and, where their
     config has fields of its own, extend `read_fields` / `write_fields`."""
@@ -87,18 +85,19 @@ class Family:
     # how the MoE family names one expert when saved per expert (under "model.layers.{L}."), and its router
     expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) patterns with {e}
     expert_router: ClassVar[str]
+    # the head width a config.json without `head_dim` has in transformers (None: hidden / heads)
+    default_head_dim: ClassVar[int | None] = None
 
     # --- config.json -> ours ---------------------------------------------------------------------------------
     def read_fields(self, config: Mapping) -> dict:
         """ModelConfig fields from a config.json of this family (dense or MoE)."""
         if config.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config field hidden_act={config['hidden_act']!r}: SwiGLU needs silu")
-        for flag in ("mlp_bias",):
-            if config.get(flag):
-                raise ConfigError(f"config field {flag}=true: Mixtral-style experts have no biases")
+        if config.get("mlp_bias"):
+            raise ConfigError("config field mlp_bias=true: Mixtral-style experts have no biases")
         theta, scaling = rope_fields(config)
         n_heads, d_model = config["num_attention_heads"], config["hidden_size"]
-        head_dim = config.get("head_dim")
+        head_dim = config.get("head_dim", self.default_head_dim)
         return dict(
             vocab_size=config["vocab_size"], n_layers=config["num_hidden_layers"], d_model=d_model,
             d_ff=config["intermediate_size"], n_heads=n_heads,

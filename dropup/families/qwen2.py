@@ -57,12 +57,16 @@ class Qwen2(Family):
                 else model.n_layers, "layer_types": types}
 
     def write_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
-        fields = {**super().write_fields(model, moe), **self.window(model)}
+        fields = {**super().write_fields(model, moe), **self.window(model), **self.own_fields(model, moe)}
         if moe is None:
             return fields
         return {**fields, "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
                 "moe_intermediate_size": moe.expert_d_ff(model), "norm_topk_prob": True, "decoder_sparse_step": 1,
-                "mlp_only_layers": [], "qkv_bias": model.attn_bias, "shared_expert_intermediate_size": 0}
+                "mlp_only_layers": []}
+
+    def own_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
+        """What only this family's config has: Qwen2-MoE's q/k/v bias switch and its (empty) shared expert."""
+        return {} if moe is None else {"qkv_bias": model.attn_bias, "shared_expert_intermediate_size": 0}
 
     def extra_moe_tensors(self, layer: int, model: ModelConfig, dtype) -> dict[str, torch.Tensor]:
         """The size-0 shared expert Qwen2-MoE always has, and its (then irrelevant) gate."""

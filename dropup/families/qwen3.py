@@ -18,31 +18,24 @@ from dropup.families.qwen2 import Qwen2
 class Qwen3(Qwen2):
     dense_type = "qwen3"
     moe_type = "qwen3_moe"
+    default_head_dim = 128  # transformers' Qwen3Config default, whatever hidden / heads is
 
     def read_fields(self, config: Mapping) -> dict:
         if config.get("attention_bias"):
             raise ConfigError("config field attention_bias=true: this Qwen3 has an o_proj bias, which dropup "
                               "cannot hold")
-        fields = super(Qwen2, self).read_fields(config)
-        return {**fields, "qk_norm": True, "head_dim": int(config.get("head_dim") or fields["d_model"] //
-                                                            fields["n_heads"])}
-
-    def read_moe(self, config: Mapping) -> MoEConfig:
-        return super().read_moe({**config, "shared_expert_intermediate_size": 0})
+        return {**super().read_fields(config), "attn_bias": False, "qk_norm": True}
 
     def check(self, model: ModelConfig) -> None:
         if model.attn_bias or not model.qk_norm:
             raise ConfigError("model family qwen3 has q/k norms and no q/k/v biases: set model.qk_norm=true, "
                               "model.attn_bias=false")
 
-    def write_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
-        fields = super().write_fields(model, moe)
-        fields.pop("shared_expert_intermediate_size", None)
-        fields.pop("qkv_bias", None)
-        return {**fields, "attention_bias": False}
+    def own_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
+        return {"attention_bias": False}
 
     def extra_moe_tensors(self, layer, model, dtype):
-        return {}
+        return {}  # Qwen3-MoE has no shared expert
 
 
 FAMILY = Qwen3()
