@@ -13,8 +13,10 @@ Reading accepts both layouts; any tensor that cannot be placed is an error, neve
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -180,3 +182,15 @@ def configs_from_hf(config: Mapping) -> tuple[ModelConfig, MoEConfig]:
     model = ModelConfig(name=config.get("_name_or_path") or config["model_type"], family=adapter.dense_type,
                         **fields)
     return model, moe
+
+
+def read_hf_config(path: Path) -> tuple[dict, ModelConfig, MoEConfig]:
+    """config.json of an HF directory, and our configs from it (one clear error for anything unreadable)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        model, moe = configs_from_hf(config)
+    except json.JSONDecodeError as err:  # (ConfigError is a ValueError too: it passes through as it is)
+        raise ConfigError(f"{path / 'config.json'} is not a readable config ({err})") from None
+    except KeyError as err:
+        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete model config") from None
+    return config, model, moe

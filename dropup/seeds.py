@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.data import DATA_STREAM_VERSION, PREPARATION_FIELDS
-from dropup.hf import configs_from_hf, from_hf
+from dropup.hf import from_hf, read_hf_config
 
 # what the seed's training saw: the prepared data plus how it was cut and mixed
 DATA_IDENTITY = (*PREPARATION_FIELDS, "seq_len", "weights")
@@ -152,7 +152,6 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
     override the user gave explicitly must agree with it field by field: a silently different rope_theta or
     rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work."""
     from dropup.flops import param_counts
-    from dropup.upcycle.inputs import read_hf_config
 
     where = hf_seed_dir(cfg)
     if where is None:
@@ -195,7 +194,7 @@ def load_dense(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
     if not where.exists():
         raise ConfigError(f"seed_model={path} does not exist: name a dropup run directory or an HF directory")
     if (where / "config.json").is_file():
-        hf_model, hf_moe = configs_from_hf(json.loads((where / "config.json").read_text()))
+        _, hf_model, hf_moe = read_hf_config(where)
         if hf_moe.enabled:
             raise ConfigError(f"seed_model={path} is an MoE model: upcycling needs a dense model; to continue "
                               "training it use init=pretrained")
@@ -210,7 +209,7 @@ def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
         raise ConfigError("init=pretrained needs seed_model=<run dir or HF directory>")
     where = Path(path)
     if (where / "config.json").is_file():
-        hf_model, hf_moe = configs_from_hf(json.loads((where / "config.json").read_text()))
+        _, hf_model, hf_moe = read_hf_config(where)
         _check_same_architecture(hf_model, model, where)
         if hf_moe.enabled != (moe is not None):
             raise ConfigError(f"seed_model={path} is {'an MoE' if hf_moe.enabled else 'dense'} but moe= says "

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.hf import configs_from_hf, renamed_from_hf
+from dropup.config import ConfigError, ModelConfig
+from dropup.hf import read_hf_config, renamed_from_hf
 from dropup.init.base import dense_shapes
 from dropup.shards import CheckpointReader, scan
 from dropup.upcycle.common import CARRIED_FILES, INDEX, KEPT_CONFIG_FIELDS, PICKLED
@@ -90,18 +90,6 @@ def scan_hf_dir(path: Path) -> dict:
         if absent:
             raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
     return stored
-
-
-def read_hf_config(path: Path) -> tuple[dict, ModelConfig, MoEConfig]:
-    """config.json of an HF directory, and our configs from it (one clear error for anything unreadable)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-        model, moe = configs_from_hf(config)
-    except ValueError as err:  # invalid JSON
-        raise ConfigError(f"{path / 'config.json'} is not a readable config ({err})") from None
-    except KeyError as err:
-        raise ConfigError(f"{path / 'config.json'} lacks the field {err}: it is not a complete model config") from None
-    return config, model, moe
 
 
 def _open_hf(path: Path) -> Dense:
