@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.flops import param_counts, train_flops
+from dropup.init import make_strategy
 
 STAGES = ("info", "train", "export", "eval")
 
@@ -153,6 +154,9 @@ def _model_name(cfg: DictConfig) -> str:
 
 def info(cfg: DictConfig) -> dict:
     """Contract 1: total/active parameters and training FLOPs, counted from the config alone."""
+    from dropup.seeds import adopt_hf_seed
+
+    adopt_hf_seed(cfg, explicit_model=_model_overridden())
     model, moe = architecture(cfg)
     report = {
         "model": _model_name(cfg),
@@ -163,7 +167,7 @@ def info(cfg: DictConfig) -> dict:
         "schedule_tokens": int(cfg.train.schedule_tokens or cfg.train.tokens),
         "train_flops": train_flops(model, moe, int(cfg.train.tokens), int(cfg.data.seq_len)),
     }
-    if moe is not None and cfg.init.get("_target_", "").rsplit(".", 1)[-1] not in ("Scratch", "Pretrained"):
+    if moe is not None and make_strategy(cfg.init).name not in ("scratch", "pretrained"):
         # an upcycled run's cost includes the dense seed it starts from (Table 2 lists the seed's own row)
         seed_train = cfg.seed_recipe.train
         report.update(seed_tokens=int(seed_train.tokens),
@@ -176,9 +180,12 @@ def info(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig) -> dict:
     from dropup.train import train as train_run
 
-    names = {g: _choice(g, "") for g in ("model", "moe", "init")}
-    names["model"] = _model_name(cfg)
-    return train_run(cfg, names={k: v for k, v in names.items() if v})
+    from dropup.seeds import hf_seed_dir
+
+    # an HF seed's architecture is named by the run once adopted (family-size), not by the model preset
+    groups = ("moe", "init") if hf_seed_dir(cfg) is not None else ("model", "moe", "init")
+    names = {g: _choice(g, "") for g in groups}
+    return train_run(cfg, names={k: v for k, v in names.items() if v}, explicit_model=_model_overridden())
 
 
 def _export_paths(cfg: DictConfig):
@@ -222,10 +229,6 @@ def run(cfg: DictConfig):
     try:
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage!r} is not available; choose one of {STAGES}")
-        if cfg.stage in ("info", "train"):
-            from dropup.seeds import adopt_hf_seed
-
-            adopt_hf_seed(cfg, explicit_model=_model_overridden())
         return {"info": info, "train": train, "export": export, "eval": evaluate}[cfg.stage](cfg)
     except (ConfigError, DataError, SourceError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -27,7 +26,7 @@ from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
 from dropup.flops import param_counts, train_flops
-from dropup.init import build_moe_state, dense_state
+from dropup.init import build_moe_state, dense_state, make_strategy
 from dropup.lit import LitLM, RunRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,18 +103,6 @@ def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
     return TokenData(prepared_data_dir(cfg, log), data_cfg["domains"], seq_len, data_cfg.get("weights"))
 
 
-def make_strategy(init_cfg):
-    """Instantiate `init:` (its `_target_`), surfacing the strategy's own ConfigError rather than Hydra's wrapper."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(init_cfg)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise ConfigError(f"init: {err}") from None
-
-
 def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
     """Weights to start from, and provenance of the dense models they came from."""
     from dropup import seeds
@@ -166,9 +153,11 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
+def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model: bool | None = None) -> dict:
     """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
-    option names to record (Hydra's choices for a top-level run)."""
+    option names to record (Hydra's choices for a top-level run). `explicit_model`: whether the user chose the
+    model preset or fields (run.py knows from Hydra's overrides; by default, unless it is model=hf), which an HF
+    seed's config must then agree with (`seeds.adopt_hf_seed`)."""
     names = names or {}
     from dropup import ddp
 
@@ -186,7 +175,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None) -> dict:
                           "another run directory")
     from dropup import seeds
 
-    seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf")  # (run.py has done it with Hydra's overrides)
+    seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None else explicit_model)
     model_cfg, moe_cfg = architecture(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
     _check_tokenizer_fits(cfg, model_cfg)

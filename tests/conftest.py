@@ -18,3 +18,10 @@ def gqa_model() -> ModelConfig:
 @pytest.fixture
 def moe8() -> MoEConfig:
     return MoEConfig(enabled=True, num_experts=8, top_k=2)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """Prepared data and seed models shared by every test (each is built once, like in real use)."""
+    root = tmp_path_factory.mktemp("store")
+    return [f"paths.data_dir={root / 'data'}", f"paths.seed_store={root / 'seeds'}"]

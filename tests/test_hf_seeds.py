@@ -16,18 +16,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dropup.config import ConfigError
 from dropup.train import train
 from tests.test_families import BASE, CASES
-from tests.test_train import ROOT, TINY, config, store  # noqa: F401 (store is a fixture)
+from tests.test_train import ROOT, TINY, config
 
 FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-def fixture_tokenizer(tmp_path, store):  # noqa: F811
+def fixture_tokenizer(tmp_path, store):
     from dropup.train import load_data
 
     return load_data(config(tmp_path / "unused", *store), 64, log=lambda *_: None).path / "tokenizer.json"
 
 
-def save_seed(tmp_path, store, case, name="seed", **changes):  # noqa: F811
+def save_seed(tmp_path, store, case, name="seed", **changes):
     """A dense HF checkpoint of the case's family, vocabulary 512 (the fixture tokenizer's), sharded, with the
     fixture corpus's tokenizer.json beside it."""
     config_fields = {**BASE, **CASES[case], "vocab_size": 512, **changes}
@@ -46,7 +46,7 @@ def save_seed(tmp_path, store, case, name="seed", **changes):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
-def test_upcycled_run_from_each_family_trains_and_exports_the_dense_function(case, tmp_path, store):  # noqa: F811
+def test_upcycled_run_from_each_family_trains_and_exports_the_dense_function(case, tmp_path, store):
     seed, dense = save_seed(tmp_path, store, case)
     run = tmp_path / "run"
     # lr 0: the run trains (every step, the losses, the checkpoint) but keeps its step-0 weights
@@ -71,7 +71,7 @@ def test_upcycled_run_from_each_family_trains_and_exports_the_dense_function(cas
     assert torch.isfinite(torch.tensor(trained["metrics"]["val_loss"]))
 
 
-def test_a_preset_that_disagrees_with_the_seed_is_one_error_not_a_silent_theta(tmp_path, store):  # noqa: F811
+def test_a_preset_that_disagrees_with_the_seed_is_one_error_not_a_silent_theta(tmp_path, store):
     """A Llama 3 seed with theta 500000 and eps 1e-6 under a preset whose shapes match: before, it trained with
     the preset's theta 10000 and eps 1e-5; now the explicit preset is refused, and model=hf takes the seed's."""
     seed, _ = save_seed(tmp_path, store, "llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
@@ -92,7 +92,7 @@ def run_py(*args, timeout=300):
                           timeout=timeout)
 
 
-def test_info_of_an_hf_seed_reports_the_seed_upcycled(tmp_path, store):  # noqa: F811
+def test_info_of_an_hf_seed_reports_the_seed_upcycled(tmp_path, store):
     """Before: stage=info seed_model=<dir> reported the tiny preset's 1.9 M parameters."""
     from dropup.config import MoEConfig
     from dropup.flops import param_counts
@@ -108,7 +108,7 @@ def test_info_of_an_hf_seed_reports_the_seed_upcycled(tmp_path, store):  # noqa:
     assert report["model"].startswith("qwen3-")
 
 
-def test_a_vocabulary_mismatch_fails_before_any_corpus_work(tmp_path, store):  # noqa: F811
+def test_a_vocabulary_mismatch_fails_before_any_corpus_work(tmp_path, store):
     """Before: the whole corpus was tokenized (87 s) before a vocabulary-size error."""
     seed, _ = save_seed(tmp_path, store, "llama")
     data_dir = tmp_path / "fresh-data"
@@ -123,9 +123,11 @@ def test_a_vocabulary_mismatch_fails_before_any_corpus_work(tmp_path, store):  #
                   "train.tokens=1024", f"paths.data_dir={data_dir}", f"paths.seed_store={tmp_path / 'seeds'}",
                   f"hydra.run.dir={tmp_path / 'run2'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # results.json names the seed's family and size, not the default preset's name
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["model"].startswith("llama-")
 
 
-def test_sharded_seed_is_read_through_its_index(tmp_path, store):  # noqa: F811
+def test_sharded_seed_is_read_through_its_index(tmp_path, store):
     """Before: every *.safetensors in the directory was merged, so a stray consolidated copy beside the shards
     silently replaced weights."""
     from safetensors.torch import save_file

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +24,6 @@ TINY = [
     "seed_recipe.train.tokens=20480", "seed_recipe.train.val_every=20", "seed_recipe.train.val_tokens=2048",
     "trainer.enable_progress_bar=false",
 ]
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory):
-    """Prepared data and seed models shared by every test (each is built once, like in real use)."""
-    root = tmp_path_factory.mktemp("store")
-    return [f"paths.data_dir={root / 'data'}", f"paths.seed_store={root / 'seeds'}"]
 
 
 def config(run_dir, *overrides):
