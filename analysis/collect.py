@@ -170,28 +170,30 @@ def at_budget(runs: pd.DataFrame, curves: pd.DataFrame, budget: float) -> tuple[
     if budget >= 1.0 or runs.empty:
         return runs, curves
     runs = runs.copy()
-    keep = pd.Series(True, index=curves.index) if not curves.empty else None
+    metric_cols = [c for c in runs.columns if c.startswith("metrics.")]  # final-only ones (eval/...) go too
+    validated = curves[curves["val_loss"].notna()] if not curves.empty else curves
+    cut_at = {}  # run_id -> the step its curve stops at
     for i, run in runs[runs["role"] == "run"].iterrows():
         if not run.get("steps") or not run.get("tokens"):
             continue
         per_step = int(run["tokens"]) // int(run["steps"])
         step = int(budget * float(run.get("schedule_tokens") or run["tokens"])) // per_step
-        mine = curves["run_id"] == run["run_id"] if not curves.empty else None
-        rows = curves[mine & (curves["step"] == step) & curves["val_loss"].notna()] if mine is not None else []
-        metric_cols = [c for c in runs.columns if c.startswith("metrics.")]  # final-only ones (eval/...) go too
         runs.loc[i, metric_cols] = float("nan")
-        if len(rows) == 0:
+        rows = validated[(validated["run_id"] == run["run_id"]) & (validated["step"] == step)] \
+            if not validated.empty else validated
+        if rows.empty:
             runs.loc[i, "status"] = "short" if run["status"] == "completed" else run["status"]
             continue
-        for col in metric_cols:
-            if col[len("metrics."):] in rows.columns:
-                runs.loc[i, col] = rows.iloc[-1][col[len("metrics."):]]
-        fraction = step * per_step / float(run["tokens"])
-        train_flops = float(run["train_flops"] or 0.0) * fraction
+        row = rows.iloc[-1]
+        runs.loc[i, metric_cols] = [row.get(c[len("metrics."):], float("nan")) for c in metric_cols]
+        train_flops = float(run["train_flops"] or 0.0) * step * per_step / float(run["tokens"])
         runs.loc[i, "total_flops"] = float(run.get("total_flops") or 0.0) - float(run["train_flops"] or 0.0) + train_flops
         runs.loc[i, ["tokens", "steps", "train_flops"]] = [step * per_step, step, train_flops]
-        keep &= ~mine | (curves["step"] <= step)
-    return runs, (curves[keep] if keep is not None else curves)
+        cut_at[run["run_id"]] = step
+    if curves.empty or not cut_at:
+        return runs, curves
+    limit = curves["run_id"].map(cut_at)
+    return runs, curves[limit.isna() | (curves["step"] <= limit)]
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,6 @@ from dropup.upcycle.common import DTYPES, MANIFEST, UpcycleError, _bytes, _count
 from dropup.upcycle.convert import Result, upcycle
 
 
-# --------------------------------------------------------------------------------------------------- arguments
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage dump
         self.exit(2, f"error: {message} (see dropup-upcycle --help)\n")

@@ -19,9 +19,6 @@ from dropup.upcycle.plan import Job, Shard, _layer_bytes, plan_job
 from dropup.upcycle.verify import verify
 
 
-# ------------------------------------------------------------------------------------------------ converting
-
-
 @dataclass
 class Result:
     out: Path
@@ -109,5 +106,3 @@ def _check_consumed(job: Job, progress: Progress) -> None:
         if unused:
             raise UpcycleError(f"--dense {dense.path}: tensor {unused[0]} (and {len(unused) - 1} more) was never "
                                "used; the output would silently lack it, so it is not marked complete")
-
-

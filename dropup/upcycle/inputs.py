@@ -14,9 +14,6 @@ from dropup.shards import CheckpointReader, scan
 from dropup.upcycle.common import CARRIED_FILES, INDEX, KEPT_CONFIG_FIELDS, PICKLED
 
 
-# ----------------------------------------------------------------------------------------------------- inputs
-
-
 @dataclass
 class Dense:
     """One --dense input: its architecture, its tensors under our names, and what the output carries over."""
@@ -156,5 +153,3 @@ def _same_architecture(inputs: list[Dense]) -> ModelConfig:
             raise ConfigError(f"--dense {other.path} differs from --dense {first.path} in {', '.join(diff)}: "
                               "all dense models must have the same architecture (BTX mixes their tensors)")
     return first.model
-
-

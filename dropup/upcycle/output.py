@@ -304,5 +304,3 @@ def write_outputs(job: Job, progress: Progress) -> dict:
     progress.path.unlink()
     fsync_dir(out)
     return manifest
-
-

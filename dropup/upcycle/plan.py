@@ -33,9 +33,6 @@ def make_strategy(args: argparse.Namespace) -> InitStrategy:
     return STRATEGIES[args.init](**kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ plan
-
-
 @dataclass
 class Shard:
     """One output file: the tensors it holds, in order, and our names of the tensors they come from."""
@@ -129,5 +126,3 @@ def _layer_bytes(model: ModelConfig, moe: MoEConfig, dtype: torch.dtype) -> int:
     numel = [math.prod(shape) for shape in shapes.values()]
     experts = math.prod(shapes["layers.0.ffn.w_gate_up"]) + math.prod(shapes["layers.0.ffn.w_down"])
     return max(experts, *numel) * torch.empty((), dtype=dtype).element_size()
-
-

@@ -19,9 +19,6 @@ from dropup.upcycle.inputs import Dense
 from dropup.upcycle.plan import Job
 
 
-# ------------------------------------------------------------------------------------------------- verifying
-
-
 def _output_reader(out: Path) -> CheckpointReader:
     weight_map = json.loads((out / INDEX).read_text())["weight_map"]
     return CheckpointReader(scan(sorted({out / f for f in weight_map.values()})))
@@ -137,5 +134,3 @@ def _verify_logits(job: Job) -> list[str]:
     verdict = "OK" if diff <= 1e-4 * (1 + scale) else "FAIL"
     return [(f"{verdict}: logits of the MoE equal the dense model's (r = 0): max |difference| = {diff:.3g} "
              f"(max |logit| {scale:.3g})")]
-
-
