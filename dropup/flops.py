@@ -69,3 +69,8 @@ def forward_flops_per_sequence(model: ModelConfig, moe: MoEConfig | None, seq_le
 def train_flops(model: ModelConfig, moe: MoEConfig | None, tokens: int, seq_len: int) -> float:
     """Forward + backward FLOPs (3x forward) for `tokens` training tokens in sequences of `seq_len`."""
     return 3.0 * forward_flops_per_sequence(model, moe, seq_len) * (tokens / seq_len)
+
+
+def human_count(n: int) -> str:
+    """A parameter count as people write it: 1.27B, 417.0M, 32.4K."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"

@@ -151,7 +151,7 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
     """With seed_model=<HF dir> the architecture is the seed's config.json (model=hf). A model preset or model.*
     override the user gave explicitly must agree with it field by field: a silently different rope_theta or
     rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work."""
-    from dropup.flops import param_counts
+    from dropup.flops import human_count, param_counts
 
     where = hf_seed_dir(cfg)
     if where is None:
@@ -161,7 +161,7 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
     _, found, _ = read_hf_config(where)
     if cfg.model.name == "hf" or not explicit_model:
         adopted = {**asdict(found), "init_std": float(cfg.model.init_std)}
-        adopted["name"] = f"{found.family}-{_size(param_counts(found)['total_params'])}"
+        adopted["name"] = f"{found.family}-{human_count(param_counts(found)['total_params'])}"
         with open_dict(cfg):
             for key, value in adopted.items():
                 cfg.model[key] = value
@@ -173,11 +173,6 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
         raise ConfigError(f"seed_model={where} is a {found.family} model with {', '.join(diff)}: drop the model= / "
                           "model.* overrides (the seed's own config.json is then used: model=hf)")
     return cfg
-
-
-def _size(n: int) -> str:
-    return (f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M" if n >= 1e6
-            else f"{n / 1e3:.0f}K")
 
 
 def _check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: Path) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 
 from dropup.config import ConfigError
+from dropup.flops import human_count
 from dropup.hf import LAYOUTS
 from dropup.init import STRATEGIES
 from dropup.shards import PlanError
-from dropup.upcycle.common import DTYPES, MANIFEST, UpcycleError, _bytes, _count
+from dropup.upcycle.common import DTYPES, MANIFEST, UpcycleError, human_bytes
 from dropup.upcycle.convert import Result, upcycle
 
 
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="append", required=True, type=Path, metavar="DIR",
                    help="HF directory of a supported family (config.json + safetensors) or dropup run directory; "
                         "repeat for btx")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (the HF MoE family of the input)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (the HF MoE family of the input)")
     p.add_argument("--init", required=True, choices=sorted(STRATEGIES), help="how experts are initialized")
     p.add_argument("--ratio", type=float, help="re-initialized share of d_ff per expert (drop, noise; default 0.5)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
@@ -78,12 +80,12 @@ def summary(result: Result) -> str:
     carried = (f" Carried over from the dense directory: {', '.join(m['carried'])}." if m["carried"] else
                " The dense directory had no tokenizer files to carry over.")
     return (
-        f"Upcycled {sources} into a {m['model']['family']}-family MoE ({m.get('moe_type', 'mixtral')}) with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
+        f"Upcycled {sources} into a {m['moe_type']} with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
         f"init {how}, "
-        f"router {o['router_init']}, seed {o['seed']}: {_count(params['total_params'])} parameters in total, "
-        f"{_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "
-        f"({o['layout']} layout) in {len(m['files'])} shard(s). Wrote {_bytes(result.bytes_written)} in "
-        f"{result.seconds:.1f} s ({_bytes(rate)}/s){resumed}. Every tensor's sha256"
+        f"router {o['router_init']}, seed {o['seed']}: {human_count(params['total_params'])} parameters in total, "
+        f"{human_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "
+        f"({o['layout']} layout) in {len(m['files'])} shard(s). Wrote {human_bytes(result.bytes_written)} in "
+        f"{result.seconds:.1f} s ({human_bytes(rate)}/s){resumed}. Every tensor's sha256"
         f"{' and the re-initialized neuron sets' if m['reinitialized'] else ''} are in {MANIFEST}; load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{result.out}').{carried}"
     )

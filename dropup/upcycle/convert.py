@@ -13,7 +13,7 @@ from dropup.config import ConfigError
 from dropup.hf import hf_output_tensors
 from dropup.init import moe_tensors
 from dropup.shards import PlannedTensor
-from dropup.upcycle.common import BUILD_THREADS, UpcycleError, _bytes, _existing_parent
+from dropup.upcycle.common import BUILD_THREADS, UpcycleError, _existing_parent, human_bytes
 from dropup.upcycle.output import BackgroundWriter, Progress, prepare_output, write_outputs
 from dropup.upcycle.plan import Job, Shard, _layer_bytes, plan_job
 from dropup.upcycle.verify import verify
@@ -54,7 +54,7 @@ def stream(job: Job, todo: list[Shard], progress: Progress, console) -> None:
         def on_shard(shard: Shard, digest: str, digests: list[str]) -> None:
             progress.record(shard, digest, digests, [r.consumed_names() for r in job.readers])
             if not console.is_terminal:  # no progress bar (a log file): one line per shard instead
-                console.print(f"wrote {shard.file} ({_bytes(shard.nbytes)}, {count[0]}/{total} tensors)")
+                console.print(f"wrote {shard.file} ({human_bytes(shard.nbytes)}, {count[0]}/{total} tensors)")
 
         writer = BackgroundWriter(job.out, todo, _layer_bytes(job.model, job.moe, job.dtype), on_tensor, on_shard)
         try:
@@ -80,8 +80,8 @@ def upcycle(args: argparse.Namespace, console) -> Result:
     needed = sum(s.nbytes for s in todo)
     free = shutil.disk_usage(_existing_parent(job.out)).free
     if needed > free:
-        raise ConfigError(f"--out {job.out} needs {_bytes(needed)} more but its disk has {_bytes(free)} free: "
-                          "free space or choose another --out")
+        raise ConfigError(f"--out {job.out} needs {human_bytes(needed)} more but its disk has {human_bytes(free)} "
+                          "free: free space or choose another --out")
     job.out.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = Progress(job.out, job.options, consumed=[[] for _ in job.readers])

@@ -22,7 +22,8 @@ from dropup.flops import param_counts
 from dropup.hf import causal_lm_class, hf_config
 from dropup.init.base import ExpertKey, reinit_count
 from dropup.shards import PARTIAL_SUFFIX, ShardWriter, atomic_write, file_digests, fsync_dir
-from dropup.upcycle.common import CARRIED_FILES, DTYPE_LABELS, FORMAT, INDEX, MANIFEST, PROGRESS, SHARD_NAME, UpcycleError
+from dropup.upcycle.common import (CARRIED_FILES, DTYPE_LABELS, FORMAT, INDEX, MANIFEST, PROGRESS, SHARD_NAME,
+                                   UpcycleError)
 from dropup.upcycle.plan import Job, Shard
 
 

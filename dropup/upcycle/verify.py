@@ -10,11 +10,11 @@ import torch
 
 from dropup import families
 from dropup.config import ModelConfig
-from dropup.flops import param_counts
+from dropup.flops import human_count, param_counts
 from dropup.hf import hf_config
 from dropup.init.base import ExpertKey, expert_source, reinit_count
 from dropup.shards import CheckpointReader, scan
-from dropup.upcycle.common import INDEX, VERIFY_MAX_PARAMS, _count
+from dropup.upcycle.common import INDEX, VERIFY_MAX_PARAMS
 from dropup.upcycle.inputs import Dense
 from dropup.upcycle.plan import Job
 
@@ -50,8 +50,8 @@ def verify(job: Job) -> list[str]:
     lines = [] if job.strategy.name == "scratch" else _verify_index_sets(job)
     total = param_counts(job.model, job.moe)["total_params"]
     if total > VERIFY_MAX_PARAMS:
-        return [*lines, f"logits: not compared ({_count(total)} parameters; transformers runs both models only "
-                        f"below {_count(VERIFY_MAX_PARAMS)})"]
+        return [*lines, f"logits: not compared ({human_count(total)} parameters; transformers runs both models only "
+                        f"below {human_count(VERIFY_MAX_PARAMS)})"]
     return lines + _verify_logits(job)
 
 
