@@ -35,11 +35,8 @@ def model_type(case):
     return case.split("-")[0]
 
 
-def hf_dense(case, seed=0):
-    """A transformers dense model of the case's family with every parameter random (norms and biases too)."""
-    config = AutoConfig.for_model(model_type(case), **BASE, **CASES[case])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+def randomized(model):
+    """Every parameter random, norms and biases too, so that a dropped or misplaced one changes the logits."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -47,6 +44,13 @@ def hf_dense(case, seed=0):
             else:
                 param.normal_(0.0, 0.1 if name.endswith("bias") else 0.05)
     return model
+
+
+def hf_dense(case, seed=0, **changes):
+    """A transformers dense model of the case's family (config fields `changes` on top), every parameter random."""
+    config = AutoConfig.for_model(model_type(case), **{**BASE, **CASES[case], **changes})
+    torch.manual_seed(seed)
+    return randomized(AutoModelForCausalLM.from_config(config).eval())
 
 
 def ours_from(hf_model):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from dropup.config import ConfigError
 from dropup.train import train
-from tests.test_families import BASE, CASES
+from tests.test_families import hf_dense
 from tests.test_train import ROOT, TINY, config
 
 FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -30,15 +30,7 @@ def fixture_tokenizer(tmp_path, store):
 def save_seed(tmp_path, store, case, name="seed", **changes):
     """A dense HF checkpoint of the case's family, vocabulary 512 (the fixture tokenizer's), sharded, with the
     fixture corpus's tokenizer.json beside it."""
-    config_fields = {**BASE, **CASES[case], "vocab_size": 512, **changes}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(case.split("-")[0], **config_fields))
-    with torch.no_grad():  # every parameter random and visible, as in test_families.hf_dense
-        for param_name, param in model.named_parameters():
-            if param_name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1 if param_name.endswith("bias") else 0.05)
+    model = hf_dense(case, vocab_size=512, **changes)
     out = tmp_path / name
     model.eval().save_pretrained(out, max_shard_size="40KB")
     shutil.copy(fixture_tokenizer(tmp_path, store), out / "tokenizer.json")
