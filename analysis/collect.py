@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 STATUS_ORDER = ("completed", "running", "failed", "incomplete")
+SHARED_SUFFIX = " + shared"
 
 
 def _flatten(prefix: str, obj, out: dict) -> None:
@@ -29,10 +30,13 @@ def _flatten(prefix: str, obj, out: dict) -> None:
         out[prefix] = obj if not isinstance(obj, list) else json.dumps(obj)
 
 
-def label(init: str | None, ratio, moe_enabled: bool) -> str:
-    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...)."""
+def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = False) -> str:
+    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...); an MoE with
+    a shared expert adds " + shared" (a method of its own in every table)."""
     if not moe_enabled:
         return "Dense"
+    if shared_expert:
+        return label(init, ratio, moe_enabled) + SHARED_SUFFIX
     if init == "scratch":
         return "FS"
     if init == "naive" or (init == "drop" and ratio is not None and float(ratio) == 0.0):
@@ -73,13 +77,14 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     init = results.get("init") or _init_name(cfg)
     moe_enabled = bool((cfg.get("moe") or {}).get("enabled", results.get("moe", "none") != "none"))
     ratio = results.get("ratio", (cfg.get("init") or {}).get("ratio"))
+    shared_d_ff = int(results.get("shared_expert_d_ff") or 0)
     row = {
         "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
         "path": str(run_dir.resolve()), "role": role, "status": status,
-        "label": label(init, ratio, moe_enabled), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
+        "label": label(init, ratio, moe_enabled, shared_d_ff > 0), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
         "seed": results.get("seed", cfg.get("seed")), "model": results.get("model", (cfg.get("model") or {}).get("name")),
         "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
-        "router": (cfg.get("init") or {}).get("router"),
+        "router": (cfg.get("init") or {}).get("router"), "shared_expert_d_ff": shared_d_ff,
         "tokens": results.get("tokens"), "steps": results.get("steps"), "train_flops": results.get("train_flops"),
         "schedule_tokens": results.get("schedule_tokens", results.get("tokens")),
         "total_params": results.get("total_params"), "active_params": results.get("active_params"),

@@ -5,6 +5,8 @@
 - Fig. 4: the same for the re-initialization ratio sweep.
 - Fig. 5: for chosen layers, the share of each domain's tokens routed to each expert, methods side by side, with
   the uniform 1/E line. Figs. 6-8: the same for all layers, in early / middle / late thirds.
+- `shared_curves` (beyond the paper): learning curves of NU and DU r = 0.5 with and without a shared expert.
+The paper's figures leave out methods the paper does not have (those with a shared expert).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.tables import TABLE1_ROWS, method_order  # noqa: E402
+from analysis.collect import SHARED_SUFFIX  # noqa: E402
+from analysis.tables import SHARED_ROWS, TABLE1_ROWS, method_order  # noqa: E402
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
                      "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
 METHOD_COLORS = {"Dense": "#555555", "FS": "#1f77b4", "BTX": "#9467bd", "NU": "#ff7f0e", "DU (r=0.5)": "#2ca02c",
-                 "DU (r=1)": "#d62728"}
+                 "DU (r=1)": "#d62728", "NU + shared": "#ffbb78", "DU (r=0.5) + shared": "#98df8a"}
 DOMAIN_COLORS = {"ja": "#d62728", "en": "#1f77b4", "code": "#2ca02c"}
 
 
@@ -42,7 +45,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
 
 
 def _ratio_color(label: str):
-    _, ratio = method_order(label)
+    ratio = method_order(label)[1]
     return plt.cm.viridis(0.1 + 0.8 * ratio) if label.startswith("DU") else METHOD_COLORS.get(label, "#888888")
 
 
@@ -106,8 +109,19 @@ def fig3(runs, curves, out_dir):
     return learning_curves(runs, curves, labels, "Fig. 3: MoE initialization methods", out_dir, "fig3", METHOD_COLORS)
 
 
+def paper_less(label) -> bool:
+    """A method the paper does not have (a shared expert), left out of its figures."""
+    return str(label).endswith(SHARED_SUFFIX)
+
+
+def shared_curves(runs, curves, out_dir):
+    return learning_curves(runs, curves, list(SHARED_ROWS), "NU and DU r = 0.5, with and without a shared expert",
+                           out_dir, "shared_curves", METHOD_COLORS)
+
+
 def fig4(runs, curves, out_dir):
-    labels = sorted({l for l in runs["label"] if l == "NU" or str(l).startswith("DU")}, key=method_order)
+    labels = sorted({l for l in runs["label"] if (l == "NU" or str(l).startswith("DU")) and not paper_less(l)},
+                    key=method_order)
     return learning_curves(runs, curves, labels, "Fig. 4: re-initialization ratio r (NU = r 0)", out_dir, "fig4")
 
 
@@ -121,6 +135,7 @@ def routing_grid(runs: pd.DataFrame, layers: list[int] | None, out_dir: Path, na
     from dropup.routing import shares
 
     done = runs[(runs["role"] == "run") & (runs["status"] == "completed") & (runs["moe"] != "none")]
+    done = done[~done["label"].map(paper_less)]
     methods = []
     for label in sorted(set(done["label"]), key=method_order):
         first = done[done["label"] == label].sort_values("seed").iloc[0]
@@ -211,7 +226,8 @@ def seed_gap(runs, curves, out_dir, reference: str = "NU"):
     return _save(fig, out_dir, "seed_gap")
 
 
-FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8, "seed_gap": seed_gap}
+FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8, "seed_gap": seed_gap,
+           "shared_curves": shared_curves}
 
 
 def render(names, runs: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> list[Path]:

@@ -13,16 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.collect import SHARED_SUFFIX
+
 TABLE1_ROWS = ("Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)")
+SHARED_ROWS = ("NU", "NU" + SHARED_SUFFIX, "DU (r=0.5)", "DU (r=0.5)" + SHARED_SUFFIX)
 
 
 def method_order(label: str) -> tuple:
-    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order."""
+    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order; a method with a shared expert right
+    after the same method without one."""
+    shared = label.endswith(SHARED_SUFFIX)
+    label = label.removesuffix(SHARED_SUFFIX)
     head = {"Dense": 0, "FS": 1, "BTX": 2, "NU": 3}
     if label in head:
-        return (head[label], 0.0)
+        return (head[label], 0.0, shared)
     kind, _, rest = label.partition(" (r=")
-    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0)
+    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0, shared)
 
 
 @dataclass
@@ -192,6 +198,22 @@ def table8(runs: pd.DataFrame) -> Table:
     return build("table8", "Table 8: router initialization for naive Upcycling", runs, list(TABLE8), "router", columns)
 
 
+def shared(runs: pd.DataFrame) -> Table:
+    """NU and DU r=0.5 with and without a shared expert (sweeps/shared.yaml), with the parameter counts that show
+    how they are matched, and the routing of the routed experts."""
+    runs = runs[runs["role"] == "run"].copy()
+    runs["active_m"], runs["total_m"] = runs["active_params"] / 1e6, runs["total_params"] / 1e6
+    columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
+    columns += [("val avg", "metrics.val_loss", True), ("active params (M)", "active_m", True),
+                ("total params (M)", "total_m", True), ("max expert share ×E", "metrics.routing/imbalance", True),
+                ("routing JSD", "metrics.routing/specialization", False)]
+    table = build("shared", "Shared expert: NU and DU r=0.5 with and without one", runs, list(SHARED_ROWS), "label",
+                  columns)
+    for header in ("active params (M)", "total params (M)", "max expert share ×E", "routing JSD"):
+        table.bold[header] = set()  # descriptive, not scores to win
+    return table
+
+
 # Student's t, 97.5th percentile, by degrees of freedom (seeds - 1): the paired t-test's 5 % two-sided threshold
 T_CRITICAL_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
@@ -258,7 +280,7 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
     return table
 
 
-TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds,
+TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds, "shared": shared,
           "seeds_vs_du": lambda runs: seeds(runs, "DU (r=0.5)", "seeds_vs_du", differences_only=True)}
 
 

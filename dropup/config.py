@@ -100,6 +100,10 @@ class MoEConfig:
 
     `granularity` G splits the dense FFN along d_ff into G parts (fine-grained experts, paper footnote 3): each
     expert is d_ff / G wide, and expert e upcycles from part e mod G of its source FFN.
+
+    `shared_expert_d_ff` > 0 adds a shared expert (Qwen2-MoE, DeepSeekMoE): one SwiGLU of that width that every
+    token passes through beside the routed ones, y = sum_k w_k E_k(x) + g(x) S(x), where g(x) = sigmoid(w_g . x)
+    with `shared_expert_gate` (Qwen2-MoE's gate) and g = 1 without it.
     """
 
     enabled: bool = False
@@ -110,10 +114,14 @@ class MoEConfig:
     lb_coef: float = 0.02
     lb_mode: str = "pooled"
     z_coef: float = 0.0
+    shared_expert_d_ff: int = 0
+    shared_expert_gate: bool = True
 
     def __post_init__(self) -> None:
         if not self.enabled:
             return
+        _require(self.shared_expert_d_ff >= 0,
+                 f"moe.shared_expert_d_ff must be >= 0 (0: no shared expert), got {self.shared_expert_d_ff}")
         _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
         _require(
             1 <= self.top_k <= self.num_experts,

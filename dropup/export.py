@@ -75,7 +75,7 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
     config = hf_config(model_cfg, moe_cfg, **ids)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(to_hf_model(load_file(str(weights)), model_cfg), strict=False)
+    missing, unexpected = model.load_state_dict(to_hf_model(load_file(str(weights)), model_cfg, moe_cfg), strict=False)
     if unexpected or missing != (["lm_head.weight"] if model_cfg.tie_embeddings else []):
         raise ConfigError(f"{run_dir}: its weights do not fill a {config.model_type} model (missing {missing}, "
                           f"unexpected {unexpected})")

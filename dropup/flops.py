@@ -2,7 +2,9 @@
 
 FLOPs follow the paper's Table 3 (forward pass, matrix products only, 2mkn per (m x k) @ (k x n)); training costs
 3x the forward pass (backward ~ 2x forward). Symbols: s sequence length, d_h hidden, v vocabulary, d_f FFN width,
-n_l layers, n_h heads, n_q query groups (KV heads), d_k head dim, n_e experts selected per token.
+n_l layers, n_h heads, n_q query groups (KV heads), d_k head dim, n_e experts selected per token. A shared expert
+of width d_s (Table 3 has none) is one more SwiGLU that every token passes through, 6 s d_h d_s, plus its gate's
+(d_h x 1) product, 2 s d_h.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def param_counts(model: ModelConfig, moe: MoEConfig | None = None) -> dict[str, 
     else:
         expert = 3 * d * moe.expert_d_ff(model)
         router = moe.num_experts * d
-        ffn_total = moe.num_experts * expert + router
-        ffn_active = moe.top_k * expert + router
+        shared = 3 * d * moe.shared_expert_d_ff + (d if moe.shared_expert_d_ff and moe.shared_expert_gate else 0)
+        ffn_total = moe.num_experts * expert + router + shared
+        ffn_active = moe.top_k * expert + router + shared
     per_layer = attention + norms
     total = embeddings + model.n_layers * (per_layer + ffn_total) + d
     active = embeddings + model.n_layers * (per_layer + ffn_active) + d
@@ -62,6 +65,8 @@ def forward_flops_per_sequence(model: ModelConfig, moe: MoEConfig | None, seq_le
     else:
         d_f = moe.expert_d_ff(model)
         ffn = moe.top_k * (4 * s * d_h * d_f + 2 * s * d_f * d_h)
+        if moe.shared_expert_d_ff:
+            ffn += 6 * s * d_h * moe.shared_expert_d_ff + (2 * s * d_h if moe.shared_expert_gate else 0)
     logits = 2 * s * d_h * v
     return float(embeddings + attention_all + model.n_layers * ffn + logits)
 

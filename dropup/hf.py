@@ -64,23 +64,26 @@ def hf_tensors(name: str, tensor: torch.Tensor, layout: str = "fused", family: s
     return out
 
 
-def hf_output_tensors(name: str, tensor: torch.Tensor, layout: str, model: ModelConfig) -> dict:
-    """`hf_tensors` plus what the MoE family needs beyond our tensors, placed after each layer's last expert
-    tensor (Qwen2-MoE's size-0 shared expert): the converter plans and writes exactly this sequence."""
+def hf_output_tensors(name: str, tensor: torch.Tensor, layout: str, model: ModelConfig,
+                      moe: MoEConfig | None) -> dict:
+    """`hf_tensors` plus what the MoE family needs beyond our tensors, placed after each layer's last routed
+    expert tensor (Qwen2-MoE's size-0 shared expert, when `moe` has none): the converter plans and writes exactly
+    this sequence."""
     out = hf_tensors(name, tensor, layout, model.family)
     match = LAYER.match(name)
     if match and match.group(2) == "ffn.w_down":
-        extra = families.family(model.family).extra_moe_tensors(int(match.group(1)), model, tensor.dtype)
+        extra = families.family(model.family).extra_moe_tensors(int(match.group(1)), model, moe, tensor.dtype)
         out.update({k: v.to(tensor.device) for k, v in extra.items()})
     return out
 
 
-def to_hf_model(state: Mapping[str, torch.Tensor], model: ModelConfig, layout: str = "fused") -> dict:
+def to_hf_model(state: Mapping[str, torch.Tensor], model: ModelConfig, moe: MoEConfig | None,
+                layout: str = "fused") -> dict:
     """Our state dict -> everything the family's (or its MoE family's) transformers class holds, the tensors
     beyond ours included (`hf_output_tensors`); a tied model has no `lm_head.weight` (transformers ties it)."""
     out = {}
     for name, tensor in state.items():
-        out.update(hf_output_tensors(name, tensor, layout, model))
+        out.update(hf_output_tensors(name, tensor, layout, model, moe))
     return out
 
 
@@ -104,7 +107,10 @@ def renamed_from_hf(name: str, family: str = "llama") -> str | None:
     if match is None:
         return None
     rest = match.group(2)
-    if rest == families.family(family).expert_router:
+    adapter = families.family(family)
+    if rest.startswith("mlp.shared_expert") and not adapter.holds_shared_expert:
+        return None  # a Mixtral or Qwen3-MoE has no place for one
+    if rest == adapter.expert_router:
         return f"layers.{match.group(1)}.ffn.router.weight"
     return f"layers.{match.group(1)}.{_INVERSE_LAYER[rest]}" if rest in _INVERSE_LAYER else None
 
@@ -119,8 +125,9 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], family: str = "llama", tied: b
     """A transformers state dict of `family` or its MoE family (either expert layout) -> ours.
 
     Unplaceable keys are errors. With tied embeddings a stored `lm_head.weight` must equal the input embedding
-    (it is then dropped); the size-0 shared expert Qwen2-MoE always carries is dropped, a real one refused."""
+    (it is then dropped); the size-0 shared expert a Qwen2-MoE without one carries is dropped, with its gate."""
     out: dict[str, torch.Tensor] = {}
+    empty_shared: set[str] = set()  # layers whose shared expert is size 0: their gates are dropped at the end
     per_expert: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     pattern = _per_expert_pattern(family)
     for name, tensor in hf_state.items():
@@ -130,15 +137,13 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], family: str = "llama", tied: b
                 raise ConfigError("tie_word_embeddings=true but lm_head.weight differs from the input embedding")
             continue
         ours = renamed_from_hf(name, family)
+        if ours is not None and ".shared_expert." in ours and tensor.numel() == 0:
+            empty_shared.add(ours.split(".ffn.", 1)[0])
+            continue
         if ours is not None:
             out[ours] = tensor
             continue
         match = HF_LAYER.match(name)
-        if match and match.group(2).startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
-            if match.group(2).startswith("mlp.shared_expert.") and tensor.numel():
-                raise ConfigError(f"{name} is a shared expert of width {tensor.shape}: dropup does not model "
-                                  "shared experts yet")
-            continue
         expert = pattern.match(match.group(2)) if match else None
         if expert is None:
             raise ConfigError(f"Hugging Face tensor {name!r} is not part of a {family} model or its MoE")
@@ -152,6 +157,8 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], family: str = "llama", tied: b
                               f"0..{n - 1}")
         out[f"layers.{layer}.ffn.w_gate_up"] = torch.stack([torch.cat([parts[0][e], parts[1][e]]) for e in range(n)])
         out[f"layers.{layer}.ffn.w_down"] = torch.stack([parts[2][e] for e in range(n)])
+    for layer in empty_shared:
+        out.pop(f"{layer}.ffn.shared_expert_gate.weight", None)
     return out
 
 
@@ -160,6 +167,8 @@ def hf_config_dict(model: ModelConfig, moe: MoEConfig | None = None) -> dict:
     adapter = families.family(model.family)
     adapter.check(model)
     moe = moe if moe is not None and moe.enabled else None
+    if moe is not None:
+        adapter.check_moe(moe)
     return {"model_type": adapter.moe_type if moe else adapter.dense_type, **adapter.write_fields(model, moe)}
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropup.config import ModelConfig, MoEConfig, check_pair
-from dropup.moe import MoELayer, load_balancing_loss, router_z_loss
+from dropup.moe import MoELayer, SwiGLU, load_balancing_loss, router_z_loss
 
 
 class RMSNorm(nn.Module):
@@ -102,19 +102,6 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, -1))
-
-
-class SwiGLU(nn.Module):
-    """The dense FFN (paper eq. 1), weights in torch's (out, in) layout: W_gate, W_up (F, D), W_down (D, F)."""
-
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
-        self.w_up = nn.Linear(d_model, d_ff, bias=False)
-        self.w_down = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):

@@ -7,6 +7,10 @@ Expert weights use transformers 5's fused layout, so the Hugging Face mapping is
 Routing (paper eq. 3): softmax over the top-k logits, which equals softmax over all E logits, keeping the top k
 and renormalizing them -- the form transformers and moe-recipes compute, done here in fp32.
 
+A shared expert (`moe.shared_expert_d_ff` > 0, Qwen2-MoE's layout) is a plain SwiGLU every token passes
+through, added to the routed output behind an optional sigmoid gate: y = sum_k w_k E_k(x) + sigmoid(w_g . x) S(x).
+It is not routed, so it has no load and takes no part in the balance losses.
+
 Backends compute the same function:
 - `grouped` sorts assignments by expert and runs two `torch._grouped_mm` calls (CPU and CUDA);
 - `loop` is the readable per-expert reference;
@@ -29,6 +33,20 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int):
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return logits_TE, weights_TK, experts_TK
+
+
+class SwiGLU(nn.Module):
+    """One SwiGLU FFN (paper eq. 1), weights in torch's (out, in) layout: W_gate, W_up (F, D), W_down (D, F). The
+    dense model's FFN, and an MoE's shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
@@ -112,7 +130,8 @@ def _grouped_mm_runs_on(x: torch.Tensor) -> bool:
 
 
 class MoELayer(nn.Module):
-    """Router + E SwiGLU experts. `forward` returns the output and the router logits (for the aux losses)."""
+    """Router + E SwiGLU experts (+ an optional shared expert). `forward` returns the output and the router
+    logits (for the aux losses)."""
 
     def __init__(self, d_model: int, expert_d_ff: int, moe: MoEConfig):
         super().__init__()
@@ -122,8 +141,21 @@ class MoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.empty(moe.num_experts, d_model, expert_d_ff))
         # Assignments per expert in the last forward pass, for routing analysis (no autograd, no sync).
         self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
+        self.shared_expert = SwiGLU(d_model, moe.shared_expert_d_ff) if moe.shared_expert_d_ff else None
+        self.shared_expert_gate = (nn.Linear(d_model, 1, bias=False)
+                                   if self.shared_expert is not None and moe.shared_expert_gate else None)
 
     def forward(self, x_TD: torch.Tensor):
+        y_TD, logits_TE = self.routed(x_TD)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD.to(y_TD.dtype)
+        return y_TD, logits_TE
+
+    def routed(self, x_TD: torch.Tensor):
+        """The routed experts' weighted sum, and the router logits."""
         logits_TE, weights_TK, experts_TK = route(x_TD, self.router.weight, self.top_k)
         w_gate_up, w_down = self.w_gate_up, self.w_down
         device_type = x_TD.device.type

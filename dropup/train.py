@@ -187,6 +187,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     results = {
         "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
+        "shared_expert_d_ff": moe_cfg.shared_expert_d_ff if moe_cfg is not None else 0,
         "init": strategy_name, "ratio": ratio, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
         "schedule_tokens": settings["schedule_tokens"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,

@@ -33,6 +33,11 @@ LAYER_NAMES = {
     "ffn.router.weight": "mlp.gate.weight",
     "ffn.w_gate_up": "mlp.experts.gate_up_proj",
     "ffn.w_down": "mlp.experts.down_proj",
+    # the shared expert (Qwen2-MoE only) and its sigmoid gate
+    "ffn.shared_expert.w_gate.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn.shared_expert.w_up.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn.shared_expert.w_down.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn.shared_expert_gate.weight": "mlp.shared_expert_gate.weight",
 }
 TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
@@ -87,6 +92,8 @@ class Family:
     expert_router: ClassVar[str]
     # the head width a config.json without `head_dim` has in transformers (None: hidden / heads)
     default_head_dim: ClassVar[int | None] = None
+    # whether the MoE family has a (gated) shared expert beside the routed ones
+    holds_shared_expert: ClassVar[bool] = False
 
     # --- config.json -> ours ---------------------------------------------------------------------------------
     def read_fields(self, config: Mapping) -> dict:
@@ -139,7 +146,18 @@ class Family:
     def check(self, model: ModelConfig) -> None:
         """Refuse what this family cannot hold (a Llama has no q/k norms, ...)."""
 
+    def check_moe(self, moe: MoEConfig) -> None:
+        """Refuse an MoE layout the MoE family cannot hold (a shared expert outside Qwen2-MoE, ...)."""
+        if moe.shared_expert_d_ff and not self.holds_shared_expert:
+            raise ConfigError(
+                f"a {self.moe_type} has no shared expert, so a {self.dense_type} cannot be upcycled with one: only "
+                "qwen2 -> qwen2_moe holds a shared expert (drop the shared expert, or use a Qwen2 model / "
+                "model.family=qwen2)")
+        if moe.shared_expert_d_ff and not moe.shared_expert_gate:
+            raise ConfigError(f"a {self.moe_type}'s shared expert always has a sigmoid gate: set "
+                              "moe.shared_expert_gate=true to write this MoE as a Hugging Face model")
+
     # --- tensors beyond ours ---------------------------------------------------------------------------------
-    def extra_moe_tensors(self, layer: int, model: ModelConfig, dtype) -> dict:
+    def extra_moe_tensors(self, layer: int, model: ModelConfig, moe: MoEConfig, dtype) -> dict:
         """HF tensors the MoE family needs that ours has no counterpart of (written, and skipped on reading)."""
         return {}

@@ -3,9 +3,11 @@
 Config: q/k/v always carry biases (o does not); the window slides only with `use_sliding_window`, and then on
 layers from `max_window_layers` on (`layer_types` in transformers 5); small models tie their embeddings.
 Qwen2-MoE routes like the paper only with `norm_topk_prob: true` (its default, false, would not renormalize the
-top-k weights), and always has a shared-expert module: until dropup models shared experts it is written with
-`shared_expert_intermediate_size: 0` (its output is then zero), and a checkpoint with a real one is refused.
-Saved per expert: `mlp.experts.{e}.gate_proj/up_proj/down_proj`, router `mlp.gate`.
+top-k weights), and always has a shared-expert module, `mlp.shared_expert` (a SwiGLU of
+`shared_expert_intermediate_size`) behind a sigmoid gate `mlp.shared_expert_gate` (1, hidden): an MoE without a
+shared expert is written with `shared_expert_intermediate_size: 0` (its output is then zero, and the size-0
+tensors are dropped on reading). Saved per expert: `mlp.experts.{e}.gate_proj/up_proj/down_proj`, router
+`mlp.gate`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Qwen2(Family):
     expert_names = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
                     "mlp.experts.{e}.down_proj.weight")
     expert_router = "mlp.gate.weight"
+    holds_shared_expert = True
 
     def read_fields(self, config: Mapping) -> dict:
         return {**super().read_fields(config), "attn_bias": bool(config.get("qkv_bias", True))}
@@ -38,12 +41,10 @@ class Qwen2(Family):
         if not config.get("norm_topk_prob", False):
             raise ConfigError(f"config field norm_topk_prob=false: this {config['model_type']} does not renormalize "
                               "its top-k weights, and dropup's router does (paper eq. 3)")
-        if config.get("shared_expert_intermediate_size", 0):
-            raise ConfigError(f"this {config['model_type']} has a shared expert (shared_expert_intermediate_size="
-                              f"{config['shared_expert_intermediate_size']}), which dropup does not model yet")
         experts = config.get("num_experts", config.get("num_local_experts"))  # Qwen3-MoE saves the latter
+        shared = int(config.get("shared_expert_intermediate_size", 0)) if self.holds_shared_expert else 0
         return MoEConfig(enabled=True, num_experts=experts, top_k=config["num_experts_per_tok"],
-                         lb_coef=config.get("router_aux_loss_coef", 0.02))
+                         lb_coef=config.get("router_aux_loss_coef", 0.02), shared_expert_d_ff=shared)
 
     def check(self, model: ModelConfig) -> None:
         if model.qk_norm:
@@ -65,11 +66,14 @@ class Qwen2(Family):
                 "mlp_only_layers": []}
 
     def own_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
-        """What only this family's config has: Qwen2-MoE's q/k/v bias switch and its (empty) shared expert."""
-        return {} if moe is None else {"qkv_bias": model.attn_bias, "shared_expert_intermediate_size": 0}
+        """What only this family's config has: Qwen2-MoE's q/k/v bias switch and its shared expert's width."""
+        return {} if moe is None else {"qkv_bias": model.attn_bias,
+                                       "shared_expert_intermediate_size": moe.shared_expert_d_ff}
 
-    def extra_moe_tensors(self, layer: int, model: ModelConfig, dtype) -> dict[str, torch.Tensor]:
-        """The size-0 shared expert Qwen2-MoE always has, and its (then irrelevant) gate."""
+    def extra_moe_tensors(self, layer: int, model: ModelConfig, moe: MoEConfig, dtype) -> dict[str, torch.Tensor]:
+        """Without a shared expert of ours: the size-0 one Qwen2-MoE always has, and its (then irrelevant) gate."""
+        if moe.shared_expert_d_ff:
+            return {}
         prefix = f"model.layers.{layer}.mlp."
         d = model.d_model
         return {prefix + "shared_expert.gate_proj.weight": torch.zeros(0, d, dtype=dtype),

@@ -34,7 +34,9 @@ class Qwen3(Qwen2):
     def own_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
         return {"attention_bias": False}
 
-    def extra_moe_tensors(self, layer, model, dtype):
+    holds_shared_expert = False
+
+    def extra_moe_tensors(self, layer, model, moe, dtype):
         return {}  # Qwen3-MoE has no shared expert
 
 

@@ -9,6 +9,15 @@ source tensor only when it is needed. A strategy only decides
 
 Expert e of E with granularity G reads part p = e mod G of the FFN of source model m = floor((e div G) N / (E/G)):
 for G = 1 that is BTX's m = floor(e N / E), and with one source every expert reads the same FFN.
+
+A shared expert S (moe.shared_expert_d_ff = d_s > 0), y = sum_k w_k E_k(x) + g(x) S(x), is made the same way by
+every strategy that reads dense models, whatever it does to the routed experts (drop, noise and BTX act on those
+only): S is the sources' FFN (their mean for several, like every other non-expert tensor) resized to d_s neurons
+by `resize_ffn`, which keeps the FFN's function for d_s >= d_ff; its gate w_g is 0, so g = sigmoid(0) = 1/2 for
+every token. To make the step-0 function the dense one, `output_scales` folds 1/2 into the routed experts' W_down
+(after the strategy built them from the unscaled dense FFN: a dropped neuron's statistics are the dense ones) and
+1/2 into S's W_down only where there is no gate: naive Upcycling then computes 1/2 FFN + 1/2 FFN = FFN, and an
+exported checkpoint computes the same. From scratch, S and w_g are drawn like any weight matrix.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
 from dropup.init import router as router_init
 
 _EXPERT_TENSOR = re.compile(r"layers\.(\d+)\.ffn\.(w_gate_up|w_down|router\.weight)$")
+_SHARED_EXPERT_TENSOR = re.compile(r"layers\.(\d+)\.ffn\.shared_expert(\.w_gate|\.w_up|\.w_down|_gate)\.weight$")
 
 
 @dataclass
@@ -73,9 +83,48 @@ class InitStrategy:
         return gate_FD, up_FD, down_DF
 
     def shared(self, name: str, tensors: Sequence[torch.Tensor], shape, dtype, seed: int) -> torch.Tensor:
-        if len(tensors) == 1:
-            return tensors[0].clone()
-        return torch.stack([t.float() for t in tensors]).mean(dim=0).to(tensors[0].dtype)
+        return average(tensors)
+
+
+def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sources' copies of one tensor averaged in fp32 (a copy for one source)."""
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    return torch.stack([t.float() for t in tensors]).mean(dim=0).to(tensors[0].dtype)
+
+
+def output_scales(moe: MoEConfig) -> tuple[float, float]:
+    """(routed, shared) factors folded into W_down of an MoE upcycled with a shared expert, so that naive
+    Upcycling computes the dense FFN at step 0: the routed experts' weights sum to 1 and each computes the FFN, so
+    they give 1/2 FFN at 1/2; the shared expert gives 1/2 FFN through its zero gate (sigmoid(0) = 1/2) at 1, or
+    at 1/2 without a gate. Without a shared expert: (1, 1)."""
+    if not moe.shared_expert_d_ff:
+        return 1.0, 1.0
+    return 0.5, 1.0 if moe.shared_expert_gate else 0.5
+
+
+def resize_ffn(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, width: int):
+    """A SwiGLU FFN as one of `width` neurons: neuron j is the FFN's neuron j mod d_ff, and its W_down column is
+    divided by the number of copies of that neuron, so every neuron's contribution sums to the original one. For
+    width >= d_ff the function is unchanged (width = d_ff: a copy); narrower keeps the first `width` neurons and
+    is not the FFN's function."""
+    neuron = torch.arange(width) % gate_FD.shape[0]
+    copies = torch.bincount(neuron, minlength=gate_FD.shape[0])[neuron]
+    down = (down_DF[:, neuron].float() / copies).to(down_DF.dtype)
+    return gate_FD[neuron], up_FD[neuron], down
+
+
+def layer_shared_expert(layer: int, sources, model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Tensor]:
+    """One layer's shared expert and gate, upcycled from the sources' FFN (module docstring)."""
+    prefix = f"layers.{layer}.ffn."
+    ffn = [average([src[f"{prefix}{w}.weight"] for src in sources]) for w in ("w_gate", "w_up", "w_down")]
+    gate, up, down = resize_ffn(*ffn, moe.shared_expert_d_ff)
+    scale = output_scales(moe)[1]
+    out = {f"{prefix}shared_expert.w_gate.weight": gate, f"{prefix}shared_expert.w_up.weight": up,
+           f"{prefix}shared_expert.w_down.weight": down if scale == 1.0 else down * scale}
+    if moe.shared_expert_gate:
+        out[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, model.d_model, dtype=gate.dtype)
+    return out
 
 
 def reinit_count(ratio: float, d_ff: int) -> int:
@@ -155,6 +204,7 @@ def layer_experts(
     d_f = moe.expert_d_ff(model)
     prefix = f"layers.{layer}.ffn."
     ffns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    routed_scale = output_scales(moe)[0] if sources else 1.0
 
     def build(e: int):
         m, part = expert_source(e, moe.num_experts, moe.granularity, max(len(sources), 1))
@@ -164,7 +214,8 @@ def layer_experts(
         else:
             gate = up = torch.empty(d_f, model.d_model)
             down = torch.empty(model.d_model, d_f)
-        return strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
+        gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
+        return gate, up, (down if routed_scale == 1.0 else down * routed_scale)
 
     for e in range(moe.num_experts if sources else 0):
         m = expert_source(e, moe.num_experts, moe.granularity, len(sources))[0]
@@ -209,11 +260,19 @@ def moe_tensors(
     if dtype is None:
         dtype = tensor_meta(sources[0], "tok_emb.weight")[1] if sources else torch.float32
     experts_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    shared_of_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, shape in moe_shapes(model, moe).items():
         if names is not None and name not in names:
             continue
         match = _EXPERT_TENSOR.match(name)
-        if match is None:
+        shared_expert = _SHARED_EXPERT_TENSOR.match(name)
+        if shared_expert is not None and sources:
+            layer = int(shared_expert.group(1))
+            if layer not in shared_of_layer:
+                shared_of_layer.clear()
+                shared_of_layer[layer] = layer_shared_expert(layer, sources, model, moe)
+            tensor = shared_of_layer[layer][name]
+        elif match is None:
             tensor = strategy.shared(name, [src[name] for src in sources], shape, dtype, seed)
         elif match.group(2) == "router.weight":
             layer = int(match.group(1))

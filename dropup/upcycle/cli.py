@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
     p.add_argument("--granularity", type=int, default=1,
                    help="split each dense FFN into G narrower experts (fine-grained; default 1)")
+    p.add_argument("--shared-expert", action="store_true",
+                   help="add a shared expert that every token passes through (Qwen2 -> Qwen2-MoE only): the dense FFN "
+                        "behind a zero gate, with the routed experts' outputs halved, so naive upcycling still "
+                        "computes the dense function")
+    p.add_argument("--shared-expert-d-ff", type=int, metavar="N",
+                   help="the shared expert's width (default: the dense d_ff; wider repeats neurons and keeps the "
+                        "function, narrower keeps the first N neurons and does not); implies --shared-expert")
     p.add_argument("--router-init",
                    help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346; "
                         "normal:0.02 for --init scratch, like every other weight matrix)")
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def summary(result: Result) -> str:
     m = result.manifest
     o, params = m["options"], m["params"]
+    shared = (f", a shared expert of width {o['shared_expert_d_ff']} beside them (the dense FFN behind a zero gate, "
+              "routed outputs halved)" if o.get("shared_expert_d_ff") else "")
     how = {"drop": f"drop r={o['ratio']} ({o['index_mode']} index sets)", "noise": f"noise r={o['ratio']} "
            f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
     sources = ", ".join(d["path"] for d in m["dense"])
@@ -80,7 +89,8 @@ def summary(result: Result) -> str:
     carried = (f" Carried over from the dense directory: {', '.join(m['carried'])}." if m["carried"] else
                " The dense directory had no tokenizer files to carry over.")
     return (
-        f"Upcycled {sources} into a {m['moe_type']} with {o['experts']} experts (top-{o['top_k']}) at {result.out}, "
+        f"Upcycled {sources} into a {m['moe_type']} with {o['experts']} experts (top-{o['top_k']}){shared} at "
+        f"{result.out}, "
         f"init {how}, "
         f"router {o['router_init']}, seed {o['seed']}: {human_count(params['total_params'])} parameters in total, "
         f"{human_count(params['active_params'])} active per token, {len(m['tensors'])} {o['dtype']} tensors "

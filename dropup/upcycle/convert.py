@@ -60,7 +60,7 @@ def stream(job: Job, todo: list[Shard], progress: Progress, console) -> None:
         try:
             for ours, tensor in moe_tensors(job.strategy, job.readers, job.model, job.moe, job.options["seed"],
                                             job.dtype, names=wanted, threads=BUILD_THREADS):
-                for name, part in hf_output_tensors(ours, tensor, job.options["layout"], job.model).items():
+                for name, part in hf_output_tensors(ours, tensor, job.options["layout"], job.model, job.moe).items():
                     if name not in done:
                         writer.put(name, part)
                 # Drop our references: only the writer may keep this layer alive while the next one is built.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
 from dropup.hf import hf_output_tensors
 from dropup.init import STRATEGIES, InitStrategy
@@ -55,7 +56,7 @@ def plan_shards(model: ModelConfig, moe: MoEConfig, layout: str, dtype: torch.dt
     size = 0
     for ours, shape in moe_shapes(model, moe).items():
         for name, meta in hf_output_tensors(ours, torch.empty(shape, dtype=dtype, device="meta"), layout,
-                                            model).items():
+                                            model, moe).items():
             planned = PlannedTensor(name, tuple(meta.shape), dtype)
             if groups[-1] and size + planned.nbytes > max_bytes:
                 groups.append([])
@@ -89,13 +90,21 @@ def plan_job(args: argparse.Namespace) -> Job:
         raise ConfigError("--init scratch reads only the architecture (config.json) of one --dense directory")
     inputs = [open_dense(p) for p in args.dense]
     model = _same_architecture(inputs)
+    shared_d_ff = 0
+    if args.shared_expert or args.shared_expert_d_ff is not None:
+        shared_d_ff = model.d_ff if args.shared_expert_d_ff is None else args.shared_expert_d_ff
+        if shared_d_ff < 1:
+            raise ConfigError(f"--shared-expert-d-ff {shared_d_ff} must be a positive width")
     try:
-        moe = MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity)
+        moe = MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity,
+                        shared_expert_d_ff=shared_d_ff)
         check_pair(model, moe)
+        families.family(model.family).check_moe(moe)
     except ConfigError as err:  # say it in the CLI's words
         message = str(err)
         for field_name, flag in (("moe.num_experts", "--experts"), ("moe.top_k", "--top-k"),
-                                 ("moe.granularity", "--granularity")):
+                                 ("moe.granularity", "--granularity"),
+                                 ("drop the shared expert", "drop --shared-expert"), (" / model.family=qwen2", "")):
             message = message.replace(field_name, flag)
         raise ConfigError(message) from None
     readers = [] if args.init == "scratch" else [d.reader() for d in inputs]
@@ -113,6 +122,7 @@ def plan_job(args: argparse.Namespace) -> Job:
         "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
         "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
         "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
+        "shared_expert_d_ff": moe.shared_expert_d_ff,
         "router_init": strategy.router, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
         "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
     }

@@ -12,7 +12,7 @@ from dropup import families
 from dropup.config import ModelConfig
 from dropup.flops import human_count, param_counts
 from dropup.hf import hf_config
-from dropup.init.base import ExpertKey, expert_source, reinit_count
+from dropup.init.base import ExpertKey, expert_source, output_scales, reinit_count
 from dropup.shards import CheckpointReader, scan
 from dropup.upcycle.common import INDEX, VERIFY_MAX_PARAMS
 from dropup.upcycle.inputs import Dense
@@ -62,6 +62,7 @@ def _verify_index_sets(job: Job) -> list[str]:
     readers = [d.reader() for d in job.inputs]
     none = torch.empty(0, dtype=torch.long)
     share = np.zeros((n_e, 3))  # changed neurons / d_f, mean over layers, per (expert, gate/up/down)
+    routed_scale = output_scales(moe)[0]
     mismatches = []
     for layer in range(n_l):
         ffn = {}
@@ -71,7 +72,8 @@ def _verify_index_sets(job: Job) -> list[str]:
                 ffn[m] = [readers[m][f"layers.{layer}.ffn.{w}.weight"].to(job.dtype)
                           for w in ("w_gate", "w_up", "w_down")]
             cols = slice(part * d_f, (part + 1) * d_f)
-            source = (ffn[m][0][cols], ffn[m][1][cols], ffn[m][2][:, cols].t())
+            # beside a shared expert the routed experts' W_down carry a factor (exact: a power of two)
+            source = (ffn[m][0][cols], ffn[m][1][cols], ffn[m][2][:, cols].t() * routed_scale)
             expected = (strategy.indices(d_f, ExpertKey(seed, layer, e)) if hasattr(strategy, "indices")
                         else {"gate": none, "up": none, "down": none})
             for j, (matrix, new, old) in enumerate(zip(("gate", "up", "down"),
@@ -128,6 +130,9 @@ def _verify_logits(job: Job) -> list[str]:
     diff = (moe_logits - dense_logits).abs().max().item()
     dense_function = moe.granularity == 1 and (
         strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0))
+    if dense_function and 0 < moe.shared_expert_d_ff < model.d_ff:
+        return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g} (not 0: a shared expert narrower than "
+                f"d_ff={model.d_ff} keeps only {moe.shared_expert_d_ff} of the dense FFN's neurons)"]
     if not dense_function:
         return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g} (not expected to be 0 for this init)"]
     scale = dense_logits.abs().max().item()
