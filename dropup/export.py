@@ -3,8 +3,9 @@
     python run.py stage=export export.run=<run dir> [export.out=<dir>]
     python run.py stage=eval export.run=<run dir> eval=lm_eval eval.tasks=[...] [eval.include_path=<task dir>]
 
-Export writes a transformers Llama (dense) or Mixtral (MoE) directory with the run's weights and tokenizer (what
-`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load), under a temporary name renamed when complete.
+Export writes a transformers directory of the run's family (dense) or of the MoE family it becomes (Mixtral,
+Qwen2-MoE, Qwen3-MoE) with the run's weights and tokenizer (what `AutoModelForCausalLM` /
+`AutoTokenizer.from_pretrained` load), under a temporary name renamed when complete.
 Eval adds each task's main score to the run's results.json as `metrics["eval/<task>"]`, where the tables find it.
 """
 
@@ -50,7 +51,7 @@ def _hf_seed(run_dir: Path) -> Path | None:
 def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from dropup.hf import hf_config, to_hf_model
+    from dropup.hf import hf_config, hf_config_dict, to_hf_model
     from dropup.upcycle.common import CARRIED_FILES
 
     run_dir, out = Path(run_dir), Path(out)
@@ -58,6 +59,7 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     if not weights.is_file():
         raise ConfigError(f"{run_dir} has no model.safetensors: only completed runs can be exported")
     model_cfg, moe_cfg = architecture(_run_config(run_dir))
+    hf_config_dict(model_cfg, moe_cfg)  # what the family cannot hold (a shared expert in a Mixtral) fails first
     hf_seed = _hf_seed(run_dir)
     tokenizer = None
     if hf_seed is not None:  # upcycled from a Hugging Face checkpoint: its tokenizer files and special tokens

@@ -11,8 +11,8 @@ import yaml
 from analysis import sweep
 from analysis.collect import collect, curves, label
 from analysis import report
-from analysis.figures import fig3, fig4, fig5, seed_gap
-from analysis.tables import Cell, best_rows, seeds, table1, table8
+from analysis.figures import fig3, fig4, fig5, seed_gap, shared_curves
+from analysis.tables import Cell, best_rows, seeds, shared, table1, table8
 
 DOMAINS = ("ja", "en", "code")
 TARGETS = {"scratch": "Scratch", "naive": "NaiveUpcycling", "drop": "DropUpcycling", "btx": "BranchTrainMix"}
@@ -76,6 +76,37 @@ def test_collect_keeps_failed_and_half_written_runs(runs_dir, tmp_path):
 def test_labels():
     assert label("drop", 0.0, True) == label("naive", None, True) == "NU"
     assert label("drop", 0.25, True) == "DU (r=0.25)" and label("scratch", None, False) == "Dense"
+    assert label("drop", 0.5, True, shared_expert=True) == "DU (r=0.5) + shared"
+
+
+def test_shared_expert_runs_are_a_method_of_their_own(runs_dir, tmp_path, monkeypatch):
+    """Runs with a shared expert get their own rows in the shared table and stay out of Table 1 and the paper's
+    figures, even when they sit in the same results directory."""
+    for s in (0, 1):
+        run = make_run(runs_dir, f"NU-shared-s{s}", "naive", seed=s, loss=4.4 + 0.01 * s)
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "shared_expert_d_ff": 64}))
+    frame = collect([runs_dir])
+    assert set(frame.loc[frame["shared_expert_d_ff"] > 0, "label"]) == {"NU + shared"}
+    table = shared(frame)
+    assert table.rows == ["NU", "NU + shared", "DU (r=0.5)", "DU (r=0.5) + shared"]
+    assert table.cells[("NU + shared", "val avg")].mean == pytest.approx(4.405)
+    assert table.cells[("NU", "val avg")].mean == pytest.approx(4.51)  # NU's three seeds only
+    assert table.cells[("DU (r=0.5) + shared", "val avg")].n == 0
+    assert table1(frame).cells[("NU", "val avg")].n == 3
+    import matplotlib.pyplot as plt
+
+    titles = []
+    real_save = plt.Figure.savefig
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: titles.extend(
+        ax.get_title() for ax in fig.axes if ax.get_title()) or real_save(fig, *a, **k))
+    fig5(frame, curves(frame), tmp_path)
+    assert "NU + shared" not in titles and "NU" in titles
+    legend = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: legend.extend(
+        t.get_text() for lg in fig.legends for t in lg.get_texts()) or real_save(fig, *a, **k))
+    shared_curves(frame, curves(frame), tmp_path)
+    assert {"NU (n=3)", "NU + shared (n=2)", "DU (r=0.5) (n=3)"} <= set(legend)
 
 
 def test_table1_cells(runs_dir):

@@ -237,3 +237,49 @@ def test_converter_refuses_a_shared_expert_where_it_cannot_be_held(case, options
     assert re.search(re.escape(message), err), err
     assert "drop --shared-expert" in err or "positive width" in err
     assert not (tmp_path / "moe").exists()
+
+
+def test_a_run_with_a_shared_expert_starts_as_its_seed_and_exports_as_qwen2_moe(tmp_path, store):
+    """End to end through train(): naive upcycling with a shared expert starts where the dense seed ended, the
+    run records the shared expert, and a Qwen2-family run exports as a Qwen2-MoE computing our logits."""
+    from safetensors.torch import load_file
+
+    from dropup.config import architecture
+    from dropup.export import export
+    from dropup.train import train
+    from tests.test_train import config, rows
+
+    cfg = config(tmp_path / "run", "moe=shared_expert", "init=naive", "model.family=qwen2", *store)
+    results = train(cfg)
+    assert results["status"] == "completed"
+    assert results["shared_expert_d_ff"] == cfg.model.d_ff
+    model_cfg, moe_cfg = architecture(cfg)
+    assert results["total_params"] == param_counts(model_cfg, moe_cfg)["total_params"]
+    seed = json.loads((tmp_path.parent / results["provenance"]["seed_model"] / "results.json").read_text())
+    step0 = next(r for r in rows(tmp_path / "run") if r["step"] == "0" and r["val_loss"])
+    assert float(step0["val_loss"]) == pytest.approx(seed["metrics"]["val_loss"], abs=2e-3)
+
+    out = export(tmp_path / "run", tmp_path / "hf", cfg.paths.data_dir)
+    assert json.loads((out / "config.json").read_text())["shared_expert_intermediate_size"] == cfg.model.d_ff
+    ours = Transformer(model_cfg, moe_cfg).eval()
+    ours.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    x = tokens(model_cfg.vocab_size)
+    assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(x).logits, ours(x).logits)
+
+
+def test_a_llama_run_with_a_shared_expert_cannot_be_exported_as_mixtral(tmp_path):
+    from dropup.export import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = ModelConfig(name="t", vocab_size=97, n_layers=1, d_model=16, d_ff=32, n_heads=2, n_kv_heads=2)
+    moe = shared_moe(d_s=32, experts=4)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(json.dumps({"model": model.__dict__, "moe": moe.__dict__}))
+    from safetensors.torch import save_file
+
+    save_file(Transformer(model, moe).state_dict(), str(run / "model.safetensors"))
+    (run / "results.json").write_text(json.dumps({"provenance": {}}))
+    with pytest.raises(ConfigError, match="a mixtral has no shared expert"):
+        export(run, tmp_path / "hf", tmp_path / "data")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
