@@ -212,6 +212,10 @@ def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
         if moe is not None and (hf_moe.num_experts, hf_moe.top_k) != (moe.num_experts, moe.top_k):
             raise ConfigError(f"seed_model={path} has {hf_moe.num_experts} experts, top-{hf_moe.top_k}: set "
                               f"moe.num_experts={hf_moe.num_experts} moe.top_k={hf_moe.top_k}")
+        if moe is not None and hf_moe.shared_expert_d_ff != moe.shared_expert_d_ff:
+            raise ConfigError(f"seed_model={path} has a shared expert of width {hf_moe.shared_expert_d_ff} (0: none) "
+                              f"but this config one of {moe.shared_expert_d_ff}: set moe.shared_expert_d_ff="
+                              f"{hf_moe.shared_expert_d_ff}")
         return _hf_state(where, hf_model), str(where)
     return load_run_state(where), str(where)
 

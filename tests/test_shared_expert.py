@@ -265,6 +265,12 @@ def test_a_run_with_a_shared_expert_starts_as_its_seed_and_exports_as_qwen2_moe(
     ours.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
     x = tokens(model_cfg.vocab_size)
     assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(x).logits, ours(x).logits)
+    # the exported Qwen2-MoE continues training as it is (init=pretrained), and only with its shared expert
+    again = train(config(tmp_path / "again", "model=hf", "moe=shared_expert", "init=pretrained", f"seed_model={out}",
+                         *store))
+    assert again["status"] == "completed" and again["shared_expert_d_ff"] == cfg.model.d_ff
+    with pytest.raises(ConfigError, match=f"set moe.shared_expert_d_ff={cfg.model.d_ff}"):
+        train(config(tmp_path / "plain", "model=hf", "init=pretrained", f"seed_model={out}", *store))
 
 
 def test_a_llama_run_with_a_shared_expert_cannot_be_exported_as_mixtral(tmp_path):
