@@ -249,6 +249,8 @@ def test_a_run_with_a_shared_expert_starts_as_its_seed_and_exports_as_qwen2_moe(
     from dropup.train import train
     from tests.test_train import config, rows
 
+    # the shared data, but a seed store of its own: other tests count the seeds in the shared one
+    store = [store[0], f"paths.seed_store={tmp_path / 'seeds'}"]
     cfg = config(tmp_path / "run", "moe=shared_expert", "init=naive", "model.family=qwen2", *store)
     results = train(cfg)
     assert results["status"] == "completed"
