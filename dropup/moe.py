@@ -12,18 +12,24 @@ through, added to the routed output behind an optional sigmoid gate: y = sum_k w
 It is not routed, so it has no load and takes no part in the balance losses.
 
 Backends compute the same function:
-- `grouped` sorts assignments by expert and runs two `torch._grouped_mm` calls (CPU and CUDA);
+- `grouped` sorts assignments by expert and runs two `torch._grouped_mm` calls (CPU and CUDA), where a probe on the
+  actual device and dtype finds that they work, and falls back to `loop` elsewhere (a log line says which runs);
 - `loop` is the readable per-expert reference;
 - `megablocks` uses megablocks' grouped GEMM where that optional package imports.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dropup.config import ConfigError, MoEConfig
+
+log = logging.getLogger(__name__)
 
 
 def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int):
@@ -124,9 +130,44 @@ def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK)
 BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "megablocks": experts_megablocks}
 
 
-def _grouped_mm_runs_on(x: torch.Tensor) -> bool:
-    # torch._grouped_mm's CUDA kernel takes bf16 only (and needs sm90+); its CPU kernel takes any float dtype.
-    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+@functools.cache
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs, and gives each group's plain product, on this device and dtype: probed
+    once per process (kernels come and go with the device's generation and the torch build, so no table of
+    versions is trusted), on a small problem with an empty group in it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16, generator=g)
+    w = torch.randn(3, 16, 16, generator=g)
+    with torch.autocast("cpu", enabled=False):  # called from a forward pass, maybe under CPU autocast
+        want = torch.cat([x[:8] @ w[0].T, x[8:] @ w[2].T])  # group 1 is empty
+    try:
+        offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+        got = torch._grouped_mm(x.to(device, dtype), w.to(device, dtype).transpose(-2, -1), offs=offs)
+        return bool(torch.allclose(got.float().cpu(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max())))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+_announced: set[tuple] = set()
+
+
+def announce_backends_again() -> None:
+    """Log the backend choice again at the next forward pass (a new run in the same process has a log of its own)."""
+    _announced.clear()
+
+
+def effective_backend(configured: str, x: torch.Tensor) -> str:
+    """The backend that actually runs for `x`: `grouped` falls back to the loop where the grouped GEMM does not
+    work (the probe above); one log line per process names the choice for each device and dtype."""
+    backend = configured
+    if configured == "grouped" and not grouped_mm_works(x.device, x.dtype):
+        backend = "loop"
+    key = (configured, backend, str(x.device), x.dtype)
+    if key not in _announced:
+        _announced.add(key)
+        why = "" if backend == configured else " (torch._grouped_mm does not run here: the per-expert loop instead)"
+        log.info("MoE experts on %s in %s: backend %s%s", x.device, str(x.dtype).removeprefix("torch."), backend, why)
+    return backend
 
 
 class MoELayer(nn.Module):
@@ -163,9 +204,7 @@ class MoELayer(nn.Module):
             # Grouped GEMMs are not autocast ops: cast explicitly, as autocast does for F.linear.
             dtype = torch.get_autocast_dtype(device_type)
             x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-        backend = self.backend
-        if backend == "grouped" and not _grouped_mm_runs_on(x_TD):
-            backend = "loop"
+        backend = effective_backend(self.backend, x_TD)
         y_TD = BACKEND_FNS[backend](x_TD, w_gate_up, w_down, weights_TK, experts_TK)
         with torch.no_grad():
             self.tokens_per_expert.copy_(torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts))

@@ -159,8 +159,9 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     model preset or fields (run.py knows from Hydra's overrides; by default, unless it is model=hf), which an HF
     seed's config must then agree with (`seeds.adopt_hf_seed`)."""
     names = names or {}
-    from dropup import ddp
+    from dropup import ddp, moe
 
+    moe.announce_backends_again()  # each run's log names the MoE backend it runs (a multirun is one process)
     run_dir = run_dir_of(cfg)
     if not ddp.is_rank_zero():
         return _train_worker(cfg, run_dir)

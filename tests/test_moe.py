@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from dropup.config import MoEConfig
-from dropup.moe import MoELayer, load_balancing_loss, route, router_z_loss
+from dropup import moe as moe_module
+from dropup.moe import MoELayer, grouped_mm_works, load_balancing_loss, route, router_z_loss
 
 
 def make_layer(backend, experts=8, top_k=2, d=32, f=48):
@@ -47,6 +48,47 @@ def test_grouped_equals_loop_outputs_and_gradients(dtype, tol):
         assert_close(got[2][name], ref[2][name], **tol, msg=name)
     assert torch.equal(got[3], ref[3])
     assert int(got[3].sum()) == 100 * 2
+
+
+@pytest.fixture
+def fresh_probe():
+    """The backend probe and its log lines forgotten before and after (they are cached per process)."""
+    grouped_mm_works.cache_clear()
+    moe_module.announce_backends_again()
+    yield
+    grouped_mm_works.cache_clear()
+    moe_module.announce_backends_again()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_backend_that_runs_is_probed_and_logged(fresh_probe, dtype, caplog):
+    assert grouped_mm_works(torch.device("cpu"), dtype)
+    with caplog.at_level("INFO", logger="dropup.moe"):
+        make_layer("grouped").to(dtype)(torch.randn(10, 32, dtype=dtype))
+        make_layer("grouped").to(dtype)(torch.randn(10, 32, dtype=dtype))
+    lines = [r.getMessage() for r in caplog.records if r.name == "dropup.moe"]
+    assert lines == [f"MoE experts on cpu in {str(dtype)[6:]}: backend grouped"]  # once per device and dtype
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_where_the_grouped_gemm_fails_the_loop_runs_instead(fresh_probe, monkeypatch, caplog, broken):
+    """A kernel that is missing (raises) or wrong (here: zeros) on a device is found by the probe, and the layer
+    then computes the loop's function, and says so."""
+    def fake(x, w, offs=None):
+        if broken == "raises":
+            raise RuntimeError("grouped gemm is not supported on this device")
+        return torch.zeros(x.shape[0], w.shape[-1], dtype=x.dtype)
+
+    state = make_layer("loop").state_dict()
+    x = torch.randn(50, 32)
+    ref = run_backend("loop", x, state)
+    monkeypatch.setattr(torch, "_grouped_mm", fake)
+    assert not grouped_mm_works(torch.device("cpu"), torch.float32)
+    with caplog.at_level("INFO", logger="dropup.moe"):
+        got = run_backend("grouped", x, state)
+    assert_close(got[0], ref[0])
+    assert_close(got[1], ref[1])
+    assert any("backend loop (torch._grouped_mm does not run here" in r.getMessage() for r in caplog.records)
 
 
 def test_an_expert_with_no_tokens_is_fine():

@@ -68,6 +68,7 @@ def test_multirun_sweep_through_run_py(tmp_path, store):
         assert (prov["data_stream"], prov["stream"]) == (DATA_STREAM_VERSION, "moe")
         assert seed_results["provenance"]["stream"] == "seed"
         assert results["routing"] == "routing.json" and (job / "routing.json").is_file()
+        assert "MoE experts on cpu in bfloat16: backend grouped" in (job / "run.log").read_text()
         table = rows(job)
         assert {"step", "tokens", "train_loss", "lr", "lb_loss", "val_loss", "val_loss/ja"} <= set(table[0])
         train_rows = [r for r in table if r["train_loss"]]
