@@ -162,7 +162,7 @@ def effective_backend(configured: str, x: torch.Tensor) -> str:
     backend = configured
     if configured == "grouped" and not grouped_mm_works(x.device, x.dtype):
         backend = "loop"
-    key = (configured, backend, str(x.device), x.dtype)
+    key = (configured, backend, x.device, x.dtype)
     if key not in _announced:
         _announced.add(key)
         why = "" if backend == configured else " (torch._grouped_mm does not run here: the per-expert loop instead)"

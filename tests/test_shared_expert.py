@@ -3,6 +3,7 @@ upcycling, parameters and FLOPs against the real model, and the converter's opti
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,7 +258,7 @@ def test_a_run_with_a_shared_expert_starts_as_its_seed_and_exports_as_qwen2_moe(
     assert results["shared_expert_d_ff"] == cfg.model.d_ff
     model_cfg, moe_cfg = architecture(cfg)
     assert results["total_params"] == param_counts(model_cfg, moe_cfg)["total_params"]
-    seed = json.loads((tmp_path.parent / results["provenance"]["seed_model"] / "results.json").read_text())
+    seed = json.loads((Path(results["provenance"]["seed_model"]) / "results.json").read_text())
     step0 = next(r for r in rows(tmp_path / "run") if r["step"] == "0" and r["val_loss"])
     assert float(step0["val_loss"]) == pytest.approx(seed["metrics"]["val_loss"], abs=2e-3)
 

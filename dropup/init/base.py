@@ -114,11 +114,16 @@ def resize_ffn(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor
     return gate_FD[neuron], up_FD[neuron], down
 
 
-def layer_shared_expert(layer: int, sources, model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Tensor]:
-    """One layer's shared expert and gate, upcycled from the sources' FFN (module docstring)."""
+def source_ffns(sources, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each source's (W_gate, W_up, W_down) of one layer, read once for everything built from them."""
     prefix = f"layers.{layer}.ffn."
-    ffn = [average([src[f"{prefix}{w}.weight"] for src in sources]) for w in ("w_gate", "w_up", "w_down")]
-    gate, up, down = resize_ffn(*ffn, moe.shared_expert_d_ff)
+    return [tuple(src[f"{prefix}{w}.weight"] for w in ("w_gate", "w_up", "w_down")) for src in sources]
+
+
+def layer_shared_expert(layer: int, ffns, model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Tensor]:
+    """One layer's shared expert and gate, upcycled from the sources' FFNs `ffns` (module docstring)."""
+    prefix = f"layers.{layer}.ffn."
+    gate, up, down = resize_ffn(*(average([ffn[i] for ffn in ffns]) for i in range(3)), moe.shared_expert_d_ff)
     scale = output_scales(moe)[1]
     out = {f"{prefix}shared_expert.w_gate.weight": gate, f"{prefix}shared_expert.w_up.weight": up,
            f"{prefix}shared_expert.w_down.weight": down if scale == 1.0 else down * scale}
@@ -192,18 +197,19 @@ def layer_experts(
     seed: int,
     dtype: torch.dtype | None = None,
     threads: int = 1,
+    ffns=None,
 ):
     """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer.
 
-    Each source's FFN is read once per layer, and every expert is copied straight into the preallocated outputs
-    (in `dtype`, default: the strategy's output dtype): at the paper's 8x3.7B scale a layer's experts are 1.2 GB in
-    bf16, and building them by list + stack + cat would hold that about three times over. `threads` > 1 builds
+    Each source's FFN is read once per layer (or passed in as `ffns`, `source_ffns`'s list), and every expert is
+    copied straight into the preallocated outputs (in `dtype`, default: the strategy's output dtype): at the
+    paper's 8x3.7B scale a layer's experts are 1.2 GB in bf16, and building them by list + stack + cat would hold that about three times over. `threads` > 1 builds
     that many experts at a time (torch releases the GIL; each expert has its own generators, so the result is
     the same), at the cost of that many experts' temporaries.
     """
     d_f = moe.expert_d_ff(model)
-    prefix = f"layers.{layer}.ffn."
-    ffns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    if ffns is None:
+        ffns = source_ffns(sources, layer)
     routed_scale = output_scales(moe)[0] if sources else 1.0
 
     def build(e: int):
@@ -217,10 +223,6 @@ def layer_experts(
         gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
         return gate, up, (down if routed_scale == 1.0 else down * routed_scale)
 
-    for e in range(moe.num_experts if sources else 0):
-        m = expert_source(e, moe.num_experts, moe.granularity, len(sources))[0]
-        if m not in ffns:
-            ffns[m] = tuple(sources[m][prefix + w] for w in ("w_gate.weight", "w_up.weight", "w_down.weight"))
     w_gate_up = w_down = None
     threads = max(1, threads)
     with ThreadPoolExecutor(threads) as pool:
@@ -261,6 +263,14 @@ def moe_tensors(
         dtype = tensor_meta(sources[0], "tok_emb.weight")[1] if sources else torch.float32
     experts_of_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     shared_of_layer: dict[int, dict[str, torch.Tensor]] = {}
+    ffns_of_layer: dict[int, list] = {}  # the sources' FFNs of the current layer: the experts and S read them once
+
+    def ffns(layer: int) -> list:
+        if layer not in ffns_of_layer:
+            ffns_of_layer.clear()
+            ffns_of_layer[layer] = source_ffns(sources, layer)
+        return ffns_of_layer[layer]
+
     for name, shape in moe_shapes(model, moe).items():
         if names is not None and name not in names:
             continue
@@ -270,7 +280,7 @@ def moe_tensors(
             layer = int(shared_expert.group(1))
             if layer not in shared_of_layer:
                 shared_of_layer.clear()
-                shared_of_layer[layer] = layer_shared_expert(layer, sources, model, moe)
+                shared_of_layer[layer] = layer_shared_expert(layer, ffns(layer), model, moe)
             tensor = shared_of_layer[layer][name]
         elif match is None:
             tensor = strategy.shared(name, [src[name] for src in sources], shape, dtype, seed)
@@ -281,7 +291,8 @@ def moe_tensors(
             layer = int(match.group(1))
             if layer not in experts_of_layer:
                 experts_of_layer.clear()  # keep one layer's experts in memory at a time
-                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype, threads)
+                experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype, threads,
+                                                        ffns(layer))
             tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
         yield name, tensor.to(dtype)
 
