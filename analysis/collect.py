@@ -18,8 +18,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+_BASE_LABEL = __import__("re").compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|NU|Pretrained")
+
 STATUS_ORDER = ("completed", "running", "failed", "incomplete")
 SHARED_SUFFIX = " + shared"
+# how a load-balancing mode other than the paper's (pooled) shows in a label
+LB_LABELS = {"per_layer": "per-layer LB", "global_batch": "global-batch LB", "aux_free": "aux-free"}
 
 
 def _flatten(prefix: str, obj, out: dict) -> None:
@@ -30,13 +34,21 @@ def _flatten(prefix: str, obj, out: dict) -> None:
         out[prefix] = obj if not isinstance(obj, list) else json.dumps(obj)
 
 
-def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = False) -> str:
-    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...); an MoE with
-    a shared expert adds " + shared" (a method of its own in every table)."""
+def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = False, granularity: int = 1,
+          virtual_groups: bool = False, lb_mode: str | None = None) -> str:
+    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...). What the
+    paper does not have makes a method of its own in every table, named by suffixes: " + shared" (a shared
+    expert), ", G=4" or ", G=4 VG" (fine-grained experts, in virtual groups), ", aux-free" etc. (a load-balancing
+    mode other than pooled)."""
     if not moe_enabled:
         return "Dense"
-    if shared_expert:
-        return label(init, ratio, moe_enabled) + SHARED_SUFFIX
+    variant = SHARED_SUFFIX if shared_expert else ""
+    if granularity > 1:
+        variant += f", G={granularity}" + (" VG" if virtual_groups else "")
+    if lb_mode not in (None, "pooled"):
+        variant += f", {LB_LABELS.get(lb_mode, lb_mode)}"
+    if variant:
+        return label(init, ratio, moe_enabled) + variant
     if init == "scratch":
         return "FS"
     if init == "naive" or (init == "drop" and ratio is not None and float(ratio) == 0.0):
@@ -46,6 +58,12 @@ def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = Fals
     if init == "noise":
         return f"RNU (r={float(ratio):g})"
     return {"btx": "BTX", "pretrained": "Pretrained"}.get(init, str(init))
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """(the paper's method name, the variant suffixes) of a label."""
+    match = _BASE_LABEL.match(str(label))
+    return (match.group(0), str(label)[match.end():]) if match else (str(label), "")
 
 
 def _config(run_dir: Path) -> dict:
@@ -78,13 +96,18 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     moe_enabled = bool((cfg.get("moe") or {}).get("enabled", results.get("moe", "none") != "none"))
     ratio = results.get("ratio", (cfg.get("init") or {}).get("ratio"))
     shared_d_ff = int(results.get("shared_expert_d_ff") or 0)
+    moe_cfg = cfg.get("moe") or {}
+    granularity = int(moe_cfg.get("granularity") or 1)
+    virtual_groups = bool(results.get("virtual_groups", False))
+    lb_mode = results.get("lb_mode") or moe_cfg.get("lb_mode")
     row = {
         "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
         "path": str(run_dir.resolve()), "role": role, "status": status,
-        "label": label(init, ratio, moe_enabled, shared_d_ff > 0), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
+        "label": label(init, ratio, moe_enabled, shared_d_ff > 0, granularity, virtual_groups, lb_mode), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
         "seed": results.get("seed", cfg.get("seed")), "model": results.get("model", (cfg.get("model") or {}).get("name")),
         "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
         "router": (cfg.get("init") or {}).get("router"), "shared_expert_d_ff": shared_d_ff,
+        "granularity": granularity, "virtual_groups": virtual_groups, "lb_mode": lb_mode,
         "tokens": results.get("tokens"), "steps": results.get("steps"), "train_flops": results.get("train_flops"),
         "schedule_tokens": results.get("schedule_tokens", results.get("tokens")),
         "total_params": results.get("total_params"), "active_params": results.get("active_params"),

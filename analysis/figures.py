@@ -5,7 +5,9 @@
 - Fig. 4: the same for the re-initialization ratio sweep.
 - Fig. 5: for chosen layers, the share of each domain's tokens routed to each expert, methods side by side, with
   the uniform 1/E line. Figs. 6-8: the same for all layers, in early / middle / late thirds.
-- `shared_curves` (beyond the paper): learning curves of NU and DU r = 0.5 with and without a shared expert.
+- `shared_curves` (beyond the paper): learning curves of NU and DU r = 0.5 with and without a shared expert;
+  `granular_curves` and `balancing_curves` the same for the granular and load-balancing ablations;
+  `similarity` the experts' mean pairwise weight similarity against tokens (beside Fig. 5's routing).
 The paper's figures leave out methods the paper does not have (those with a shared expert).
 """
 
@@ -21,13 +23,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.collect import SHARED_SUFFIX  # noqa: E402
-from analysis.tables import SHARED_ROWS, TABLE1_ROWS, method_order  # noqa: E402
+from analysis.collect import split_label  # noqa: E402
+from analysis.tables import BALANCING_ROWS, GRANULAR_ROWS, SHARED_ROWS, TABLE1_ROWS, method_order  # noqa: E402
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
                      "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
 METHOD_COLORS = {"Dense": "#555555", "FS": "#1f77b4", "BTX": "#9467bd", "NU": "#ff7f0e", "DU (r=0.5)": "#2ca02c",
-                 "DU (r=1)": "#d62728", "NU + shared": "#ffbb78", "DU (r=0.5) + shared": "#98df8a"}
+                 "DU (r=1)": "#d62728", "NU + shared": "#ffbb78", "DU (r=0.5) + shared": "#98df8a",
+                 "NU, G=4": "#8c564b", "NU, G=4 VG": "#e377c2", "DU (r=0.5), G=4 VG": "#17becf",
+                 "NU, global-batch LB": "#bcbd22", "NU, aux-free": "#7f7f7f",
+                 "DU (r=0.5), global-batch LB": "#1f77b4", "DU (r=0.5), aux-free": "#9467bd"}
 DOMAIN_COLORS = {"ja": "#d62728", "en": "#1f77b4", "code": "#2ca02c"}
 
 
@@ -110,13 +115,50 @@ def fig3(runs, curves, out_dir):
 
 
 def paper_less(label) -> bool:
-    """A method the paper does not have (a shared expert), left out of its figures."""
-    return str(label).endswith(SHARED_SUFFIX)
+    """A method the paper does not have (a shared expert, fine-grained experts, another balancing mode), left out
+    of its figures."""
+    return bool(split_label(label)[1])
 
 
 def shared_curves(runs, curves, out_dir):
     return learning_curves(runs, curves, list(SHARED_ROWS), "NU and DU r = 0.5, with and without a shared expert",
                            out_dir, "shared_curves", METHOD_COLORS)
+
+
+def granular_curves(runs, curves, out_dir):
+    return learning_curves(runs, curves, list(GRANULAR_ROWS), "Granular upcycling (G = 4), with and without "
+                           "virtual groups", out_dir, "granular_curves", METHOD_COLORS)
+
+
+def balancing_curves(runs, curves, out_dir):
+    return learning_curves(runs, curves, list(BALANCING_ROWS), "Load balancing: pooled, global-batch, "
+                           "auxiliary-loss-free", out_dir, "balancing_curves", METHOD_COLORS)
+
+
+def similarity(runs, curves, out_dir):
+    """Expert similarity (mean pairwise cosine of the experts' weights) against tokens, one line per method:
+    the paper's thesis in one number -- re-initialization breaks the copies' symmetry, training drives them
+    apart."""
+    rows = curves[(curves["role"] == "run")]
+    if "expert_similarity" not in rows:
+        rows = rows.assign(expert_similarity=float("nan"))
+    rows = rows.dropna(subset=["expert_similarity"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    for label in sorted(set(rows["label"]), key=method_order):
+        color = METHOD_COLORS.get(label) or _ratio_color(label)
+        style = "--" if "VG" in label or "G=" in label else (":" if paper_less(label) else "-")
+        for i, (_, run) in enumerate(rows[rows["label"] == label].groupby("run_id")):
+            run = run.sort_values("tokens")
+            ax.plot(run["tokens"] / 1e6, run["expert_similarity"], color=color, ls=style, lw=1.3,
+                    label=label if i == 0 else None)
+    ax.set_xlabel("MoE training tokens (M)")
+    ax.set_ylabel("expert similarity (mean pairwise cosine)")
+    ax.set_ylim(-0.05, 1.05)
+    if ax.lines:
+        ax.legend(loc="best", frameon=False, fontsize=6)
+    ax.set_title("How far training drives the experts apart")
+    fig.tight_layout()
+    return _save(fig, out_dir, "similarity")
 
 
 def fig4(runs, curves, out_dir):
@@ -227,7 +269,8 @@ def seed_gap(runs, curves, out_dir, reference: str = "NU"):
 
 
 FIGURES = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "figs6to8": figs6to8, "seed_gap": seed_gap,
-           "shared_curves": shared_curves}
+           "shared_curves": shared_curves, "granular_curves": granular_curves, "balancing_curves": balancing_curves,
+           "similarity": similarity}
 
 
 def render(names, runs: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> list[Path]:

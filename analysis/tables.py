@@ -13,22 +13,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.collect import SHARED_SUFFIX
+from analysis.collect import SHARED_SUFFIX, split_label
 
 TABLE1_ROWS = ("Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)")
 SHARED_ROWS = ("NU", "NU" + SHARED_SUFFIX, "DU (r=0.5)", "DU (r=0.5)" + SHARED_SUFFIX)
+GRANULAR_ROWS = ("NU", "DU (r=0.5)", "NU, G=4", "NU, G=4 VG", "DU (r=0.5), G=4 VG")
+BALANCING_ROWS = ("NU", "NU, global-batch LB", "NU, aux-free", "DU (r=0.5)", "DU (r=0.5), global-batch LB",
+                  "DU (r=0.5), aux-free")
 
 
 def method_order(label: str) -> tuple:
-    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order; a method with a shared expert right
-    after the same method without one."""
-    shared = label.endswith(SHARED_SUFFIX)
-    label = label.removesuffix(SHARED_SUFFIX)
+    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order; a variant (a shared expert, fine-grained
+    experts, another balancing mode) right after the same method without it."""
+    label, variant = split_label(label)
     head = {"Dense": 0, "FS": 1, "BTX": 2, "NU": 3}
     if label in head:
-        return (head[label], 0.0, shared)
+        return (head[label], 0.0, variant)
     kind, _, rest = label.partition(" (r=")
-    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0, shared)
+    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0, variant)
 
 
 @dataclass
@@ -214,6 +216,49 @@ def shared(runs: pd.DataFrame) -> Table:
     return table
 
 
+def with_step0(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` plus `val_step0`: each run's validation loss before its first update (metrics.csv's step-0 row),
+    which says whether the init kept the dense function."""
+    runs = runs.copy()
+    first = []
+    for path in runs["path"]:
+        metrics = Path(str(path)) / "metrics.csv"
+        value = float("nan")
+        if metrics.is_file() and metrics.stat().st_size:
+            rows = pd.read_csv(metrics)
+            rows = rows[(rows["step"] == 0) & rows["val_loss"].notna()] if "val_loss" in rows else rows.iloc[:0]
+            value = float(rows["val_loss"].iloc[0]) if not rows.empty else value
+        first.append(value)
+    runs["val_step0"] = first
+    return runs
+
+
+def _ablation(name: str, caption: str, runs: pd.DataFrame, rows: tuple[str, ...], extra: list) -> Table:
+    runs = with_step0(runs[runs["role"] == "run"])
+    columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
+    columns += [("val avg", "metrics.val_loss", True), ("val at step 0", "val_step0", True), *extra,
+                ("expert similarity", "metrics.expert_similarity", False),
+                ("max expert share ×E", "metrics.routing/imbalance", True),
+                ("routing JSD", "metrics.routing/specialization", False)]
+    table = build(name, caption, runs, list(rows), "label", columns)
+    for header, _, _ in columns[len(_domains(runs)) + 1:]:
+        table.bold[header] = set()  # descriptive, not scores to win
+    return table
+
+
+def granular(runs: pd.DataFrame) -> Table:
+    """Fine-grained experts (G = 4: 32 experts of d_ff/4, top-8) upcycled with and without virtual groups, against
+    the G = 1 runs (sweeps/granular.yaml)."""
+    return _ablation("granular", "Granular upcycling: G = 4 with and without virtual groups, against G = 1", runs,
+                     GRANULAR_ROWS, [])
+
+
+def balancing(runs: pd.DataFrame) -> Table:
+    """NU and DU r=0.5 under the three load-balancing modes (sweeps/balancing.yaml)."""
+    return _ablation("balancing", "Load balancing: pooled (the paper's), global-batch and auxiliary-loss-free",
+                     runs, BALANCING_ROWS, [("train LB loss", "metrics.lb_loss", True)])
+
+
 # Student's t, 97.5th percentile, by degrees of freedom (seeds - 1): the paired t-test's 5 % two-sided threshold
 T_CRITICAL_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
@@ -281,6 +326,7 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
 
 
 TABLES = {"table1": table1, "table2": table2, "table8": table8, "seeds": seeds, "shared": shared,
+          "granular": granular, "balancing": balancing,
           "seeds_vs_du": lambda runs: seeds(runs, "DU (r=0.5)", "seeds_vs_du", differences_only=True)}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 BACKENDS = ("grouped", "loop", "megablocks")
-LB_MODES = ("pooled", "per_layer")
+LB_MODES = ("pooled", "per_layer", "global_batch", "aux_free")
 
 
 class ConfigError(ValueError):
@@ -113,6 +113,7 @@ class MoEConfig:
     backend: str = "grouped"
     lb_coef: float = 0.02
     lb_mode: str = "pooled"
+    bias_update_rate: float = 0.001
     z_coef: float = 0.0
     shared_expert_d_ff: int = 0
     shared_expert_gate: bool = True
@@ -135,6 +136,8 @@ class MoEConfig:
         )
         _require(self.backend in BACKENDS, f"moe.backend={self.backend!r} is unknown; choose one of {BACKENDS}")
         _require(self.lb_mode in LB_MODES, f"moe.lb_mode={self.lb_mode!r} is unknown; choose one of {LB_MODES}")
+        _require(self.bias_update_rate >= 0,
+                 f"moe.bias_update_rate must be >= 0 (aux_free's bias step), got {self.bias_update_rate}")
 
     def expert_d_ff(self, model: ModelConfig) -> int:
         _require(

@@ -12,6 +12,7 @@ Eval adds each task's main score to the run's results.json as `metrics["eval/<ta
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 
 from dropup.config import ConfigError, architecture
 from dropup.data.corpus import EOT
+
+log = logging.getLogger(__name__)
 
 
 def _run_config(run_dir: Path) -> DictConfig:
@@ -77,7 +80,11 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
     config = hf_config(model_cfg, moe_cfg, **ids)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(to_hf_model(load_file(str(weights)), model_cfg, moe_cfg), strict=False)
+    state = load_file(str(weights))
+    biases = {k: state.pop(k) for k in [k for k in state if k.endswith("ffn.expert_bias")]}
+    if biases:
+        _warn_routing_bias(state, biases, model_cfg, moe_cfg)
+    missing, unexpected = model.load_state_dict(to_hf_model(state, model_cfg, moe_cfg), strict=False)
     if unexpected or missing != (["lm_head.weight"] if model_cfg.tie_embeddings else []):
         raise ConfigError(f"{run_dir}: its weights do not fill a {config.model_type} model (missing {missing}, "
                           f"unexpected {unexpected})")
@@ -93,6 +100,29 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
+
+
+def _warn_routing_bias(state: dict, biases: dict, model_cfg, moe_cfg) -> float:
+    """aux_free runs route with a per-expert bias that transformers' MoE classes have no place for: say so, and
+    by how much the exported model's logits differ from the run's (probe tokens, fp32). Returns that difference."""
+    import torch
+
+    from dropup.model import Transformer
+
+    model = Transformer(model_cfg, moe_cfg).eval()
+    model.load_state_dict({**state, **biases}, strict=True)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_bias = model(tokens).logits
+        for block in model.layers:
+            block.ffn.expert_bias.zero_()
+        without = model(tokens).logits
+    diff = float((with_bias - without).abs().max())
+    largest = max(float(b.abs().max()) for b in biases.values())
+    log.warning("this run balanced its experts with aux_free routing biases (largest |bias| %.3g), which %s has no "
+                "place for: the exported model routes without them, and its logits differ from the run's by up to "
+                "%.3g on probe tokens", largest, "the Hugging Face MoE class", diff)
+    return diff
 
 
 def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:

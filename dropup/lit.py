@@ -45,9 +45,10 @@ class LitLM(L.LightningModule):
         super().__init__()
         self.model = Transformer(model_cfg, moe_cfg)
         if initial_state is not None:
-            self.model.load_state_dict(initial_state, strict=True)
+            self.model.load_state_dict(self.model.complete_state(initial_state), strict=True)
         self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
         self.last_losses: dict[str, float] = {}
+        self.last_similarity: list[float] | None = None  # per layer, at the last validation (MoE)
 
     # --- training ---------------------------------------------------------------------------------------------
     def training_step(self, tick, batch_idx):
@@ -58,7 +59,16 @@ class LitLM(L.LightningModule):
                                      rows=slice(rank * per_rank, (rank + 1) * per_rank))
         losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device))
         self.last_losses = {k: v.detach() for k, v in losses.items()}
+        if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
+            self._step_load = self.model.tokens_per_expert().clone()
         return losses["loss"]
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
+            # inside the step, before any callback: a checkpoint taken at this step holds the updated bias
+            load_LE = self.trainer.strategy.reduce(self._step_load.float(), reduce_op="sum")
+            self.model.update_expert_bias(load_LE)
 
     def configure_optimizers(self):
         cfg = self.train_cfg
@@ -103,6 +113,9 @@ class LitLM(L.LightningModule):
             if expert_counts is not None:
                 routing[domain] = expert_counts.tolist()
         metrics["val_loss"] = sum(metrics[f"val_loss/{d}"] for d in self.data.domains) / len(self.data.domains)
+        if self.model.moe is not None:
+            self.last_similarity = self.model.expert_similarity()
+            metrics["expert_similarity"] = sum(self.last_similarity) / len(self.last_similarity)
         self.model.train(was_training)
         return metrics, (routing or None)
 
@@ -116,7 +129,8 @@ class RunRecorder(L.Callback):
         self.columns = ["step", "tokens", "train_loss", "lm_loss", "lr", "grad_norm"]
         self.columns += ["lb_loss", "z_loss"] if is_moe else []
         self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains]
-        self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization"] if is_moe else []
+        self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization",
+                         "expert_similarity"] if is_moe else []
         self.columns += ["tokens_per_s", "elapsed_s"]
         self.cfg, self.on_eval = train_cfg, on_eval
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropup.config import ModelConfig, MoEConfig, check_pair
-from dropup.moe import MoELayer, SwiGLU, load_balancing_loss, router_z_loss
+from dropup.moe import MoELayer, SwiGLU, expert_similarity, load_balancing_loss, router_z_loss
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +113,12 @@ class Block(nn.Module):
         self.is_moe = moe is not None and moe.enabled
         self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list):
+    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list, router_experts: list | None = None):
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
         normed_BSD = self.ffn_norm(h_BSD)
         if not self.is_moe:
             return h_BSD + self.ffn(normed_BSD)
-        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]))
+        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), router_experts)
         router_logits.append(logits_TE)
         return h_BSD + y_TD.view_as(h_BSD)
 
@@ -166,6 +166,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class ModelOutput:
     logits: torch.Tensor
     router_logits: list[torch.Tensor] = field(default_factory=list)
+    router_experts: list[torch.Tensor] = field(default_factory=list)  # each MoE layer's chosen experts (T, K)
 
 
 class Transformer(nn.Module):
@@ -197,25 +198,54 @@ class Transformer(nn.Module):
         cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg, tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS)
         router_logits: list[torch.Tensor] = []
+        router_experts: list[torch.Tensor] = []
         for block in self.layers:
-            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits)
+            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits, router_experts)
         normed_BSD = self.norm(x_BSD)
         logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
-        return ModelOutput(logits_BSV, router_logits)
+        return ModelOutput(logits_BSV, router_logits, router_experts)
 
     def losses(self, out: ModelOutput, targets_BS: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted."""
+        """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted, and in
+        `aux_free` mode only reported (its bias balances the load instead)."""
         lm_loss = cross_entropy(out.logits, targets_BS)
         result = {"lm_loss": lm_loss, "loss": lm_loss}
         if self.moe is not None:
-            lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode)
+            lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode, out.router_experts)
             result["lb_loss"] = lb
-            result["loss"] = lm_loss + self.moe.lb_coef * lb
+            if self.moe.lb_mode != "aux_free":
+                result["loss"] = lm_loss + self.moe.lb_coef * lb
             if self.moe.z_coef > 0:
                 z = router_z_loss(out.router_logits)
                 result["z_loss"] = z
                 result["loss"] = result["loss"] + self.moe.z_coef * z
         return result
+
+    def update_expert_bias(self, load_LE: torch.Tensor) -> None:
+        """aux_free: every layer's bias step from the (layers, experts) loads of one optimizer step."""
+        for block, load_E in zip(self.layers, load_LE):
+            block.ffn.update_expert_bias(load_E, self.moe.bias_update_rate)
+
+    def complete_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` made to fit this model's routing-bias buffers: a zero bias where the state has none (a model
+        upcycled or trained without aux_free), and a bias this model does not route with dropped (with a warning
+        if it was not zero: the model then routes differently)."""
+        import logging
+
+        want = {k for k in self.state_dict() if k.endswith("ffn.expert_bias")}
+        out = {k: v for k, v in state.items() if not k.endswith("ffn.expert_bias") or k in want}
+        dropped = [k for k in state if k.endswith("ffn.expert_bias") and k not in want and bool(state[k].any())]
+        if dropped:
+            logging.getLogger(__name__).warning(
+                "the starting weights carry aux_free routing biases (%s, ...) that this model (moe.lb_mode=%s) "
+                "does not use: it routes without them", dropped[0], self.moe.lb_mode if self.moe else "dense")
+        for name in want - set(out):
+            out[name] = torch.zeros(self.moe.num_experts)
+        return out
+
+    def expert_similarity(self) -> list[float]:
+        """Per layer, the experts' mean pairwise cosine similarity (`dropup.moe.expert_similarity`)."""
+        return [expert_similarity(b.ffn.w_gate_up, b.ffn.w_down, self.moe.granularity) for b in self.layers]
 
     def tokens_per_expert(self) -> torch.Tensor:
         """(layers, experts) assignment counts of the last forward pass."""

@@ -32,11 +32,18 @@ from dropup.config import ConfigError, MoEConfig
 log = logging.getLogger(__name__)
 
 
-def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int):
-    """Return router logits (T, E), the renormalized top-k weights (T, K, fp32) and expert ids (T, K)."""
+def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None):
+    """Return router logits (T, E), the renormalized top-k weights (T, K, fp32) and expert ids (T, K).
+
+    `bias_E` (auxiliary-loss-free balancing) is added to the probabilities to choose the top k only: the weights
+    are the chosen experts' unbiased probabilities, renormalized."""
     logits_TE = F.linear(x_TD, w_router_ED)
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if bias_E is None:
+        weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    else:
+        experts_TK = torch.topk(probs_TE + bias_E, top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(-1, experts_TK)
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return logits_TE, weights_TK, experts_TK
 
@@ -185,9 +192,22 @@ class MoELayer(nn.Module):
         self.shared_expert = SwiGLU(d_model, moe.shared_expert_d_ff) if moe.shared_expert_d_ff else None
         self.shared_expert_gate = (nn.Linear(d_model, 1, bias=False)
                                    if self.shared_expert is not None and moe.shared_expert_gate else None)
+        # aux_free balancing's per-expert routing bias: state (checkpointed, resumed), not a parameter
+        if moe.lb_mode == "aux_free":
+            self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
 
-    def forward(self, x_TD: torch.Tensor):
-        y_TD, logits_TE = self.routed(x_TD)
+    @torch.no_grad()
+    def update_expert_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's step: lower the bias of every expert above the mean load by `rate`, raise it for those
+        below (`load_E`: the step's assignments, summed over ranks so every rank takes the same step)."""
+        load_E = load_E.to(self.expert_bias.device, torch.float32)
+        self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
+
+    def forward(self, x_TD: torch.Tensor, choices: list | None = None):
+        """The layer's output and router logits; the chosen experts (T, K) are appended to `choices` if given."""
+        y_TD, logits_TE = self.routed(x_TD, choices)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
@@ -195,9 +215,11 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD.to(y_TD.dtype)
         return y_TD, logits_TE
 
-    def routed(self, x_TD: torch.Tensor):
+    def routed(self, x_TD: torch.Tensor, choices: list | None = None):
         """The routed experts' weighted sum, and the router logits."""
-        logits_TE, weights_TK, experts_TK = route(x_TD, self.router.weight, self.top_k)
+        logits_TE, weights_TK, experts_TK = route(x_TD, self.router.weight, self.top_k, self.expert_bias)
+        if choices is not None:
+            choices.append(experts_TK)
         w_gate_up, w_down = self.w_gate_up, self.w_down
         device_type = x_TD.device.type
         if torch.is_autocast_enabled(device_type):
@@ -211,33 +233,79 @@ class MoELayer(nn.Module):
         return y_TD, logits_TE
 
 
-def _assignment_stats(logits_TE: torch.Tensor, top_k: int):
-    """Per-expert top-k assignment counts and summed router probabilities of one layer (fp32)."""
+def _assignment_stats(logits_TE: torch.Tensor, top_k: int, experts_TK: torch.Tensor | None = None):
+    """Per-expert top-k assignment counts and summed router probabilities of one layer (fp32). `experts_TK`: the
+    choices the layer made (aux_free's bias changes them); by default the top k of the logits."""
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
+    if experts_TK is None:
+        experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
     counts_E = torch.bincount(experts_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
     return counts_E, probs_TE.sum(dim=0), logits_TE.shape[0]
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mode: str = "pooled") -> torch.Tensor:
+def _sum_over_ranks(counts_E: torch.Tensor, probs_E: torch.Tensor, rows: int):
+    """global_batch: the loads, summed probabilities and token counts of every data-parallel rank. The probability
+    sum is all-reduced differentiably, so each rank's gradient reaches every rank's router; after DDP averages
+    the ranks' gradients, the step equals pooled on the concatenated batch in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts_E, probs_E, rows
+    from torch.distributed.nn.functional import all_reduce
+
+    counts_E = counts_E.detach().clone()
+    dist.all_reduce(counts_E)
+    rows_t = torch.tensor([float(rows)], device=counts_E.device)
+    dist.all_reduce(rows_t)
+    return counts_E, all_reduce(probs_E), rows_t[0]
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mode: str = "pooled",
+                        experts: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss, E * sum_e f_e * P_e, unweighted (equals top_k at perfect balance).
 
     f_e is the share of top-k assignments that go to expert e (summed over the k slots, so sum_e f_e = k) and P_e
-    the mean router probability of e. `pooled` computes it once over all layers' tokens concatenated (transformers'
-    `load_balancing_loss_func`, what the paper's runs used); `per_layer` computes it per layer and averages, so the
-    coefficient means the same in both modes.
+    the mean router probability of e; `experts` are the layers' actual choices (default: the logits' top k).
+    - `pooled` computes it once over all layers' tokens concatenated (transformers' `load_balancing_loss_func`,
+      what the paper's runs used); on data-parallel ranks each rank pools its own tokens;
+    - `per_layer` computes it per layer and averages, so the coefficient means the same in both modes;
+    - `global_batch` is pooled over every data-parallel rank's tokens (loads and probability sums all-reduced
+      before the product; Megatron-Core's global-batch balancing): on one process it is `pooled`. It is formed per
+      forward pass (there are no micro-batches to accumulate over);
+    - `aux_free` is computed like `pooled`, for the log: that mode does not train on it.
     """
     num_experts = router_logits[0].shape[-1]
-    stats = [_assignment_stats(logits, top_k) for logits in router_logits]
-    if mode == "pooled":
+    experts = experts if experts else [None] * len(router_logits)
+    stats = [_assignment_stats(logits, top_k, chosen) for logits, chosen in zip(router_logits, experts)]
+    if mode in ("pooled", "global_batch", "aux_free"):
         rows = sum(n for _, _, n in stats)
-        f_E = sum(c for c, _, _ in stats) / rows
-        p_E = sum(p for _, p, _ in stats) / rows
-        return num_experts * torch.sum(f_E * p_E)
+        counts_E, probs_E = sum(c for c, _, _ in stats), sum(p for _, p, _ in stats)
+        if mode == "global_batch":
+            counts_E, probs_E, rows = _sum_over_ranks(counts_E, probs_E, rows)
+        return num_experts * torch.sum((counts_E / rows) * (probs_E / rows))
     if mode == "per_layer":
         losses = [num_experts * torch.sum((c / n) * (p / n)) for c, p, n in stats]
         return torch.stack(losses).mean()
-    raise ConfigError(f"unknown load-balancing mode {mode!r}; use 'pooled' or 'per_layer'")
+    raise ConfigError(f"unknown load-balancing mode {mode!r}; use one of pooled, per_layer, global_batch, aux_free")
+
+
+def expert_similarity(w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor, granularity: int = 1) -> float:
+    """Mean pairwise cosine similarity of experts' weights (W_gate, W_up and W_down flattened and concatenated),
+    over the pairs of experts built from the same FFN part (e mod G equal; for G = 1 all pairs): 1 when they are
+    copies (naive Upcycling), about (1 - r)^2 after Drop-Upcycling of zero-mean weights, about 0 from scratch.
+    Computed from the experts' Gram matrix, without copying the weights. Not invariant to permuting neurons, so
+    meaningless after `init.shuffle: true`. NaN with fewer than two experts per part."""
+    with torch.no_grad(), torch.autocast(w_down_EDF.device.type, enabled=False):
+        gram_EE = sum(w.flatten(1).float() @ w.flatten(1).float().T for w in (w_gate_up_E2FD, w_down_EDF))
+        norms_E = gram_EE.diagonal().clamp_min(1e-30).sqrt()
+        cos_EE = gram_EE / (norms_E[:, None] * norms_E[None, :])
+        means = []
+        for part in range(granularity):
+            block = cos_EE[part::granularity, part::granularity]
+            n = block.shape[0]
+            if n > 1:
+                means.append((block.sum() - block.diagonal().sum()) / (n * (n - 1)))
+        return float(torch.stack(means).mean()) if means else float("nan")
 
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
 from dropup.flops import param_counts, train_flops
 from dropup.init import build_moe_state, dense_state, make_strategy
+from dropup.init.base import step0_ffn_error
 from dropup.lit import LitLM, RunRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,24 @@ def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig 
             raise ConfigError(f"init={strategy.name} builds an MoE from dense models: for a dense run use init=scratch")
         return dense_state(model, int(cfg.seed)), {"seed_model": None}
     sources, where = seeds.dense_sources(cfg, strategy, log)
-    return build_moe_state(strategy, sources, model, moe, int(cfg.seed)), {"seed_model": where}
+    state = build_moe_state(strategy, sources, model, moe, int(cfg.seed))
+    provenance = {"seed_model": where}
+    if len(sources) == 1:
+        error = step0_ffn_error(strategy, sources, model, moe, int(cfg.seed))
+        provenance["step0_ffn_error"] = error
+        logging.getLogger(__name__).info(step0_message(strategy, moe, error))
+    return state, provenance
+
+
+def step0_message(strategy, moe: MoEConfig, error: float) -> str:
+    """One log line on what the upcycled MoE computes at step 0, measured on layer 0 (`step0_ffn_error`)."""
+    measured = f"layer 0's MoE output differs from the dense FFN's by {error:.2g} (relative)"
+    if moe.granularity > 1 and not strategy.uses_virtual_groups(moe):
+        return (f"step 0: NOT the dense function: {measured}. Fine-grained experts (granularity {moe.granularity}) "
+                "without virtual groups average the chosen parts instead of summing them; init.virtual_groups=auto "
+                "makes naive upcycling exact")
+    grouped = f" (virtual groups of {moe.granularity})" if moe.granularity > 1 else ""
+    return f"step 0: {measured}{grouped}"
 
 
 def _check_tokenizer_fits(cfg: DictConfig, model_cfg: ModelConfig) -> None:
@@ -189,7 +207,9 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
         "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "shared_expert_d_ff": moe_cfg.shared_expert_d_ff if moe_cfg is not None else 0,
-        "init": strategy_name, "ratio": ratio, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
+        "init": strategy_name, "ratio": ratio,
+        "virtual_groups": bool(moe_cfg is not None and strategy.uses_virtual_groups(moe_cfg)),
+        "lb_mode": moe_cfg.lb_mode if moe_cfg is not None else None, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
         "schedule_tokens": settings["schedule_tokens"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,
         "metrics": {}, "routing": None,
@@ -255,7 +275,7 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     _quiet_lightning()
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
-                           on_eval=lambda s, m, r: _save_routing(run_dir, s, r))
+                           on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))
     plugins = []
     if "SLURM_NTASKS" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -290,10 +310,11 @@ def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     return {}
 
 
-def _save_routing(run_dir: Path, step: int, routing) -> None:
+def _save_routing(run_dir: Path, step: int, routing, similarity: list[float] | None = None) -> None:
     if routing is not None:
         write_json_atomic(run_dir / "routing.json", {"step": step, "tokens_per_expert": routing,
-                                                     "layout": "domain -> layer -> expert"})
+                                                     "layout": "domain -> layer -> expert",
+                                                     "expert_similarity": similarity})
 
 
 def _loggers(cfg: DictConfig, run_dir: Path):

@@ -173,14 +173,15 @@ def test_btx_places_each_models_ffn_and_averages_the_rest():
 def test_fine_grained_experts_take_their_part_of_the_dense_ffn():
     moe = MoEConfig(enabled=True, num_experts=8, top_k=4, granularity=4)
     dense = structured_dense(WIDE)
-    state = build_moe_state(NaiveUpcycling(), [dense], WIDE, moe, seed=0)
-    gate, _, down = split(state, 0)
     width = WIDE.d_ff // 4
-    assert gate.shape == (8, width, WIDE.d_model)
-    for e in range(8):
-        part = slice((e % 4) * width, (e % 4 + 1) * width)
-        assert torch.equal(gate[e], dense["layers.0.ffn.w_gate.weight"][part])
-        assert torch.equal(down[e], dense["layers.0.ffn.w_down.weight"][:, part])
+    for virtual_groups, scale in ((False, 1.0), (True, 4.0)):  # in virtual groups W_down carries the factor G
+        state = build_moe_state(NaiveUpcycling(virtual_groups=virtual_groups), [dense], WIDE, moe, seed=0)
+        gate, _, down = split(state, 0)
+        assert gate.shape == (8, width, WIDE.d_model)
+        for e in range(8):
+            part = slice((e % 4) * width, (e % 4 + 1) * width)
+            assert torch.equal(gate[e], dense["layers.0.ffn.w_gate.weight"][part])
+            assert torch.equal(down[e], dense["layers.0.ffn.w_down.weight"][:, part] * scale)
     # drop inside each part: floor(r * d_f / G) neurons per expert
     dropped = build_moe_state(DropUpcycling(ratio=0.5), [dense], WIDE, moe, seed=0)
     g2, _, _ = split(dropped, 0)

@@ -18,6 +18,17 @@ every token. To make the step-0 function the dense one, `output_scales` folds 1/
 (after the strategy built them from the unscaled dense FFN: a dropped neuron's statistics are the dense ones) and
 1/2 into S's W_down only where there is no gate: naive Upcycling then computes 1/2 FFN + 1/2 FFN = FFN, and an
 exported checkpoint computes the same. From scratch, S and w_g are drawn like any weight matrix.
+
+Fine-grained experts (G > 1) with *virtual groups* (He et al. 2024, "Upcycling Large Language Models into Mixture
+of Experts"): the G experts e = cG .. cG+G-1 that hold the G parts of one FFN copy c form a group whose router rows
+are one draw, repeated, so the group's members get equal logits. When top-k is a multiple of G, a token's top k are
+then k/G whole groups (a group splits only if two groups' logits tie exactly), each member of group g weighted
+p_g / (G sum_g' p_g') after renormalization, so the layer computes sum_g (p_g / sum_g' p_g') FFN / G = FFN / G;
+a factor G folded into every routed W_down (after the strategy built the expert from its unscaled slice, as the
+shared expert's 1/2) makes it the FFN again. Naive Upcycling then computes the dense function at step 0, in our
+model and in an exported checkpoint alike. Without virtual groups (`virtual_groups: false`) the top k are any k
+parts, averaged rather than summed: the step-0 function is not the dense one (`step0_ffn_error` measures by how
+much). `virtual_groups: auto` turns them on for G > 1.
 """
 
 from __future__ import annotations
@@ -55,6 +66,8 @@ class InitStrategy:
     """Base of every strategy. Subclasses set `name`, the allowed source count, and override `expert`."""
 
     router: str = router_init.DEFAULT
+    # fine-grained experts (G > 1) only: auto | true | false (module docstring); no effect at G = 1
+    virtual_groups: bool | str = "auto"
 
     name: ClassVar[str] = "base"
     min_sources: ClassVar[int] = 1
@@ -62,6 +75,14 @@ class InitStrategy:
 
     def __post_init__(self) -> None:
         router_init.parse(self.router)
+        self.virtual_groups = parse_virtual_groups(self.virtual_groups)
+
+    def uses_virtual_groups(self, moe: MoEConfig) -> bool:
+        """Whether this init builds `moe`'s fine-grained experts in virtual groups (never for G = 1, where a group
+        is one expert and nothing changes)."""
+        if moe.granularity == 1 or self.max_sources == 0:
+            return False
+        return True if self.virtual_groups == "auto" else bool(self.virtual_groups)
 
     @property
     def ratio_value(self) -> float | None:
@@ -77,6 +98,15 @@ class InitStrategy:
                 else f"{self.min_sources} to {self.max_sources}"
             )
             raise ConfigError(f"init={self.name} needs {want} dense model(s), got {n_sources}")
+        if self.virtual_groups is True and self.max_sources == 0:
+            raise ConfigError(f"init.virtual_groups=true groups the parts of a dense FFN, and init={self.name} reads "
+                              "no dense model: drop it")
+        if self.uses_virtual_groups(moe) and moe.top_k % moe.granularity:
+            raise ConfigError(
+                f"virtual groups need moe.top_k={moe.top_k} to be a multiple of moe.granularity={moe.granularity}: a "
+                "token must choose whole groups of one FFN's parts to compute the dense function; use moe.top_k="
+                f"{max(1, moe.top_k // moe.granularity) * moe.granularity}, or init.virtual_groups=false (then the "
+                "step-0 function is not the dense one)")
 
     def expert(self, gate_FD, up_FD, down_DF, key: ExpertKey):
         """Return one expert's (W_gate, W_up, W_down) from its source slice; default: an exact copy."""
@@ -86,6 +116,14 @@ class InitStrategy:
         return average(tensors)
 
 
+def parse_virtual_groups(value) -> bool | str:
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise ConfigError(f"init.virtual_groups={value!r} is not understood: use auto (on for moe.granularity > 1), "
+                      "true or false")
+
+
 def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sources' copies of one tensor averaged in fp32 (a copy for one source)."""
     if len(tensors) == 1:
@@ -93,14 +131,16 @@ def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.float() for t in tensors]).mean(dim=0).to(tensors[0].dtype)
 
 
-def output_scales(moe: MoEConfig) -> tuple[float, float]:
-    """(routed, shared) factors folded into W_down of an MoE upcycled with a shared expert, so that naive
-    Upcycling computes the dense FFN at step 0: the routed experts' weights sum to 1 and each computes the FFN, so
-    they give 1/2 FFN at 1/2; the shared expert gives 1/2 FFN through its zero gate (sigmoid(0) = 1/2) at 1, or
-    at 1/2 without a gate. Without a shared expert: (1, 1)."""
-    if not moe.shared_expert_d_ff:
-        return 1.0, 1.0
-    return 0.5, 1.0 if moe.shared_expert_gate else 0.5
+def output_scales(moe: MoEConfig, virtual_groups: bool = False) -> tuple[float, float]:
+    """(routed, shared) factors folded into W_down of an upcycled MoE so that naive Upcycling computes the dense
+    FFN at step 0. Beside a shared expert, the routed experts' weights sum to 1 and each computes the FFN, so they
+    give 1/2 FFN at 1/2; the shared expert gives 1/2 FFN through its zero gate (sigmoid(0) = 1/2) at 1, or at 1/2
+    without a gate. Virtual groups of G parts multiply the routed factor by G (module docstring). Otherwise
+    (1, 1)."""
+    routed, shared = 1.0, 1.0
+    if moe.shared_expert_d_ff:
+        routed, shared = 0.5, 1.0 if moe.shared_expert_gate else 0.5
+    return routed * (moe.granularity if virtual_groups else 1), shared
 
 
 def resize_ffn(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, width: int):
@@ -210,7 +250,7 @@ def layer_experts(
     d_f = moe.expert_d_ff(model)
     if ffns is None:
         ffns = source_ffns(sources, layer)
-    routed_scale = output_scales(moe)[0] if sources else 1.0
+    routed_scale = output_scales(moe, strategy.uses_virtual_groups(moe))[0] if sources else 1.0
 
     def build(e: int):
         m, part = expert_source(e, moe.num_experts, moe.granularity, max(len(sources), 1))
@@ -274,6 +314,9 @@ def moe_tensors(
     for name, shape in moe_shapes(model, moe).items():
         if names is not None and name not in names:
             continue
+        if name.endswith("ffn.expert_bias"):  # aux_free's routing bias starts at 0 (not a weight: kept fp32)
+            yield name, torch.zeros(shape)
+            continue
         match = _EXPERT_TENSOR.match(name)
         shared_expert = _SHARED_EXPERT_TENSOR.match(name)
         if shared_expert is not None and sources:
@@ -285,8 +328,7 @@ def moe_tensors(
         elif match is None:
             tensor = strategy.shared(name, [src[name] for src in sources], shape, dtype, seed)
         elif match.group(2) == "router.weight":
-            layer = int(match.group(1))
-            tensor = router_init.draw(strategy.router, tuple(shape), seed, layer, -1, "router")
+            tensor = router_weight(strategy, tuple(shape), moe, seed, int(match.group(1)))
         else:
             layer = int(match.group(1))
             if layer not in experts_of_layer:
@@ -295,6 +337,38 @@ def moe_tensors(
                                                         ffns(layer))
             tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
         yield name, tensor.to(dtype)
+
+
+def router_weight(strategy: InitStrategy, shape: tuple, moe: MoEConfig, seed: int, layer: int) -> torch.Tensor:
+    """One layer's router (E, D): drawn as `strategy.router` says; with virtual groups one row per group of G
+    experts, repeated, so a group's members tie (module docstring)."""
+    if not strategy.uses_virtual_groups(moe):
+        return router_init.draw(strategy.router, shape, seed, layer, -1, "router")
+    groups = router_init.draw(strategy.router, (shape[0] // moe.granularity, shape[1]), seed, layer, -1, "router")
+    return groups.repeat_interleave(moe.granularity, dim=0)
+
+
+def step0_ffn_error(strategy: InitStrategy, sources, model: ModelConfig, moe: MoEConfig, seed: int,
+                    layer: int = 0, tokens: int = 512) -> float:
+    """How far the upcycled MoE layer's function is from the dense FFN it came from, at step 0:
+    ||MoE(x) - FFN(x)|| / ||FFN(x)|| over `tokens` probe inputs x (unit-RMS Gaussian vectors times the layer's
+    FFN-norm gains, i.e. what the FFN sees after its RMSNorm). Builds only that layer's FFN tensors (one dense
+    source: BTX's experts come from several FFNs and have no single dense function to compare with)."""
+    from dropup.moe import MoELayer, SwiGLU
+
+    prefix = f"layers.{layer}.ffn."
+    names = {n for n in moe_shapes(model, moe) if n.startswith(prefix)}
+    built = {n[len(prefix):]: t.float() for n, t in moe_tensors(strategy, sources, model, moe, seed, names=names)}
+    moe_layer = MoELayer(model.d_model, moe.expert_d_ff(model), MoEConfig(**{**vars(moe), "backend": "loop"}))
+    moe_layer.load_state_dict(built, strict=True)
+    dense = SwiGLU(model.d_model, model.d_ff)
+    dense.load_state_dict({k: sources[0][f"{prefix}{k}"].float() for k in dense.state_dict()}, strict=True)
+    gains = sources[0][f"layers.{layer}.ffn_norm.weight"].float()
+    x_TD = torch.randn(tokens, model.d_model, generator=torch.Generator().manual_seed(seed)) * gains
+    with torch.no_grad():
+        want_TD = dense(x_TD)
+        got_TD = moe_layer(x_TD)[0]
+    return float((got_TD - want_TD).norm() / want_TD.norm().clamp_min(1e-30))
 
 
 def build_moe_state(strategy, sources, model, moe, seed, dtype=None) -> dict[str, torch.Tensor]:

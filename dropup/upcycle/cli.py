@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
     p.add_argument("--granularity", type=int, default=1,
                    help="split each dense FFN into G narrower experts (fine-grained; default 1)")
+    p.add_argument("--virtual-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --granularity G > 1 (on by default there): the G experts holding one FFN's parts share "
+                        "a router row and W_down is scaled by G, so naive upcycling computes the dense function "
+                        "(needs --top-k a multiple of G); --no-virtual-groups keeps independent rows, which average "
+                        "the parts instead of summing them")
     p.add_argument("--shared-expert", action="store_true",
                    help="add a shared expert that every token passes through (Qwen2 -> Qwen2-MoE only): the dense FFN "
                         "behind a zero gate, with the routed experts' outputs halved, so naive upcycling still "
@@ -84,6 +89,17 @@ def summary(result: Result) -> str:
     how = {"drop": f"drop r={o['ratio']} ({o['index_mode']} index sets)", "noise": f"noise r={o['ratio']} "
            f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
     sources = ", ".join(d["path"] for d in m["dense"])
+    if o["granularity"] > 1 and o.get("virtual_groups"):
+        shared += (f"; fine-grained experts in virtual groups of {o['granularity']} (one router row per group, "
+                   f"W_down x{o['granularity']})")
+    elif o["granularity"] > 1:
+        shared += "; fine-grained experts WITHOUT virtual groups"
+    if result.step0_error is not None and o["granularity"] > 1:
+        exact = o.get("virtual_groups") and (o["init"] == "naive" or o.get("ratio") == 0.0)
+        shared += (f" (step 0: layer 0's MoE output is {result.step0_error:.2g} of the dense FFN's away, relative"
+                   + (": the dense function)" if exact else
+                      "; NOT the dense function: the top-k parts are averaged, not summed)"
+                      if not o.get("virtual_groups") else ")"))
     resumed = f", resuming {result.shards_resumed} shard(s) already written" if result.shards_resumed else ""
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
     carried = (f" Carried over from the dense directory: {', '.join(m['carried'])}." if m["carried"] else

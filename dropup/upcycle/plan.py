@@ -24,6 +24,8 @@ from dropup.upcycle.inputs import Dense, _same_architecture, open_dense
 def make_strategy(args: argparse.Namespace) -> InitStrategy:
     """The init strategy the options describe; options that do not apply to it are errors, not ignored."""
     kwargs: dict = {"router": args.router_init} if args.router_init else {}
+    if getattr(args, "virtual_groups", None) is not None:
+        kwargs["virtual_groups"] = args.virtual_groups
     if args.init in ("drop", "noise"):
         kwargs["ratio"] = 0.5 if args.ratio is None else args.ratio
         kwargs["index_mode"] = args.index_mode or "shared"
@@ -111,7 +113,14 @@ def plan_job(args: argparse.Namespace) -> Job:
     try:
         strategy.validate(len(readers), moe)
     except ConfigError as err:
-        raise ConfigError(f"{err} (one --dense per model)") from None
+        message = str(err)
+        if "dense model" in message and "virtual" not in message:
+            message += " (one --dense per model)"
+        for field_name, flag in (("moe.top_k", "--top-k"), ("moe.granularity", "--granularity"),
+                                 ("init.virtual_groups=false", "--no-virtual-groups"),
+                                 ("init.virtual_groups=true", "--virtual-groups")):
+            message = message.replace(field_name, flag)
+        raise ConfigError(message) from None
     check_sources(readers, model)
     dtype = DTYPES.get(args.dtype) or (readers[0].meta("tok_emb.weight")[1] if readers else torch.float32)
     out = args.out.resolve()
@@ -122,7 +131,7 @@ def plan_job(args: argparse.Namespace) -> Job:
         "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
         "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
         "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
-        "shared_expert_d_ff": moe.shared_expert_d_ff,
+        "shared_expert_d_ff": moe.shared_expert_d_ff, "virtual_groups": strategy.uses_virtual_groups(moe),
         "router_init": strategy.router, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
         "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
     }

@@ -62,7 +62,7 @@ def _verify_index_sets(job: Job) -> list[str]:
     readers = [d.reader() for d in job.inputs]
     none = torch.empty(0, dtype=torch.long)
     share = np.zeros((n_e, 3))  # changed neurons / d_f, mean over layers, per (expert, gate/up/down)
-    routed_scale = output_scales(moe)[0]
+    routed_scale = output_scales(moe, strategy.uses_virtual_groups(moe))[0]
     mismatches = []
     for layer in range(n_l):
         ffn = {}
@@ -72,7 +72,7 @@ def _verify_index_sets(job: Job) -> list[str]:
                 ffn[m] = [readers[m][f"layers.{layer}.ffn.{w}.weight"].to(job.dtype)
                           for w in ("w_gate", "w_up", "w_down")]
             cols = slice(part * d_f, (part + 1) * d_f)
-            # beside a shared expert the routed experts' W_down carry a factor (exact: a power of two)
+            # beside a shared expert or in virtual groups the routed experts' W_down carry a factor
             source = (ffn[m][0][cols], ffn[m][1][cols], ffn[m][2][:, cols].t() * routed_scale)
             expected = (strategy.indices(d_f, ExpertKey(seed, layer, e)) if hasattr(strategy, "indices")
                         else {"gate": none, "up": none, "down": none})
@@ -128,8 +128,14 @@ def _verify_logits(job: Job) -> list[str]:
             param.copy_(param.to(job.dtype))
         dense_logits = reference(tokens).logits
     diff = (moe_logits - dense_logits).abs().max().item()
-    dense_function = moe.granularity == 1 and (
+    grouped = moe.granularity == 1 or strategy.uses_virtual_groups(moe)
+    dense_function = grouped and (
         strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0))
+    if not grouped and (strategy.name == "naive" or (hasattr(strategy, "indices") and
+                                                     reinit_count(strategy.ratio, d_f) == 0)):
+        return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g}: NOT the dense function -- without "
+                f"virtual groups the {moe.top_k} chosen parts of granularity {moe.granularity} are averaged, not "
+                "summed (--virtual-groups makes naive upcycling exact)"]
     if dense_function and 0 < moe.shared_expert_d_ff < model.d_ff:
         return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g} (not 0: a shared expert narrower than "
                 f"d_ff={model.d_ff} keeps only {moe.shared_expert_d_ff} of the dense FFN's neurons)"]
