@@ -117,6 +117,9 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     }
     for key, value in (results.get("metrics") or {}).items():
         row[f"metrics.{key}"] = value
+    step0 = _val_at_step0(run_dir / "metrics.csv")
+    if step0 is not None:  # before any update: whether the init kept the dense function
+        row["metrics.val_loss_step0"] = step0
     routing = run_dir / "routing.json"
     if routing.is_file() and "metrics.routing/specialization" not in row:  # runs from before the summaries
         from dropup.routing import summarize
@@ -127,6 +130,16 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     _flatten("cfg", {k: v for k, v in cfg.items() if k not in ("hydra",)}, flat)
     row.update(flat)
     return row
+
+
+def _val_at_step0(path: Path) -> float | None:
+    if not path.is_file() or not path.stat().st_size:
+        return None
+    table = pd.read_csv(path)
+    if "val_loss" not in table:
+        return None
+    first = table[(table["step"] == 0) & table["val_loss"].notna()]
+    return float(first["val_loss"].iloc[0]) if not first.empty else None
 
 
 def find_run_dirs(roots) -> list[Path]:

@@ -216,27 +216,10 @@ def shared(runs: pd.DataFrame) -> Table:
     return table
 
 
-def with_step0(runs: pd.DataFrame) -> pd.DataFrame:
-    """`runs` plus `val_step0`: each run's validation loss before its first update (metrics.csv's step-0 row),
-    which says whether the init kept the dense function."""
-    runs = runs.copy()
-    first = []
-    for path in runs["path"]:
-        metrics = Path(str(path)) / "metrics.csv"
-        value = float("nan")
-        if metrics.is_file() and metrics.stat().st_size:
-            rows = pd.read_csv(metrics)
-            rows = rows[(rows["step"] == 0) & rows["val_loss"].notna()] if "val_loss" in rows else rows.iloc[:0]
-            value = float(rows["val_loss"].iloc[0]) if not rows.empty else value
-        first.append(value)
-    runs["val_step0"] = first
-    return runs
-
-
 def _ablation(name: str, caption: str, runs: pd.DataFrame, rows: tuple[str, ...], extra: list) -> Table:
-    runs = with_step0(runs[runs["role"] == "run"])
+    runs = runs[runs["role"] == "run"]
     columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
-    columns += [("val avg", "metrics.val_loss", True), ("val at step 0", "val_step0", True), *extra,
+    columns += [("val avg", "metrics.val_loss", True), ("val at step 0", "metrics.val_loss_step0", True), *extra,
                 ("expert similarity", "metrics.expert_similarity", False),
                 ("max expert share ×E", "metrics.routing/imbalance", True),
                 ("routing JSD", "metrics.routing/specialization", False)]

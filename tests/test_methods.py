@@ -279,3 +279,84 @@ def test_expert_similarity_pairs_only_experts_of_the_same_part():
     ffn = model.layers[0].ffn
     assert expert_similarity(ffn.w_gate_up, ffn.w_down, 4) == pytest.approx(1.0, abs=1e-5)
     assert expert_similarity(ffn.w_gate_up, ffn.w_down, 1) < 0.5
+
+
+# --- through run.py / train ------------------------------------------------------------------------------------
+
+def test_granular_runs_record_virtual_groups_and_say_what_step_0_computes(tmp_path, store, caplog):
+    import logging
+
+    from test_train import config, rows
+    from dropup.train import train
+
+    caplog.set_level(logging.INFO, logger="dropup.train")
+    grouped = train(config(tmp_path / "vg", "init=naive", "moe=fine_grained", *store))
+    assert grouped["virtual_groups"] is True and grouped["lb_mode"] == "pooled"
+    assert grouped["provenance"]["step0_ffn_error"] < 1e-5
+    seed = json.loads((__import__("pathlib").Path(grouped["provenance"]["seed_model"]) / "results.json").read_text())
+    step0 = float(rows(tmp_path / "vg")[0]["val_loss"])
+    assert step0 == pytest.approx(seed["metrics"]["val_loss"], abs=2e-3)  # the dense seed's function
+    assert float(rows(tmp_path / "vg")[0]["expert_similarity"]) == pytest.approx(1.0, abs=1e-5)
+    assert "expert_similarity" in grouped["metrics"]
+    routing = json.loads((tmp_path / "vg" / "routing.json").read_text())
+    assert len(routing["expert_similarity"]) == len(routing["tokens_per_expert"]["ja"])
+
+    caplog.clear()
+    plain = train(config(tmp_path / "plain", "init=naive", "moe=fine_grained", "init.virtual_groups=false", *store))
+    assert plain["virtual_groups"] is False and plain["provenance"]["step0_ffn_error"] > 0.3
+    assert any("NOT the dense function" in r.getMessage() for r in caplog.records)
+    assert float(rows(tmp_path / "plain")[0]["val_loss"]) > step0 + 0.01
+
+
+def test_aux_free_run_resumes_exactly_and_export_says_it_routes_without_the_bias(tmp_path, store, monkeypatch,
+                                                                                 caplog):
+    import logging
+
+    from safetensors.torch import load_file
+
+    from test_train import config
+    from dropup.train import train
+    from dropup.export import export
+
+    aux = ["init=drop", "ratio=0.5", "moe.lb_mode=aux_free", "moe.bias_update_rate=0.01", *store]
+    reference = train(config(tmp_path / "ref", *aux))
+    monkeypatch.setenv("DROPUP_CRASH_AT_STEP", "13")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(tmp_path / "crashed", *aux))
+    monkeypatch.delenv("DROPUP_CRASH_AT_STEP")
+    resumed = train(config(tmp_path / "crashed", *aux, "resume=true"))
+    assert resumed["metrics"] == reference["metrics"] and resumed["provenance"]["resumed_from_step"] > 0
+    want, got = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "crashed" / "model.safetensors")
+    bias = want["layers.0.ffn.expert_bias"]
+    assert bias.abs().max() > 0 and torch.equal(got["layers.0.ffn.expert_bias"], bias)
+    from test_train import rows
+
+    logged = [r for r in rows(tmp_path / "ref") if r["lb_loss"]]
+    assert logged and all(float(r["lb_loss"]) > 1.9 for r in logged)  # logged (>= top_k = 2), not trained on:
+    assert all(r["train_loss"] == r["lm_loss"] for r in logged)
+
+    caplog.set_level(logging.WARNING, logger="dropup.export")
+    data_dir = store[0].split("=", 1)[1]
+    out = export(tmp_path / "ref", tmp_path / "hf", data_dir)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "routes without them" in message and "differ from the run's by up to" in message
+    assert (out / "config.json").is_file()
+
+
+def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_path, store):
+    import subprocess
+    import sys
+
+    from test_train import ROOT, TINY, config, rows
+    from dropup.train import train
+
+    common = ["init=naive", "trainer.precision=32-true", *TINY, *store]
+    single = train(config(tmp_path / "single", *common))
+    proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", "moe.lb_mode=global_batch", *common,
+                           f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = rows(tmp_path / "ddp")
+    for a, b in zip(ddp, rows(tmp_path / "single")):
+        for column in ("lm_loss", "lb_loss", "val_loss"):
+            if a[column] or b[column]:
+                assert float(a[column]) == pytest.approx(float(b[column]), abs=2e-4), (a["step"], column)
