@@ -351,7 +351,7 @@ def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_pat
     from dropup.train import train
 
     common = ["init=naive", "trainer.precision=32-true", *TINY, *store]
-    single = train(config(tmp_path / "single", *common))
+    train(config(tmp_path / "single", *common))
     proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", "moe.lb_mode=global_batch", *common,
                            f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
