@@ -139,10 +139,14 @@ def similarity(runs, curves, out_dir):
     """Expert similarity (mean pairwise cosine of the experts' weights) against tokens, one line per method:
     the paper's thesis in one number -- re-initialization breaks the copies' symmetry, training drives them
     apart."""
+    if curves.empty:
+        return []
     rows = curves[(curves["role"] == "run")]
     if "expert_similarity" not in rows:
         rows = rows.assign(expert_similarity=float("nan"))
     rows = rows.dropna(subset=["expert_similarity"])
+    if rows.empty:  # runs from before the metric: nothing to draw
+        return []
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for label in sorted(set(rows["label"]), key=method_order):
         color = METHOD_COLORS.get(label) or _ratio_color(label)

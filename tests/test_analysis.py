@@ -11,8 +11,8 @@ import yaml
 from analysis import sweep
 from analysis.collect import collect, curves, label
 from analysis import report
-from analysis.figures import fig3, fig4, fig5, seed_gap, shared_curves
-from analysis.tables import Cell, best_rows, seeds, shared, table1, table8
+from analysis.figures import fig3, fig4, fig5, seed_gap, shared_curves, similarity
+from analysis.tables import Cell, balancing, best_rows, granular, method_order, seeds, shared, table1, table8
 
 DOMAINS = ("ja", "en", "code")
 TARGETS = {"scratch": "Scratch", "naive": "NaiveUpcycling", "drop": "DropUpcycling", "btx": "BranchTrainMix"}
@@ -107,6 +107,61 @@ def test_shared_expert_runs_are_a_method_of_their_own(runs_dir, tmp_path, monkey
         t.get_text() for lg in fig.legends for t in lg.get_texts()) or real_save(fig, *a, **k))
     shared_curves(frame, curves(frame), tmp_path)
     assert {"NU (n=3)", "NU + shared (n=2)", "DU (r=0.5) (n=3)"} <= set(legend)
+
+
+def test_label_variants_sort_after_their_method():
+    assert label("naive", None, True, granularity=4, virtual_groups=True) == "NU, G=4 VG"
+    assert label("naive", None, True, granularity=4) == "NU, G=4"
+    assert label("drop", 0.5, True, lb_mode="aux_free") == "DU (r=0.5), aux-free"
+    assert label("drop", 0.5, True, lb_mode="pooled") == "DU (r=0.5)"
+    labels = ["DU (r=0.5), aux-free", "NU, G=4", "DU (r=0.5)", "NU", "FS"]
+    assert sorted(labels, key=method_order) == ["FS", "NU", "NU, G=4", "DU (r=0.5)", "DU (r=0.5), aux-free"]
+
+
+def _variant(runs_dir, name, init, ratio, loss, granularity=1, virtual_groups=False, lb_mode="pooled", sim=None):
+    run = make_run(runs_dir, name, init, ratio=ratio, loss=loss)
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    cfg["moe"].update(granularity=granularity, lb_mode=lb_mode)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    results = json.loads((run / "results.json").read_text())
+    results.update(virtual_groups=virtual_groups, lb_mode=lb_mode)
+    results["metrics"]["expert_similarity"] = sim
+    (run / "results.json").write_text(json.dumps(results))
+    if sim is not None:  # a similarity column in the validation rows, falling from 1 to `sim`
+        table = pd.read_csv(run / "metrics.csv")
+        table["expert_similarity"] = [1 - (1 - sim) * step / 100 if pd.notna(v) else None
+                                      for step, v in zip(table["step"], table["val_loss"])]
+        table.to_csv(run / "metrics.csv", index=False)
+    return run
+
+
+def test_granular_and_balancing_tables_and_the_similarity_figure(runs_dir, tmp_path, monkeypatch):
+    _variant(runs_dir, "NU-G4-s0", "naive", None, 4.9, granularity=4, sim=0.9)
+    _variant(runs_dir, "NU-G4-VG-s0", "naive", None, 4.45, granularity=4, virtual_groups=True, sim=0.95)
+    _variant(runs_dir, "DU-0.5-auxfree-s0", "drop", 0.5, 4.3, lb_mode="aux_free", sim=0.2)
+    frame = collect([runs_dir])
+    table = granular(frame)
+    assert table.rows[2:] == ["NU, G=4", "NU, G=4 VG", "DU (r=0.5), G=4 VG"]
+    assert table.cells[("NU, G=4 VG", "val avg")].mean == pytest.approx(4.45)
+    assert table.cells[("NU, G=4", "val at step 0")].mean == pytest.approx(5.9)  # metrics.csv's step-0 row
+    assert table.cells[("NU, G=4", "expert similarity")].mean == pytest.approx(0.9)
+    assert table.cells[("DU (r=0.5), G=4 VG", "val avg")].n == 0
+    assert table1(frame).cells[("NU", "val avg")].n == 3  # the variants stay out of Table 1
+    bal = balancing(frame)
+    assert bal.cells[("DU (r=0.5), aux-free", "val avg")].mean == pytest.approx(4.3)
+    assert bal.cells[("DU (r=0.5)", "val avg")].n == 3
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    real_save = plt.Figure.savefig
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: drawn.update(
+        {line.get_label(): line.get_ydata() for ax in fig.axes for line in ax.lines}) or real_save(fig, *a, **k))
+    assert similarity(frame, curves(frame), tmp_path)
+    assert set(drawn) == {"NU, G=4", "NU, G=4 VG", "DU (r=0.5), aux-free"}
+    assert drawn["DU (r=0.5), aux-free"][0] == pytest.approx(1.0) and drawn["DU (r=0.5), aux-free"][-1] == \
+        pytest.approx(0.2)
+    frame_without = collect([tmp_path / "nothing"])
+    assert similarity(frame_without, curves(frame_without), tmp_path / "empty") == []
 
 
 def test_table1_cells(runs_dir):
