@@ -197,6 +197,8 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None else explicit_model)
     model_cfg, moe_cfg = architecture(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
+    if moe_cfg is not None and hasattr(strategy, "check_moe"):
+        strategy.check_moe(moe_cfg)
     _check_tokenizer_fits(cfg, model_cfg)
     strategy_name = strategy.name
     ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)

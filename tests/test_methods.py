@@ -308,6 +308,15 @@ def test_granular_runs_record_virtual_groups_and_say_what_step_0_computes(tmp_pa
     assert float(rows(tmp_path / "plain")[0]["val_loss"]) > step0 + 0.01
 
 
+def test_a_run_asking_for_impossible_virtual_groups_fails_at_once(tmp_path, store):
+    from test_train import config
+    from dropup.train import train
+
+    with pytest.raises(ConfigError, match="multiple of moe.granularity=4"):
+        train(config(tmp_path / "run", "init=naive", "moe=fine_grained", "moe.top_k=6", *store))
+    assert not (tmp_path / "run" / "results.json").exists()  # refused before anything was written
+
+
 def test_aux_free_run_resumes_exactly_and_export_says_it_routes_without_the_bias(tmp_path, store, monkeypatch,
                                                                                  caplog):
     import logging

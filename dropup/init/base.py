@@ -98,6 +98,10 @@ class InitStrategy:
                 else f"{self.min_sources} to {self.max_sources}"
             )
             raise ConfigError(f"init={self.name} needs {want} dense model(s), got {n_sources}")
+        self.check_moe(moe)
+
+    def check_moe(self, moe: MoEConfig) -> None:
+        """What this init needs of the MoE's shape (checked before any work, then again when it builds)."""
         if self.virtual_groups is True and self.max_sources == 0:
             raise ConfigError(f"init.virtual_groups=true groups the parts of a dense FFN, and init={self.name} reads "
                               "no dense model: drop it")
