@@ -22,8 +22,9 @@ _BASE_LABEL = __import__("re").compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|N
 
 STATUS_ORDER = ("completed", "running", "failed", "incomplete")
 SHARED_SUFFIX = " + shared"
-# how a load-balancing mode other than the paper's (pooled) shows in a label
-LB_LABELS = {"per_layer": "per-layer LB", "global_batch": "global-batch LB", "aux_free": "aux-free"}
+# how a load-balancing mode other than the paper's (pooled over one process's tokens) shows in a label
+LB_LABELS = {"per_layer": "per-layer LB", "global_batch": "global-batch LB", "aux_free": "aux-free",
+             "pooled": "per-rank LB"}
 
 
 def _flatten(prefix: str, obj, out: dict) -> None:
@@ -35,17 +36,17 @@ def _flatten(prefix: str, obj, out: dict) -> None:
 
 
 def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = False, granularity: int = 1,
-          virtual_groups: bool = False, lb_mode: str | None = None) -> str:
+          virtual_groups: bool = False, lb_mode: str | None = None, ranks: int = 1) -> str:
     """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...). What the
     paper does not have makes a method of its own in every table, named by suffixes: " + shared" (a shared
     expert), ", G=4" or ", G=4 VG" (fine-grained experts, in virtual groups), ", aux-free" etc. (a load-balancing
-    mode other than pooled)."""
+    mode other than pooled in one process: ", per-rank LB" is pooled on each of several data-parallel ranks)."""
     if not moe_enabled:
         return "Dense"
     variant = SHARED_SUFFIX if shared_expert else ""
     if granularity > 1:
         variant += f", G={granularity}" + (" VG" if virtual_groups else "")
-    if lb_mode not in (None, "pooled"):
+    if lb_mode not in (None, "pooled") or (lb_mode == "pooled" and ranks > 1):
         variant += f", {LB_LABELS.get(lb_mode, lb_mode)}"
     if variant:
         return label(init, ratio, moe_enabled) + variant
@@ -100,14 +101,17 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     granularity = int(moe_cfg.get("granularity") or 1)
     virtual_groups = bool(results.get("virtual_groups", False))
     lb_mode = results.get("lb_mode") or moe_cfg.get("lb_mode")
+    trainer = cfg.get("trainer") or {}
+    ranks = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1) if isinstance(
+        trainer.get("devices"), int) else 1
     row = {
         "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
         "path": str(run_dir.resolve()), "role": role, "status": status,
-        "label": label(init, ratio, moe_enabled, shared_d_ff > 0, granularity, virtual_groups, lb_mode), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
+        "label": label(init, ratio, moe_enabled, shared_d_ff > 0, granularity, virtual_groups, lb_mode, ranks), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
         "seed": results.get("seed", cfg.get("seed")), "model": results.get("model", (cfg.get("model") or {}).get("name")),
         "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
         "router": (cfg.get("init") or {}).get("router"), "shared_expert_d_ff": shared_d_ff,
-        "granularity": granularity, "virtual_groups": virtual_groups, "lb_mode": lb_mode,
+        "granularity": granularity, "virtual_groups": virtual_groups, "lb_mode": lb_mode, "ranks": ranks,
         "tokens": results.get("tokens"), "steps": results.get("steps"), "train_flops": results.get("train_flops"),
         "schedule_tokens": results.get("schedule_tokens", results.get("tokens")),
         "total_params": results.get("total_params"), "active_params": results.get("active_params"),
@@ -117,9 +121,11 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     }
     for key, value in (results.get("metrics") or {}).items():
         row[f"metrics.{key}"] = value
-    step0 = _val_at_step0(run_dir / "metrics.csv")
+    step0, last_lb = _from_metrics_csv(run_dir / "metrics.csv")
     if step0 is not None:  # before any update: whether the init kept the dense function
         row["metrics.val_loss_step0"] = step0
+    if last_lb is not None and "metrics.lb_loss" not in row:  # runs from before lb_loss was a final metric
+        row["metrics.lb_loss"] = last_lb
     routing = run_dir / "routing.json"
     if routing.is_file() and "metrics.routing/specialization" not in row:  # runs from before the summaries
         from dropup.routing import summarize
@@ -132,14 +138,18 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     return row
 
 
-def _val_at_step0(path: Path) -> float | None:
+def _from_metrics_csv(path: Path) -> tuple[float | None, float | None]:
+    """(validation loss at step 0, the last logged training balance loss) of a run's metrics.csv."""
     if not path.is_file() or not path.stat().st_size:
-        return None
+        return None, None
     table = pd.read_csv(path)
-    if "val_loss" not in table:
-        return None
-    first = table[(table["step"] == 0) & table["val_loss"].notna()]
-    return float(first["val_loss"].iloc[0]) if not first.empty else None
+    step0 = lb = None
+    if "val_loss" in table:
+        first = table[(table["step"] == 0) & table["val_loss"].notna()]
+        step0 = float(first["val_loss"].iloc[0]) if not first.empty else None
+    if "lb_loss" in table and table["lb_loss"].notna().any():
+        lb = float(table["lb_loss"].dropna().iloc[-1])
+    return step0, lb
 
 
 def find_run_dirs(roots) -> list[Path]:

@@ -32,7 +32,8 @@ METHOD_COLORS = {"Dense": "#555555", "FS": "#1f77b4", "BTX": "#9467bd", "NU": "#
                  "DU (r=1)": "#d62728", "NU + shared": "#ffbb78", "DU (r=0.5) + shared": "#98df8a",
                  "NU, G=4": "#8c564b", "NU, G=4 VG": "#e377c2", "DU (r=0.5), G=4 VG": "#17becf",
                  "NU, global-batch LB": "#bcbd22", "NU, aux-free": "#7f7f7f",
-                 "DU (r=0.5), global-batch LB": "#1f77b4", "DU (r=0.5), aux-free": "#9467bd"}
+                 "DU (r=0.5), global-batch LB": "#1f77b4", "DU (r=0.5), aux-free": "#9467bd",
+                 "NU, per-rank LB": "#d62728", "DU (r=0.5), per-rank LB": "#8c564b"}
 DOMAIN_COLORS = {"ja": "#d62728", "en": "#1f77b4", "code": "#2ca02c"}
 
 

@@ -18,8 +18,8 @@ from analysis.collect import SHARED_SUFFIX, split_label
 TABLE1_ROWS = ("Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)")
 SHARED_ROWS = ("NU", "NU" + SHARED_SUFFIX, "DU (r=0.5)", "DU (r=0.5)" + SHARED_SUFFIX)
 GRANULAR_ROWS = ("NU", "DU (r=0.5)", "NU, G=4", "NU, G=4 VG", "DU (r=0.5), G=4 VG")
-BALANCING_ROWS = ("NU", "NU, global-batch LB", "NU, aux-free", "DU (r=0.5)", "DU (r=0.5), global-batch LB",
-                  "DU (r=0.5), aux-free")
+BALANCING_ROWS = ("NU", "NU, per-rank LB", "NU, global-batch LB", "NU, aux-free", "DU (r=0.5)",
+                  "DU (r=0.5), per-rank LB", "DU (r=0.5), global-batch LB", "DU (r=0.5), aux-free")
 
 
 def method_order(label: str) -> tuple:

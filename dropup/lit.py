@@ -66,7 +66,7 @@ class LitLM(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
-            # inside the step, before any callback: a checkpoint taken at this step holds the updated bias
+            # inside the step, before on_train_batch_end (where ModelCheckpoint saves): its checkpoint holds the new bias
             load_LE = self.trainer.strategy.reduce(self._step_load.float(), reduce_op="sum")
             self.model.update_expert_bias(load_LE)
 
@@ -203,7 +203,8 @@ class RunRecorder(L.Callback):
                    "grad_norm": getattr(module, "_grad_norm", ""),
                    "tokens_per_s": (step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
                    "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
-            self.final.update(train_loss=losses["loss"], lm_loss=losses["lm_loss"])
+            self.final.update(train_loss=losses["loss"], lm_loss=losses["lm_loss"],
+                              **{k: v for k, v in losses.items() if k == "lb_loss"})
             self._write(trainer, row)
         if self._validates_at(step) and step != self.cfg["steps"]:
             self._evaluate(trainer, module)

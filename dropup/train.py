@@ -199,6 +199,10 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
     if moe_cfg is not None and hasattr(strategy, "check_moe"):
         strategy.check_moe(moe_cfg)
+    if moe_cfg is not None and moe_cfg.lb_mode == "aux_free" and str(cfg.trainer.precision).endswith("-true") \
+            and not str(cfg.trainer.precision).startswith("32"):
+        raise ConfigError(f"moe.lb_mode=aux_free keeps a routing bias that trainer.precision={cfg.trainer.precision} "
+                          "would store in half precision, rounding its small steps away: use bf16-mixed or 32-true")
     _check_tokenizer_fits(cfg, model_cfg)
     strategy_name = strategy.name
     ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
@@ -210,7 +214,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "shared_expert_d_ff": moe_cfg.shared_expert_d_ff if moe_cfg is not None else 0,
         "init": strategy_name, "ratio": ratio,
-        "virtual_groups": bool(moe_cfg is not None and strategy.uses_virtual_groups(moe_cfg)),
+        "virtual_groups": bool(moe_cfg is not None and getattr(strategy, "uses_virtual_groups", lambda m: False)(moe_cfg)),
         "lb_mode": moe_cfg.lb_mode if moe_cfg is not None else None, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
         "schedule_tokens": settings["schedule_tokens"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,

@@ -114,6 +114,8 @@ def test_label_variants_sort_after_their_method():
     assert label("naive", None, True, granularity=4) == "NU, G=4"
     assert label("drop", 0.5, True, lb_mode="aux_free") == "DU (r=0.5), aux-free"
     assert label("drop", 0.5, True, lb_mode="pooled") == "DU (r=0.5)"
+    assert label("drop", 0.5, True, lb_mode="pooled", ranks=2) == "DU (r=0.5), per-rank LB"
+    assert label("drop", 0.5, True, lb_mode="global_batch", ranks=2) == "DU (r=0.5), global-batch LB"
     labels = ["DU (r=0.5), aux-free", "NU, G=4", "DU (r=0.5)", "NU", "FS"]
     assert sorted(labels, key=method_order) == ["FS", "NU", "NU, G=4", "DU (r=0.5)", "DU (r=0.5), aux-free"]
 

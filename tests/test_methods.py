@@ -107,15 +107,24 @@ def test_virtual_groups_need_top_k_a_multiple_of_g():
     build_moe_state(NaiveUpcycling(virtual_groups=False), [dense_state(MODEL, 0)], MODEL, bad, seed=0)  # allowed
     with pytest.raises(ConfigError, match="reads no dense model"):
         Scratch(virtual_groups=True).validate(0, G4)
+    with pytest.raises(ConfigError, match="moe.granularity=1 has none"):
+        NaiveUpcycling(virtual_groups=True).check_moe(MoEConfig(enabled=True))
+    NaiveUpcycling().check_moe(MoEConfig(enabled=True))  # auto: nothing to group, nothing to refuse
     with pytest.raises(ConfigError, match="not understood"):
         NaiveUpcycling(virtual_groups="maybe")
 
 
-def test_virtual_groups_change_no_count():
+def test_the_new_options_change_no_count():
+    """Virtual groups and the balancing modes change no shape: the parameters of the built models (buffers such as
+    aux_free's bias excluded) are what `param_counts` says, and the FLOPs do not move."""
     for moe in (G4, G2_SHARED):
         aux_free = MoEConfig(**{**vars(moe), "lb_mode": "aux_free"})
         assert param_counts(MODEL, aux_free) == param_counts(MODEL, moe)
         assert train_flops(MODEL, aux_free, 10**6, 64) == train_flops(MODEL, moe, 10**6, 64)
+        for strategy in (NaiveUpcycling(), NaiveUpcycling(virtual_groups=False)):
+            model = Transformer(MODEL, aux_free)
+            model.load_state_dict(build_moe_state(strategy, [dense_state(MODEL, 0)], MODEL, aux_free, seed=0))
+            assert sum(p.numel() for p in model.parameters()) == param_counts(MODEL, moe)["total_params"]
 
 
 # --- converter -------------------------------------------------------------------------------------------------
@@ -223,7 +232,6 @@ def test_aux_free_bias_balances_a_skewed_router_within_a_few_steps():
     x[:, 0] = 1.0
     with torch.no_grad():
         layer.router.weight[0, 0] += 3.0  # a skewed router: expert 0's logit is 3 higher for every token
-    router_before = layer.router.weight.clone()
 
     def imbalance():
         layer(x)
@@ -234,8 +242,8 @@ def test_aux_free_bias_balances_a_skewed_router_within_a_few_steps():
         layer(x)
         layer.update_expert_bias(layer.tokens_per_expert, moe.bias_update_rate)
     assert start > 3.0 and imbalance() < 0.5 * start
-    assert torch.equal(layer.router.weight, router_before)  # the bias moved, no weight did
     assert layer.expert_bias[0] < 0 and "expert_bias" in layer.state_dict()
+    assert "expert_bias" not in dict(layer.named_parameters())  # state, not a parameter the optimizer moves
 
 
 def test_aux_free_trains_on_lm_loss_alone_and_logs_the_balance_loss():
@@ -317,6 +325,14 @@ def test_a_run_asking_for_impossible_virtual_groups_fails_at_once(tmp_path, stor
     assert not (tmp_path / "run" / "results.json").exists()  # refused before anything was written
 
 
+def test_aux_free_in_half_precision_storage_is_refused(tmp_path, store):
+    from test_train import config
+    from dropup.train import train
+
+    with pytest.raises(ConfigError, match="aux_free keeps a routing bias"):
+        train(config(tmp_path / "run", "moe.lb_mode=aux_free", "trainer.precision=bf16-true", *store))
+
+
 def test_aux_free_run_resumes_exactly_and_export_says_it_routes_without_the_bias(tmp_path, store, monkeypatch,
                                                                                  caplog):
     import logging
@@ -361,11 +377,17 @@ def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_pat
 
     common = ["init=naive", "trainer.precision=32-true", *TINY, *store]
     train(config(tmp_path / "single", *common))
-    proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", "moe.lb_mode=global_batch", *common,
-                           f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = rows(tmp_path / "ddp")
-    for a, b in zip(ddp, rows(tmp_path / "single")):
+    for mode in ("global_batch", "pooled"):
+        proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", f"moe.lb_mode={mode}", *common,
+                               f"hydra.run.dir={tmp_path / mode}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = rows(tmp_path / "single")
+    for a, b in zip(rows(tmp_path / "global_batch"), single):
         for column in ("lm_loss", "lb_loss", "val_loss"):
             if a[column] or b[column]:
                 assert float(a[column]) == pytest.approx(float(b[column]), abs=2e-4), (a["step"], column)
+    # the control: pooled on each rank's half balances other statistics, and its logged balance loss shows it
+    per_rank = [abs(float(a["lb_loss"]) - float(b["lb_loss"])) for a, b in zip(rows(tmp_path / "pooled"), single)
+                if a["lb_loss"]]
+    assert max(per_rank) > 1e-3

@@ -22,7 +22,9 @@ exported checkpoint computes the same. From scratch, S and w_g are drawn like an
 Fine-grained experts (G > 1) with *virtual groups* (He et al. 2024, "Upcycling Large Language Models into Mixture
 of Experts"): the G experts e = cG .. cG+G-1 that hold the G parts of one FFN copy c form a group whose router rows
 are one draw, repeated, so the group's members get equal logits. When top-k is a multiple of G, a token's top k are
-then k/G whole groups (a group splits only if two groups' logits tie exactly), each member of group g weighted
+then k/G whole groups (a group splits only if two groups' logits tie exactly: never seen in fp32, but bf16
+router logits under autocast tie for about 0.2% of tokens at d_model 256, so there step 0 is the dense function
+up to those tokens), each member of group g weighted
 p_g / (G sum_g' p_g') after renormalization, so the layer computes sum_g (p_g / sum_g' p_g') FFN / G = FFN / G;
 a factor G folded into every routed W_down (after the strategy built the expert from its unscaled slice, as the
 shared expert's 1/2) makes it the FFN again. Naive Upcycling then computes the dense function at step 0, in our
@@ -105,6 +107,9 @@ class InitStrategy:
         if self.virtual_groups is True and self.max_sources == 0:
             raise ConfigError(f"init.virtual_groups=true groups the parts of a dense FFN, and init={self.name} reads "
                               "no dense model: drop it")
+        if self.virtual_groups is True and moe.granularity == 1:
+            raise ConfigError("init.virtual_groups=true groups the parts of fine-grained experts, and "
+                              "moe.granularity=1 has none: set moe.granularity > 1 (moe=fine_grained), or drop it")
         if self.uses_virtual_groups(moe) and moe.top_k % moe.granularity:
             raise ConfigError(
                 f"virtual groups need moe.top_k={moe.top_k} to be a multiple of moe.granularity={moe.granularity}: a "
@@ -318,7 +323,7 @@ def moe_tensors(
     for name, shape in moe_shapes(model, moe).items():
         if names is not None and name not in names:
             continue
-        if name.endswith("ffn.expert_bias"):  # aux_free's routing bias starts at 0 (not a weight: kept fp32)
+        if name.endswith("ffn.expert_bias"):  # aux_free's routing bias starts at 0 (state, not a weight: fp32)
             yield name, torch.zeros(shape)
             continue
         match = _EXPERT_TENSOR.match(name)

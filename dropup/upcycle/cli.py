@@ -96,7 +96,7 @@ def summary(result: Result) -> str:
         shared += "; fine-grained experts WITHOUT virtual groups"
     if result.step0_error is not None and o["granularity"] > 1:
         exact = o.get("virtual_groups") and (o["init"] == "naive" or o.get("ratio") == 0.0)
-        shared += (f" (step 0: layer 0's MoE output is {result.step0_error:.2g} of the dense FFN's away, relative"
+        shared += (f" (step 0: layer 0's MoE output differs from the dense FFN's by {result.step0_error:.2g}, relative"
                    + (": the dense function)" if exact else
                       "; NOT the dense function: the top-k parts are averaged, not summed)"
                       if not o.get("virtual_groups") else ")"))

@@ -118,7 +118,8 @@ def plan_job(args: argparse.Namespace) -> Job:
             message += " (one --dense per model)"
         for field_name, flag in (("moe.top_k", "--top-k"), ("moe.granularity", "--granularity"),
                                  ("init.virtual_groups=false", "--no-virtual-groups"),
-                                 ("init.virtual_groups=true", "--virtual-groups")):
+                                 ("init.virtual_groups=true", "--virtual-groups"),
+                                 ("set moe.granularity > 1 (moe=fine_grained)", "set --granularity > 1")):
             message = message.replace(field_name, flag)
         raise ConfigError(message) from None
     check_sources(readers, model)
