@@ -56,7 +56,7 @@ def test_without_the_halving_the_step0_function_is_not_the_dense_one(monkeypatch
     x = tokens(SMALL.vocab_size)
     want = logits(SMALL, None, dense, x)
     for wrong in ((1.0, 1.0), (0.5, 0.5)):
-        monkeypatch.setattr(init_base, "output_scales", lambda moe, wrong=wrong: wrong)
+        monkeypatch.setattr(init_base, "output_scales", lambda moe, virtual_groups=False, wrong=wrong: wrong)
         state = build_moe_state(NaiveUpcycling(), [dense], SMALL, shared_moe(), seed=0)
         assert (logits(SMALL, shared_moe(), state, x) - want).abs().max() > 1e-2
 
