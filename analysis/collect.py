@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-_BASE_LABEL = __import__("re").compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|NU|Pretrained")
+_BASE_LABEL = re.compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|NU|Pretrained")
 
 STATUS_ORDER = ("completed", "running", "failed", "incomplete")
 SHARED_SUFFIX = " + shared"
@@ -102,8 +103,8 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     virtual_groups = bool(results.get("virtual_groups", False))
     lb_mode = results.get("lb_mode") or moe_cfg.get("lb_mode")
     trainer = cfg.get("trainer") or {}
-    ranks = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1) if isinstance(
-        trainer.get("devices"), int) else 1
+    devices = trainer.get("devices")  # an int, or e.g. "auto" on a GPU machine: counted as one rank
+    ranks = devices * int(trainer.get("num_nodes") or 1) if isinstance(devices, int) else 1
     row = {
         "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
         "path": str(run_dir.resolve()), "role": role, "status": status,

@@ -119,7 +119,7 @@ def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig 
     state = build_moe_state(strategy, sources, model, moe, int(cfg.seed))
     provenance = {"seed_model": where}
     if len(sources) == 1:
-        error = step0_ffn_error(strategy, sources, model, moe, int(cfg.seed))
+        error = step0_ffn_error(strategy, sources, model, moe, int(cfg.seed), state=state)
         provenance["step0_ffn_error"] = error
         logging.getLogger(__name__).info(step0_message(strategy, moe, error))
     return state, provenance

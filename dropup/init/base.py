@@ -358,16 +358,19 @@ def router_weight(strategy: InitStrategy, shape: tuple, moe: MoEConfig, seed: in
 
 
 def step0_ffn_error(strategy: InitStrategy, sources, model: ModelConfig, moe: MoEConfig, seed: int,
-                    layer: int = 0, tokens: int = 512) -> float:
+                    layer: int = 0, tokens: int = 512, state: Mapping[str, torch.Tensor] | None = None) -> float:
     """How far the upcycled MoE layer's function is from the dense FFN it came from, at step 0:
     ||MoE(x) - FFN(x)|| / ||FFN(x)|| over `tokens` probe inputs x (unit-RMS Gaussian vectors times the layer's
     FFN-norm gains, i.e. what the FFN sees after its RMSNorm). Builds only that layer's FFN tensors (one dense
-    source: BTX's experts come from several FFNs and have no single dense function to compare with)."""
+    source: BTX's experts come from several FFNs and have no single dense function to compare with), or reads
+    them from `state` where the whole MoE state is already built."""
     from dropup.moe import MoELayer, SwiGLU
 
     prefix = f"layers.{layer}.ffn."
     names = {n for n in moe_shapes(model, moe) if n.startswith(prefix)}
-    built = {n[len(prefix):]: t.float() for n, t in moe_tensors(strategy, sources, model, moe, seed, names=names)}
+    tensors = ((n, state[n]) for n in names) if state is not None else \
+        moe_tensors(strategy, sources, model, moe, seed, names=names)
+    built = {n[len(prefix):]: t.float() for n, t in tensors}
     moe_layer = MoELayer(model.d_model, moe.expert_d_ff(model), MoEConfig(**{**vars(moe), "backend": "loop"}))
     moe_layer.load_state_dict(built, strict=True)
     dense = SwiGLU(model.d_model, model.d_ff)

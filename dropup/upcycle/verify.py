@@ -129,10 +129,9 @@ def _verify_logits(job: Job) -> list[str]:
         dense_logits = reference(tokens).logits
     diff = (moe_logits - dense_logits).abs().max().item()
     grouped = moe.granularity == 1 or strategy.uses_virtual_groups(moe)
-    dense_function = grouped and (
-        strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0))
-    if not grouped and (strategy.name == "naive" or (hasattr(strategy, "indices") and
-                                                     reinit_count(strategy.ratio, d_f) == 0)):
+    copies = strategy.name == "naive" or (hasattr(strategy, "indices") and reinit_count(strategy.ratio, d_f) == 0)
+    dense_function = grouped and copies
+    if copies and not grouped:
         return [f"logits: max |MoE - dense ({dense.path.name})| = {diff:.3g}: NOT the dense function -- without "
                 f"virtual groups the {moe.top_k} chosen parts of granularity {moe.granularity} are averaged, not "
                 "summed (--virtual-groups makes naive upcycling exact)"]
