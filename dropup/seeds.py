@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.data import DATA_STREAM_VERSION, PREPARATION_FIELDS
+from dropup.data import DATA_STREAM_VERSION, preparation_identity
 from dropup.hf import from_hf, read_hf_config
 
 # what the seed's training saw: the prepared data plus how it was cut and mixed
-DATA_IDENTITY = (*PREPARATION_FIELDS, "seq_len", "weights")
+DATA_USE = ("seq_len", "weights")
 
 
 def _hash(obj) -> str:
@@ -52,7 +52,7 @@ def seed_key(cfg: DictConfig) -> str:
     for field_name in KEY_NEUTRAL_AT_DEFAULT:
         if field_name in model and model[field_name] == getattr(defaults, field_name):
             del model[field_name]
-    return _hash({"model": model, "data": {k: data.get(k) for k in DATA_IDENTITY},
+    return _hash({"model": model, "data": {**preparation_identity(data), **{k: data.get(k) for k in DATA_USE}},
                   "recipe": OmegaConf.to_container(cfg.seed_recipe.train, resolve=True),
                   "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION})
 

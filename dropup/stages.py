@@ -22,7 +22,7 @@ class DataSchema:
     name: str = "default"
     # packages (the bundled ja/en/code corpus) | jsonl | hf_disk | tokens (a prepared token folder)
     source: str = "packages"
-    path: Optional[str] = None
+    path: Any = None  # a path, a glob, or a list of them (jsonl)
     domains: list[str] = field(default_factory=lambda: ["ja", "en", "code"])
     # training mixture over domains; null = in proportion to each domain's size
     weights: Optional[dict[str, float]] = None
@@ -30,6 +30,11 @@ class DataSchema:
     vocab_size: int = 8192
     val_fraction: float = 0.05
     max_chars_per_domain: Optional[int] = None
+    # preparation (dropup/data/prepare.py): BPE sample, worker processes (null: all cores), work and shard sizes
+    tokenizer_sample_chars: Optional[int] = 100_000_000
+    num_proc: Optional[int] = None
+    chunk_chars: int = 4_000_000
+    shard_chars: int = 256_000_000
 
 
 @dataclass

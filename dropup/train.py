@@ -93,7 +93,9 @@ def prepared_data_dir(cfg: DictConfig, log) -> Path:
     from dropup import seeds
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    if data_cfg.get("path"):
+    if isinstance(data_cfg.get("path"), list):
+        data_cfg["path"] = [str(project_path(p)) for p in data_cfg["path"]]
+    elif data_cfg.get("path"):
         data_cfg["path"] = str(project_path(data_cfg["path"]))
     tokenizer = seeds.hf_tokenizer(cfg.get("seed_model"))
     return ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)

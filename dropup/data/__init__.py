@@ -1,7 +1,9 @@
-"""Data: prepared token files per domain, batches that depend only on (stream, seed, step), per-domain validation.
+"""Data: prepared token shards per domain, batches that depend only on (stream, seed, step), per-domain validation.
 
-`ensure_prepared(data_cfg, ...)` builds (once, under a lock) or finds the prepared dataset a config names;
-`TokenData` serves training batches and fixed validation windows from it.
+`ensure_prepared(data_cfg, ...)` builds (once, under a lock, resuming an interrupted build) or finds the prepared
+dataset a config names (dropup.data.prepare has the pipeline and the folder format); `TokenData`
+(dropup.data.loader) serves training batches and fixed validation windows from it. This module does not import
+torch, so preparation's worker processes start light.
 """
 
 from __future__ import annotations
@@ -10,12 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 from filelock import FileLock
 
-from dropup.data.corpus import DataError, hf_disk_documents, jsonl_documents, package_documents, prepare
-from dropup.init.rng import generator
+from dropup.data.corpus import DataError, HFDiskDocuments, JsonlDocuments, PackageDocuments
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
 # Version of the map (stream, seed, step) -> training windows. Runs and dense seeds of another version read other
@@ -25,18 +24,53 @@ DATA_STREAM_VERSION = 2
 # Each kind of run reads its own stream; MoE runs of one seed share theirs, so paired comparisons see equal data.
 STREAMS = ("moe", "dense", "seed", "branch-<domain>")
 
-# The data settings that determine the prepared token files (and so key their cache folder).
-PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain")
+# The data settings that determine the prepared token files (and so key their cache folder and the seed store).
+PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain",
+                      "tokenizer_sample_chars")
+# Added after prepared folders and seeds were first keyed: at this value a field leaves the keys as they were (the
+# bundled corpus is smaller than the default sample, so its tokenizer is the whole-split one it always was).
+KEY_NEUTRAL_AT = {"tokenizer_sample_chars": 100_000_000}
+
+
+def preparation_identity(data_cfg: dict) -> dict:
+    """The settings that determine a prepared dataset, as keyed (fields at their KEY_NEUTRAL_AT value left out)."""
+    return {k: data_cfg.get(k) for k in PREPARATION_FIELDS
+            if not (k in KEY_NEUTRAL_AT and data_cfg.get(k, KEY_NEUTRAL_AT[k]) == KEY_NEUTRAL_AT[k])}
 
 
 def _key(data_cfg: dict, tokenizer_hash: str | None) -> str:
-    fields = {k: data_cfg.get(k) for k in PREPARATION_FIELDS}
+    fields = preparation_identity(data_cfg)
     fields["tokenizer"] = tokenizer_hash
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def build_settings(data_cfg: dict):
+    from dropup.data.prepare import BuildSettings
+
+    optional = {k: data_cfg[k] for k in ("chunk_chars", "shard_chars", "dedup_bucket_records", "num_proc")
+                if data_cfg.get(k) is not None}
+    return BuildSettings(domains=tuple(data_cfg["domains"]), vocab_size=int(data_cfg["vocab_size"]),
+                         val_fraction=float(data_cfg["val_fraction"]),
+                         max_chars_per_domain=data_cfg.get("max_chars_per_domain"),
+                         tokenizer_sample_chars=data_cfg.get("tokenizer_sample_chars",
+                                                             KEY_NEUTRAL_AT["tokenizer_sample_chars"]),
+                         **optional)
+
+
+def documents_of(data_cfg: dict, data_root: Path, log=print):
+    """The document reader that data.source names."""
+    source, domains = data_cfg["source"], list(data_cfg["domains"])
+    if source == "packages":
+        return PackageDocuments(Path(data_root) / "sources", domains, log=lambda m: log(f"[data] {m}"))
+    if source == "jsonl":
+        return JsonlDocuments(data_cfg["path"], domains)
+    return HFDiskDocuments(data_cfg["path"], domains)
+
+
 def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None = None, log=print) -> Path:
     """The prepared dataset folder for `data_cfg`, built on first use (cached by a hash of its settings)."""
+    from dropup.data.prepare import prepare
+
     source = data_cfg["source"]
     if source not in SOURCES:
         raise DataError(f"data.source={source!r} is unknown; choose one of {SOURCES}")
@@ -44,8 +78,10 @@ def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None
         path = Path(data_cfg["path"] or "")
         if not (path / "manifest.json").is_file():
             raise DataError(f"data.path={path} has no manifest.json: point it at a prepared token folder "
-                            "(<domain>.train.bin, <domain>.val.bin, manifest.json with dtype and vocab_size)")
+                            "(token shards and a manifest.json with dtype, vocab_size and the shard index)")
         return path
+    if source in ("jsonl", "hf_disk") and not data_cfg.get("path"):
+        raise DataError(f"data.source={source} needs data.path: set it on the command line, e.g. data.path=...")
     tok_hash = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() if tokenizer_path else None
     out = Path(data_root) / f"{data_cfg['name']}-{_key(data_cfg, tok_hash)}"
     if (out / "manifest.json").is_file():
@@ -54,77 +90,15 @@ def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None
     with FileLock(str(out) + ".lock"):
         if (out / "manifest.json").is_file():
             return out
-        domains = list(data_cfg["domains"])
-        provenance = []
-        if source == "packages":
-            documents, provenance = package_documents(Path(data_root) / "sources", domains,
-                                                      progress=lambda m: log(f"[data] {m}"))
-        elif source == "jsonl":
-            documents = jsonl_documents(Path(data_cfg["path"]), domains)
-        else:
-            documents = hf_disk_documents(Path(data_cfg["path"]), domains)
-        prepare(out, documents, vocab_size=data_cfg["vocab_size"], val_fraction=data_cfg["val_fraction"],
-                max_chars_per_domain=data_cfg.get("max_chars_per_domain"), tokenizer_path=tokenizer_path,
-                sources=provenance, progress=lambda m: log(f"[data] {m}"))
+        documents = documents_of(data_cfg, data_root, log)
+        prepare(out, documents, build_settings(data_cfg), tokenizer_path, log=lambda m: log(f"[data] {m}"))
         log(f"[data] prepared {out}")
     return out
 
 
-class TokenData:
-    """Token streams of a prepared dataset. Training windows are drawn from a generator seeded by (stream, seed,
-    step), so a batch depends only on the step: resuming, or any number of data-parallel ranks, sees the same data;
-    the dense seed, each BTX branch and the MoE runs of one seed each read a stream of their own."""
+def __getattr__(name: str):
+    if name == "TokenData":  # imports torch: only when asked for
+        from dropup.data.loader import TokenData
 
-    def __init__(self, path: Path, domains: list[str], seq_len: int, weights: dict | None = None):
-        self.path = Path(path)
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
-        self.domains, self.seq_len = list(domains), seq_len
-        dtype = np.dtype(self.manifest["dtype"])
-        self.train, self.val = {}, {}
-        for domain in self.domains:
-            for side, store in (("train", self.train), ("val", self.val)):
-                file = self.path / f"{domain}.{side}.bin"
-                if not file.is_file():
-                    raise DataError(f"{file} is missing: the prepared data has no {side} split for domain {domain!r}")
-                store[domain] = np.memmap(file, dtype=dtype, mode="r")
-                if store[domain].size < seq_len + 1:
-                    raise DataError(
-                        f"domain {domain!r} has {store[domain].size} {side} tokens, fewer than one sequence of "
-                        f"data.seq_len={seq_len} + 1: add text to that domain or lower data.seq_len"
-                    )
-        sizes = np.array([self.train[d].size for d in self.domains], dtype=np.float64)
-        if weights:
-            unknown = set(weights) - set(self.domains)
-            if unknown:
-                raise DataError(f"data.weights names unknown domain(s) {sorted(unknown)}; domains: {self.domains}")
-            sizes = np.array([float(weights.get(d, 0.0)) for d in self.domains])
-        self.weights = torch.tensor(sizes / sizes.sum(), dtype=torch.float64)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
-
-    def train_batch(self, step: int, batch_size: int, seed: int, stream: str, rows: slice | None = None):
-        """(inputs, targets), each (rows of batch_size, seq_len) int64, for optimizer step `step` of `stream`."""
-        g = generator("train-batch", f"v{DATA_STREAM_VERSION}", stream, seed, step)
-        domain_idx = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
-        starts = torch.rand(batch_size, generator=g, dtype=torch.float64)
-        windows = []
-        for i in range(batch_size)[rows or slice(None)]:
-            stream = self.train[self.domains[int(domain_idx[i])]]
-            start = int(starts[i] * (stream.size - self.seq_len - 1))
-            windows.append(np.asarray(stream[start:start + self.seq_len + 1], dtype=np.int64))
-        batch = torch.from_numpy(np.stack(windows))
-        return batch[:, :-1], batch[:, 1:]
-
-    def val_batches(self, domain: str, batch_size: int, max_tokens: int):
-        """Consecutive non-overlapping windows from the start of the domain's validation split."""
-        stream = self.val[domain]
-        n_windows = max(1, min((stream.size - 1) // self.seq_len, max_tokens // self.seq_len))
-        for first in range(0, n_windows, batch_size):
-            idx = range(first, min(first + batch_size, n_windows))
-            batch = torch.from_numpy(np.stack([
-                np.asarray(stream[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=np.int64)
-                for i in idx
-            ]))
-            yield batch[:, :-1], batch[:, 1:]
+        return TokenData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

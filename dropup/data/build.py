@@ -1,16 +1,21 @@
-"""`make data` / `python -m dropup.data.build [overrides]`: prepare the corpus a config names, then exit."""
+"""`make data` / `python -m dropup.data.build [overrides]`: prepare the corpus a config names, then exit.
+
+e.g. `python -m dropup.data.build data=jsonl 'data.path=corpus/*.jsonl.gz' data.num_proc=16`. A killed build
+resumes when rerun with the same overrides. Imports stay inside main(): preparation's worker processes re-import
+this module, and must not pay for torch.
+"""
 
 import sys
 
-from hydra import compose, initialize_config_dir
-
-from dropup.data.corpus import DataError
-from dropup.data.sources import SourceError
-from dropup.stages import register_configs
-from dropup.train import ROOT, prepared_data_dir
-
 
 def main(argv: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from dropup.data.corpus import DataError
+    from dropup.data.sources import SourceError
+    from dropup.stages import register_configs
+    from dropup.train import ROOT, prepared_data_dir
+
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=argv)

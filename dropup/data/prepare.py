@@ -1,0 +1,588 @@
+"""Streaming corpus preparation: documents -> cleaned, de-duplicated, split per domain -> BPE -> token shards.
+
+A prepared dataset is a folder:
+    manifest.json                 format 2: per-domain document/character/token counts, the shard index, the hash of
+                                  every file and of every token stream, the corpus hash, inputs and settings
+    tokenizer.json                byte-level BPE (HF tokenizers), or the HF seed model's tokenizer
+    <domain>.<side>.<NNNNN>.bin   uint16 (uint32 past 65,536 tokens) ids, documents joined by the end-of-text
+                                  token; side is train or val. The shards of one (domain, side), in number order,
+                                  concatenate into that split's token stream: `manifest["shards"]["ja.train"]` lists
+                                  them with their token counts and sha256.
+Format 1 (one <domain>.<side>.bin per split, no shard index) is still read. The corpus hash is taken over the
+streams, not the files, so the same tokens give the same hash in either format.
+
+The build runs in five steps inside <name>.partial/, each of which survives a kill: a rerun with the same inputs and
+settings resumes at the step and chunk where it stopped (inputs are compared by size and mtime), and gives files
+identical to an uninterrupted build. The folder is renamed to <name> when complete.
+  1. scan      The main process reads the documents in order and cuts them into chunks of ~chunk_chars. Worker
+               processes clean each document and return (128-bit content hash, characters, domain, split), which
+               is appended to scan.bin (24 bytes per document). Progress: scan.json.
+  2. plan      Exact de-duplication with bounded memory: the records are partitioned by hash into buckets on disk,
+               each at most ~dedup_bucket_records long; each bucket is sorted in memory and every repeat of a
+               (domain, hash) after its first occurrence is marked. That costs 32 bytes of disk per document and
+               two sequential passes (100 M documents: 3.2 GB of scratch, ~12 MB of memory per bucket). Then the
+               first max_chars_per_domain characters of each domain are kept (like reading stopped there), and each
+               document's fate (dropped, train, val) goes to fate.u8; chunks are grouped into shards of
+               ~shard_chars kept characters. Nothing here holds more than one block of records in memory.
+  3. tokenizer The given tokenizer, or a BPE trained on a deterministic sample of the training documents: those
+               whose content hash falls below tokenizer_sample_chars / (training characters), i.e. the whole
+               split when it is smaller than the sample. The sample does not depend on document order or chunking.
+  4. tokenize  Workers clean and encode each chunk's kept documents; the main process appends the ids to the
+               current shard group's files and records a finished group, with its files' sha256, in
+               progress.json. On resume finished groups are verified by hash and not redone.
+  5. manifest  Stream and corpus hashes, counts; scratch files removed; rename.
+Parallelism: `num_proc` worker processes (forked on Linux, one tokenizer thread each) with at most two chunks in flight per
+worker, so peak memory depends on chunk_chars and num_proc, not on the corpus. With num_proc=1 everything runs in
+this process and tokenizers uses its own threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dropup.data.corpus import EOT, MIN_DOC_CHARS, DataError, clean, content_hash, is_val, sha256_file
+
+FORMAT = 2
+SIDES = ("train", "val")
+DROP, TRAIN, VAL = 0, 1, 2
+TOO_SHORT = 255  # scan record's split for documents under MIN_DOC_CHARS after cleaning
+SCAN_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("chars", "<u4"), ("domain", "<u2"), ("split", "u1"),
+                        ("pad", "u1")])
+BUCKET_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("domain", "<u8"), ("index", "<u8")])
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What determines the prepared files (vocab_size, val_fraction, max_chars_per_domain, tokenizer_sample_chars),
+    and how the work is cut (the rest: they change the shard layout, never the token streams)."""
+
+    domains: tuple[str, ...]
+    vocab_size: int
+    val_fraction: float
+    max_chars_per_domain: int | None = None
+    tokenizer_sample_chars: int | None = None
+    chunk_chars: int = 4_000_000
+    shard_chars: int = 256_000_000
+    dedup_bucket_records: int = 4_000_000
+    num_proc: int | None = None
+
+    @property
+    def processes(self) -> int:
+        return max(1, self.num_proc or len(os.sched_getaffinity(0)))
+
+
+def stream_names(domains) -> list[str]:
+    return [f"{d}.{side}" for d in domains for side in SIDES]
+
+
+# --- workers ----------------------------------------------------------------------------------------------------
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_json: str | None, single_thread: bool):
+    global _TOKENIZER
+    if single_thread:  # one process per core already: a thread pool per process would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        _TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def scan_chunk(docs: list[tuple[int, str]], val_fraction: float) -> np.ndarray:
+    """One scan record per document."""
+    out = np.zeros(len(docs), dtype=SCAN_RECORD)
+    for i, (domain, text) in enumerate(docs):
+        doc = clean(text)
+        out[i]["domain"], out[i]["chars"] = domain, len(doc)
+        if len(doc) < MIN_DOC_CHARS:
+            out[i]["split"] = TOO_SHORT
+            continue
+        key = content_hash(doc)
+        out[i]["h0"], out[i]["h1"] = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+        out[i]["split"] = VAL - 1 if is_val(doc, val_fraction) else TRAIN - 1
+    return out
+
+
+def tokenize_chunk(docs: list[tuple[int, str]], n_streams: int) -> list[np.ndarray | None]:
+    """Token ids per stream (domain * 2 + side) of a chunk's kept documents, each followed by EOT."""
+    tokenizer = _TOKENIZER
+    eot = tokenizer.token_to_id(EOT)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
+    encodings = tokenizer.encode_batch([clean(text) for _, text in docs])
+    parts: list[list[list[int]]] = [[] for _ in range(n_streams)]
+    for (stream, _), enc in zip(docs, encodings):
+        parts[stream].append(enc.ids + [eot])
+    return [np.fromiter((t for ids in p for t in ids), dtype=dtype) if p else None for p in parts]
+
+
+def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, initargs: tuple) -> Iterator:
+    """fn(*item) for each item, in order; on `processes` spawned workers with two items in flight per worker, or in
+    this process when there is one worker or one item (no start-up cost for small corpora)."""
+    items = iter(items)
+    first = next(items, None)
+    second = next(items, None) if first is not None else None
+    if first is None:
+        return
+    if processes <= 1 or second is None:
+        _init_worker(*initargs[:1], single_thread=False)
+        yield fn(*first)
+        if second is not None:
+            yield fn(*second)
+            for item in items:
+                yield fn(*item)
+        return
+    import multiprocessing
+
+    # fork where there is one (Linux), as torch's DataLoader and datasets.map do: workers start at once and do not
+    # re-import the caller's main module; they never touch torch or the parent's threads, which is what makes forking
+    # a threaded parent unsafe. Elsewhere spawn (the caller needs the usual `if __name__ == "__main__":` guard).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the children's setting, and silences tokenizers' fork warning
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method),
+                                 initializer=_init_worker, initargs=(initargs[0], True)) as pool:
+            pending: deque = deque()
+            for item in _chain(first, second, items):
+                pending.append(pool.submit(fn, *item))
+                if len(pending) >= 2 * processes:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def _chain(first, second, rest):
+    yield first
+    yield second
+    yield from rest
+
+
+# --- the build --------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def chunked(documents: Iterable[tuple[str, str]], domains: list[str], chunk_chars: int):
+    """The document stream cut into chunks of about chunk_chars characters: lists of (domain index, text)."""
+    index = {d: i for i, d in enumerate(domains)}
+    chunk, chars = [], 0
+    for domain, text in documents:
+        chunk.append((index[domain], text))
+        chars += len(text)
+        if chars >= chunk_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+class Meter:
+    """A progress bar of documents, tokens and throughput (rich; drawn on terminals only) plus a log line at the end."""
+
+    def __init__(self, label: str, total: int | None, log):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.label, self.log, self.start = label, log, time.perf_counter()
+        self.docs = self.tokens = self.chars = 0
+        console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+            TextColumn("{task.fields[tokens]:,} tokens"), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+        )
+        self.task = self.progress.add_task(label, total=total, tokens=0, rate="")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def advance(self, docs: int, chars: int = 0, tokens: int = 0):
+        self.docs += docs
+        self.chars += chars
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = f"{self.tokens / elapsed / 1e3:,.0f}k tok/s" if self.tokens else f"{self.chars / elapsed / 1e6:,.1f}M chr/s"
+        self.progress.update(self.task, advance=docs, tokens=self.tokens, rate=rate)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        if exc[0] is None:
+            elapsed = time.perf_counter() - self.start
+            tokens = f", {self.tokens:,} tokens ({self.tokens / max(elapsed, 1e-9):,.0f}/s)" if self.tokens else ""
+            self.log(f"{self.label}: {self.docs:,} documents, {self.chars / 1e6:,.1f} M characters{tokens} in "
+                     f"{elapsed:.1f} s")
+
+
+class Build:
+    """One build folder (<name>.partial) and its resumable steps."""
+
+    def __init__(self, out_dir: Path, documents, settings: BuildSettings, tokenizer_path: Path | None, log):
+        self.out, self.documents, self.settings, self.log = Path(out_dir), documents, settings, log
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
+        self.tmp = self.out.with_name(self.out.name + ".partial")
+        self.domains = list(settings.domains)
+        self.streams = stream_names(self.domains)
+
+    # -- resumption
+
+    def identity(self) -> dict:
+        tok = sha256_file(self.tokenizer_path) if self.tokenizer_path else None
+        return {"format": FORMAT, "settings": asdict(self.settings) | {"num_proc": None},
+                "inputs": self.documents.inputs(), "tokenizer": tok}
+
+    def open(self) -> None:
+        identity = self.identity()
+        if self.tmp.is_dir():
+            if _read_json(self.tmp / "build.json") == json.loads(json.dumps(identity)):
+                self.log(f"resuming the interrupted build in {self.tmp}")
+                return
+            self.log(f"{self.tmp} was left by a build of other inputs or settings: starting over")
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        _write_json(self.tmp / "build.json", identity)
+
+    def run(self) -> dict:
+        self.open()
+        chunk_docs = self.scan()
+        plan = self.plan(chunk_docs)
+        tokenizer = self.tokenizer(chunk_docs, plan)
+        groups = self.tokenize(tokenizer, chunk_docs, plan)
+        return self.finish(tokenizer, plan, groups)
+
+    # -- 1. scan
+
+    def scan(self) -> list[int]:
+        state = _read_json(self.tmp / "scan.json") or {"chunk_docs": [], "complete": False}
+        if state["complete"]:
+            return state["chunk_docs"]
+        done = state["chunk_docs"]
+        path = self.tmp / "scan.bin"
+        with open(path, "ab"):
+            pass
+        with open(path, "r+b") as f:
+            f.truncate(sum(done) * SCAN_RECORD.itemsize)  # drop a chunk written after the last recorded one
+        s = self.settings
+        chunks = chunked(self.documents, self.domains, s.chunk_chars)
+        n_done = len(done)
+        todo = ((c, s.val_fraction) for i, c in enumerate(chunks) if i >= n_done)
+        with Meter("scan", None, self.log) as meter, open(path, "ab") as f:
+            meter.docs = sum(done)
+            for records in ordered_map(scan_chunk, todo, s.processes, (None,)):
+                f.write(records.tobytes())
+                f.flush()
+                done.append(len(records))
+                _write_json(self.tmp / "scan.json", {"chunk_docs": done, "complete": False})
+                meter.advance(len(records), chars=int(records["chars"].sum()))
+        _write_json(self.tmp / "scan.json", {"chunk_docs": done, "complete": True})
+        return done
+
+    def records(self) -> np.ndarray:
+        path = self.tmp / "scan.bin"
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=SCAN_RECORD)
+        return np.memmap(path, dtype=SCAN_RECORD, mode="r")
+
+    # -- 2. plan
+
+    def plan(self, chunk_docs: list[int]) -> dict:
+        plan = _read_json(self.tmp / "plan.json")
+        if plan is not None:
+            return plan
+        records, n = self.records(), sum(chunk_docs)
+        duplicates = self.mark_duplicates(records, n)
+        fate = np.lib.format.open_memmap(self.tmp / "fate.npy.tmp", mode="w+", dtype=np.uint8, shape=(max(n, 1),))
+        dup = np.load(self.tmp / "dup.npy", mmap_mode="r") if n else None
+        limit = self.settings.max_chars_per_domain
+        used = np.zeros(len(self.domains), dtype=np.int64)  # characters kept so far per domain
+        counts = {s: {"documents": 0, "characters": 0} for s in self.streams}
+        groups, group_first, group_chars, start = [], 0, 0, 0
+        for c, size in enumerate(chunk_docs):
+            rec = records[start:start + size]
+            keep = (rec["split"] != TOO_SHORT) & (dup[start:start + size] == 0)
+            chunk_fate = np.zeros(size, dtype=np.uint8)
+            for d in range(len(self.domains)):
+                idx = np.flatnonzero(keep & (rec["domain"] == d))
+                if limit is not None:
+                    before = used[d] + np.cumsum(rec["chars"][idx].astype(np.int64)) - rec["chars"][idx]
+                    idx = idx[before < limit]  # the document that reaches the limit is the last one read
+                used[d] += int(rec["chars"][idx].astype(np.int64).sum())
+                chunk_fate[idx] = rec["split"][idx] + 1
+                for side, value in zip(SIDES, (TRAIN, VAL)):
+                    mine = idx[chunk_fate[idx] == value]
+                    counts[f"{self.domains[d]}.{side}"]["documents"] += int(mine.size)
+                    counts[f"{self.domains[d]}.{side}"]["characters"] += int(rec["chars"][mine].astype(np.int64).sum())
+            fate[start:start + size] = chunk_fate
+            group_chars += int(rec["chars"][chunk_fate > 0].astype(np.int64).sum())
+            start += size
+            if group_chars >= self.settings.shard_chars or c == len(chunk_docs) - 1:
+                groups.append([group_first, c + 1])
+                group_first, group_chars = c + 1, 0
+        fate.flush()
+        del fate
+        self._check_counts(counts)
+        os.replace(self.tmp / "fate.npy.tmp", self.tmp / "fate.npy")
+        (self.tmp / "dup.npy").unlink(missing_ok=True)
+        plan = {"chunks": len(chunk_docs), "documents": n, "too_short": int((records["split"] == TOO_SHORT).sum()) if n else 0,
+                "duplicates": duplicates, "streams": counts, "groups": groups}
+        _write_json(self.tmp / "plan.json", plan)
+        kept = sum(c["documents"] for c in counts.values())
+        self.log(f"plan: {n:,} documents read, {plan['too_short']:,} under {MIN_DOC_CHARS} characters, "
+                 f"{duplicates:,} exact duplicates, {kept:,} kept in {len(groups)} shard group(s)")
+        return plan
+
+    def _check_counts(self, counts: dict) -> None:
+        empty = [d for d in self.domains if not counts[f"{d}.train"]["documents"] + counts[f"{d}.val"]["documents"]]
+        if empty:
+            raise DataError(f"{self.documents.description} has no documents for domain(s) {empty}: add them, or set "
+                            "data.domains")
+        for d in self.domains:
+            for side in SIDES:
+                if not counts[f"{d}.{side}"]["documents"]:
+                    raise DataError(f"domain {d!r} has no {side} documents after cleaning: give it more text "
+                                    f"(at least a few documents of {MIN_DOC_CHARS}+ characters)")
+
+    def mark_duplicates(self, records: np.ndarray, n: int) -> int:
+        """dup.npy: 1 for every document whose (domain, content hash) occurred earlier. Bounded memory: records are
+        partitioned by hash into buckets on disk, and each bucket is sorted on its own."""
+        dup = np.lib.format.open_memmap(self.tmp / "dup.npy", mode="w+", dtype=np.uint8, shape=(max(n, 1),))
+        n_buckets = max(1, min(512, -(-n // self.settings.dedup_bucket_records)))
+        bucket_dir = self.tmp / "buckets"
+        shutil.rmtree(bucket_dir, ignore_errors=True)
+        bucket_dir.mkdir()
+        files = [open(bucket_dir / f"{b:04d}.bin", "wb") for b in range(n_buckets)]
+        block = 1 << 20
+        try:
+            for first in range(0, n, block):
+                rec = records[first:first + block]
+                eligible = np.flatnonzero(rec["split"] != TOO_SHORT)
+                rows = np.empty(eligible.size, dtype=BUCKET_RECORD)
+                rows["h0"], rows["h1"] = rec["h0"][eligible], rec["h1"][eligible]
+                rows["domain"], rows["index"] = rec["domain"][eligible], eligible + first
+                bucket = rows["h1"] % n_buckets
+                order = np.argsort(bucket, kind="stable")
+                bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+                for b in range(n_buckets):
+                    if bounds[b + 1] > bounds[b]:
+                        files[b].write(rows[order[bounds[b]:bounds[b + 1]]].tobytes())
+        finally:
+            for f in files:
+                f.close()
+        duplicates = 0
+        for b in range(n_buckets):
+            rows = np.fromfile(bucket_dir / f"{b:04d}.bin", dtype=BUCKET_RECORD)
+            if rows.size < 2:
+                continue
+            rows = rows[np.lexsort((rows["index"], rows["h1"], rows["h0"], rows["domain"]))]
+            same = ((rows["h0"][1:] == rows["h0"][:-1]) & (rows["h1"][1:] == rows["h1"][:-1])
+                    & (rows["domain"][1:] == rows["domain"][:-1]))
+            repeats = rows["index"][1:][same]
+            dup[repeats] = 1
+            duplicates += int(repeats.size)
+        dup.flush()
+        shutil.rmtree(bucket_dir)
+        return duplicates
+
+    # -- 3. tokenizer
+
+    def kept_documents(self, chunk_docs: list[int], select: Callable[[slice], np.ndarray]):
+        """(chunk index, [(stream index, raw text)]) of the documents `select(chunk's slice)` marks, re-read in order;
+        reading stops after the last scanned chunk."""
+        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
+        start = 0
+        chunks = chunked(self.documents, self.domains, self.settings.chunk_chars)
+        for c, (size, chunk) in enumerate(zip(chunk_docs, chunks)):
+            if len(chunk) != size:
+                raise DataError(f"{self.documents.description} changed while it was being prepared (chunk {c} has "
+                                f"{len(chunk)} documents, {size} when scanned): rerun on unchanged inputs")
+            part = slice(start, start + size)
+            wanted = np.flatnonzero(select(part))
+            chunk_fate = fate[part]
+            yield c, [(chunk[i][0] * 2 + int(chunk_fate[i]) - 1, chunk[i][1]) for i in wanted]
+            start += size
+
+    def tokenizer(self, chunk_docs: list[int], plan: dict):
+        from tokenizers import Tokenizer
+
+        from dropup.data.corpus import train_tokenizer
+
+        path = self.tmp / "tokenizer.json"
+        if path.is_file():
+            return Tokenizer.from_file(str(path))
+        if self.tokenizer_path is not None:
+            tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+            if tokenizer.token_to_id(EOT) is None:
+                tokenizer.add_special_tokens([EOT])
+            self._save_tokenizer(tokenizer, {"source": str(self.tokenizer_path)})
+            return tokenizer
+        train_chars = sum(plan["streams"][f"{d}.train"]["characters"] for d in self.domains)
+        budget = self.settings.tokenizer_sample_chars
+        fraction = 1.0 if budget is None or budget >= train_chars else budget / train_chars
+        threshold = np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
+        h0 = self.records()["h0"]
+        picked = lambda part: (fate[part] == TRAIN) & ((fraction >= 1.0) | (h0[part] < threshold))  # noqa: E731
+        sample = {"documents": 0, "characters": 0}
+
+        def texts():
+            with Meter("tokenizer sample", None, self.log) as meter:
+                for _, docs in self.kept_documents(chunk_docs, picked):
+                    for _, text in docs:
+                        doc = clean(text)
+                        sample["documents"] += 1
+                        sample["characters"] += len(doc)
+                        meter.advance(1, chars=len(doc))
+                        yield doc
+
+        self.log(f"training a {self.settings.vocab_size}-token BPE on "
+                 + ("the whole training split" if fraction >= 1.0 else f"a {fraction:.2%} sample of it"))
+        tokenizer = train_tokenizer(texts(), self.settings.vocab_size)
+        self._save_tokenizer(tokenizer, {"sample_fraction": fraction, **sample})
+        return tokenizer
+
+    def _save_tokenizer(self, tokenizer, info: dict) -> None:
+        _write_json(self.tmp / "tokenizer-info.json", info)
+        tokenizer.save(str(self.tmp / "tokenizer.json.tmp"))
+        os.replace(self.tmp / "tokenizer.json.tmp", self.tmp / "tokenizer.json")
+
+    # -- 4. tokenize
+
+    def tokenize(self, tokenizer, chunk_docs: list[int], plan: dict) -> dict:
+        progress_path = self.tmp / "progress.json"
+        finished = _read_json(progress_path) or {}
+        for g, files in list(finished.items()):
+            if not all((self.tmp / f["file"]).is_file() and sha256_file(self.tmp / f["file"]) == f["sha256"]
+                       for f in files.values()):
+                self.log(f"shard group {g}: files differ from their recorded hashes, redoing it")
+                del finished[g]
+        if finished:
+            self.log(f"{len(finished)} of {len(plan['groups'])} shard groups already finished and verified")
+        chunk_group = {c: g for g, (a, b) in enumerate(plan["groups"]) for c in range(a, b)}
+        todo_chunks = {c for c, g in chunk_group.items() if str(g) not in finished}
+        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
+        every = lambda part: fate[part] > 0  # noqa: E731
+        work = ((docs, len(self.streams)) for c, docs in self.kept_documents(chunk_docs, every) if c in todo_chunks)
+        starts = np.cumsum([0, *chunk_docs])
+        chars = self.records()["chars"]
+        kept = {c: (int((fate[starts[c]:starts[c + 1]] > 0).sum()),
+                    int(chars[starts[c]:starts[c + 1]][fate[starts[c]:starts[c + 1]] > 0].astype(np.int64).sum()))
+                for c in todo_chunks}
+        open_files: dict[int, tuple] = {}
+        todo = iter(sorted(todo_chunks))
+        with Meter("tokenize", sum(docs for docs, _ in kept.values()), self.log) as meter:
+            for tokens in ordered_map(tokenize_chunk, work, self.settings.processes, (tokenizer.to_str(),)):
+                c = next(todo)
+                g = chunk_group[c]
+                for s, ids in enumerate(tokens):
+                    if ids is None:
+                        continue
+                    if s not in open_files:
+                        name = f"{self.streams[s]}.{g:05d}.bin"
+                        open_files[s] = (name, open(self.tmp / name, "wb"), hashlib.sha256(), [0])
+                    name, f, digest, count = open_files[s]
+                    data = ids.tobytes()
+                    f.write(data)
+                    digest.update(data)
+                    count[0] += ids.size
+                meter.advance(kept[c][0], chars=kept[c][1], tokens=sum(t.size for t in tokens if t is not None))
+                if c == plan["groups"][g][1] - 1:
+                    files = {}
+                    for s, (name, f, digest, count) in sorted(open_files.items()):
+                        f.close()
+                        files[self.streams[s]] = {"file": name, "tokens": count[0], "sha256": digest.hexdigest()}
+                    open_files.clear()
+                    finished[str(g)] = files
+                    _write_json(progress_path, finished)
+        return finished
+
+    # -- 5. manifest
+
+    def finish(self, tokenizer, plan: dict, groups: dict) -> dict:
+        shards = {s: [] for s in self.streams}
+        for g in range(len(plan["groups"])):
+            for s, entry in groups[str(g)].items():
+                shards[s].append(entry)
+        streams = {}
+        for s, entries in shards.items():
+            digest = hashlib.sha256()
+            for entry in entries:
+                with open(self.tmp / entry["file"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+            streams[s] = {"tokens": sum(e["tokens"] for e in entries), "sha256": digest.hexdigest()}
+        domains = {d: {side: {**plan["streams"][f"{d}.{side}"], "tokens": streams[f"{d}.{side}"]["tokens"]}
+                       for side in SIDES} for d in self.domains}
+        files = {"tokenizer.json": sha256_file(self.tmp / "tokenizer.json")}
+        files.update({e["file"]: e["sha256"] for entries in shards.values() for e in entries})
+        manifest = {
+            "format": FORMAT,
+            "dtype": "uint16" if tokenizer.get_vocab_size() <= 65536 else "uint32",
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eot_id": tokenizer.token_to_id(EOT),
+            "domains": domains,
+            "sources": self.documents.provenance,
+            "inputs": self.documents.inputs(),
+            "settings": {k: v for k, v in asdict(self.settings).items() if k != "num_proc"},
+            "scan": {k: plan[k] for k in ("chunks", "documents", "too_short", "duplicates")},
+            "shard_groups": plan["groups"],  # group g: chunks [a, b) of the scan; its files are <stream>.<g>.bin
+            "tokenizer": _read_json(self.tmp / "tokenizer-info.json"),
+            "shards": shards,
+            "streams": streams,
+            "files": files,
+            "tokenizer_hash": files["tokenizer.json"],
+            "corpus_hash": corpus_hash({s: v["sha256"] for s, v in streams.items()}),
+        }
+        for scratch in ("scan.bin", "scan.json", "fate.npy", "plan.json", "progress.json", "build.json",
+                        "tokenizer-info.json"):
+            (self.tmp / scratch).unlink(missing_ok=True)
+        _write_json(self.tmp / "manifest.json", manifest)
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.tmp.rename(self.out)
+        return json.loads((self.out / "manifest.json").read_text())
+
+
+def corpus_hash(stream_sha256: dict[str, str]) -> str:
+    """One hash of all token streams. Keyed by the format-1 file names, so the same tokens hash the same in both."""
+    return hashlib.sha256(json.dumps({f"{s}.bin": h for s, h in stream_sha256.items()}, sort_keys=True)
+                          .encode()).hexdigest()
+
+
+def prepare(out_dir: Path, documents, settings: BuildSettings, tokenizer_path: Path | None = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Build (or resume building) the prepared dataset at `out_dir` from `documents` (a reader of
+    dropup.data.corpus). Returns the manifest. Bad input raises DataError and leaves no partial build behind."""
+    build = Build(out_dir, documents, settings, tokenizer_path, log)
+    try:
+        return build.run()
+    except DataError:
+        shutil.rmtree(build.tmp, ignore_errors=True)
+        raise
+
