@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report granular balancing
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-data bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report granular balancing
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -85,6 +85,9 @@ status: install ## done / failed / missing runs per artefact at SCALE
 	$(PY) -m analysis.sweep --status --scale $(SCALE)
 
 BENCH_TMP ?= /tmp/dropup-bench
+bench-data: install ## corpus preparation on a 2 GB synthetic corpus: tokens/s vs raw tokenizers, peak memory (~45 min; GB=0.2 for a look)
+	$(PY) benchmarks/data_prep.py --gb $(or $(GB),2) --scratch $(BENCH_TMP)/data
+
 bench-convert: install ## dropup-upcycle at the 3.7B shape: peak RSS, GB/s vs disk (~50 GB free in BENCH_TMP; LAYERS=N for fewer)
 	$(PY) benchmarks/convert.py --scratch $(BENCH_TMP) $(if $(LAYERS),--layers $(LAYERS))
 

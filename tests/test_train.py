@@ -228,7 +228,7 @@ def test_bad_input_is_one_clear_error_and_no_completed_run(tmp_path, store, over
 
 
 @pytest.mark.parametrize("content,message", [(b"", "no documents"), (b"\xff\xfe\x00bad\n", "not UTF-8"),
-                                             (b'{"text": "x"}\n', "lacks")])
+                                             (b'{"text": "x"}\n', "bad.jsonl:1 has no `domain` field")])
 def test_bad_data_files(tmp_path, store, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)

@@ -1,0 +1,226 @@
+"""Corpus preparation at scale: tokens/s against raw HF tokenizers, and peak memory as the corpus doubles.
+
+Generates a JSON-lines corpus of --gb GB of UTF-8 text (default 2) from the bundled ja/en/code corpus, decoded from
+its prepared token streams: copy k of document i starts with a line "[k:i]", which makes it unique, and one document
+in 100 is an exact repeat of the previous copy's, so de-duplication has work. Files of ~256 MB under --scratch.
+In one run it measures, on the same files and with the same (bundled) tokenizer:
+  raw   HF tokenizers' encode_batch over every document, on its own thread pool (all cores); only the
+        encode_batch calls are timed, reading and JSON parsing are not charged to it.
+  prep  `dropup.data.prepare` in a child process with num_proc 1 and 2 and the tokenizer given (as an HF seed's
+        tokenizer would be). tokens/s = tokens written / wall time of the whole build: scan, de-duplication,
+        plan, tokenize, manifest. Peak memory = the largest sum, over the build's processes, of their proportional
+        set size (PSS: the pages forked workers share with their parent count once), sampled every 0.1 s.
+  half  the 2-process build on the first half of the files: its peak memory against the full corpus's.
+  bpe   the 2-process build on the half corpus training its own BPE on the default 100 M-character sample: the
+        tokenizer step's time and the peak memory.
+The last line printed is one JSON object. About 45 minutes on 2 cores at 2 GB; --gb 0.2 for a quick look.
+
+    python benchmarks/data_prep.py [--gb 2] [--scratch /tmp/dropup-bench/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = ("ja", "en", "code")
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from dropup.data.corpus import JsonlDocuments
+from dropup.data.prepare import BuildSettings, prepare
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+log = lambda m: print(f"{time.perf_counter() - start:8.1f}s {m}", flush=True)
+settings = BuildSettings(domains=tuple(args["domains"]), vocab_size=8192, val_fraction=0.05, num_proc=args["procs"])
+manifest = prepare(Path(args["out"]), JsonlDocuments(args["files"], args["domains"]), settings,
+                   Path(args["tokenizer"]) if args["tokenizer"] else None, log=log)
+tokens = sum(s["tokens"] for s in manifest["streams"].values())
+print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "scan": manifest["scan"]}))
+"""
+
+
+def bundled_documents() -> tuple[list[tuple[str, str]], Path]:
+    """The bundled corpus's documents (domain, text), decoded from its prepared streams, and its tokenizer."""
+    from hydra import compose, initialize_config_dir
+    from tokenizers import Tokenizer
+
+    from dropup.data.loader import TokenStream, split_files
+    from dropup.stages import register_configs
+    from dropup.train import prepared_data_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config")
+    path = prepared_data_dir(cfg, log=print)
+    manifest = json.loads((path / "manifest.json").read_text())
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    docs = []
+    for domain in DOMAINS:
+        for side in ("train", "val"):
+            stream = TokenStream(split_files(path, manifest, domain, side), np.dtype(manifest["dtype"]))
+            ids = stream.window(0, stream.size)
+            bounds = np.flatnonzero(ids == manifest["eot_id"])
+            for a, b in zip(np.r_[0, bounds[:-1] + 1], bounds):
+                docs.append((domain, tokenizer.decode(ids[a:b].tolist())))
+    return docs, path / "tokenizer.json"
+
+
+def write_corpus(docs, folder: Path, target_bytes: int, file_bytes: int = 256 << 20) -> list[Path]:
+    folder.mkdir(parents=True)
+    files, written, f, in_file = [], 0, None, file_bytes
+    copy = 0
+    while written < target_bytes:
+        for i, (domain, text) in enumerate(docs):
+            if in_file >= file_bytes:
+                if f:
+                    f.close()
+                files.append(folder / f"part-{len(files):05d}.jsonl")
+                f, in_file = open(files[-1], "w", encoding="utf-8"), 0
+            header = f"[{copy - 1 if copy and i % 100 == 0 else copy}:{i}]\n"  # 1% repeat the previous copy
+            line = json.dumps({"text": header + text, "domain": domain}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size = len(header.encode()) + len(text.encode())
+            written += size
+            in_file += size
+            if written >= target_bytes:
+                break
+        copy += 1
+    f.close()
+    return files
+
+
+def raw_encode(files: list[Path], tokenizer_path: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    seconds, tokens, text_bytes = 0.0, 0, 0
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            batch = []
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == 512:
+                    seconds, tokens, text_bytes = _encode(tokenizer, batch, seconds, tokens, text_bytes)
+                    batch = []
+            if batch:
+                seconds, tokens, text_bytes = _encode(tokenizer, batch, seconds, tokens, text_bytes)
+    return {"seconds": seconds, "tokens": tokens, "text_bytes": text_bytes, "tokens_per_s": tokens / seconds}
+
+
+def _encode(tokenizer, batch, seconds, tokens, text_bytes):
+    start = time.perf_counter()
+    encodings = tokenizer.encode_batch(batch)
+    seconds += time.perf_counter() - start
+    return seconds, tokens + sum(len(e.ids) for e in encodings), text_bytes + sum(len(t.encode()) for t in batch)
+
+
+def _tree(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _pss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            match = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+            total += int(match.group(1)) * 1024 if match else 0
+        except OSError:
+            continue
+    return total
+
+
+def prep(name: str, files: list[Path], procs: int, tokenizer: Path | None, scratch: Path) -> dict:
+    out = scratch / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    args = {"out": str(out), "files": [str(f) for f in files], "procs": procs, "domains": list(DOMAINS),
+            "tokenizer": str(tokenizer) if tokenizer else None}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], _pss_bytes(_tree(child.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = []
+    for line in child.stdout:
+        lines.append(line.rstrip())
+        print(f"  [{name}] {line.rstrip()}", flush=True)
+    child.wait()
+    done.set()
+    sampler.join()
+    if child.returncode != 0:
+        raise SystemExit(f"the {name} build failed (exit {child.returncode})")
+    result = json.loads(lines[-1])
+    tokenizer_line = next((line for line in lines if "tokenizer sample:" in line), None)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"procs": procs, "seconds": round(result["seconds"], 1), "tokens": result["tokens"],
+            "tokens_per_s": round(result["tokens"] / result["seconds"]), "peak_pss_gib": round(peak[0] / 2**30, 3),
+            "documents": result["scan"]["documents"], "duplicates": result["scan"]["duplicates"],
+            "tokenizer_step": tokenizer_line.split("] ")[-1] if tokenizer_line else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=2.0, help="corpus size in GB of UTF-8 text")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/dropup-bench/data"))
+    args = parser.parse_args()
+    shutil.rmtree(args.scratch, ignore_errors=True)
+    docs, tokenizer = bundled_documents()
+    start = time.perf_counter()
+    files = write_corpus(docs, args.scratch / "corpus", int(args.gb * 1e9), file_bytes=min(256 << 20,
+                                                                                           int(args.gb * 1e9 / 8)))
+    size = sum(f.stat().st_size for f in files)
+    print(f"corpus: {len(files)} files, {size / 1e9:.2f} GB of JSON lines in {time.perf_counter() - start:.0f} s "
+          f"({len(docs)} bundled documents copied)", flush=True)
+    raw = raw_encode(files, tokenizer)
+    print(f"raw encode_batch: {raw['tokens']:,} tokens from {raw['text_bytes'] / 1e9:.2f} GB in "
+          f"{raw['seconds']:.0f} s = {raw['tokens_per_s']:,.0f} tokens/s", flush=True)
+    half = files[: max(1, len(files) // 2)]
+    runs = {"1proc": prep("1proc", files, 1, tokenizer, args.scratch),
+            "2proc": prep("2proc", files, 2, tokenizer, args.scratch),
+            "2proc_half": prep("2proc_half", half, 2, tokenizer, args.scratch),
+            "2proc_half_bpe": prep("2proc_half_bpe", half, 2, None, args.scratch)}
+    for name, run in runs.items():
+        print(f"{name}: {run['tokens_per_s']:,} tokens/s ({run['tokens_per_s'] / raw['tokens_per_s']:.2f}x raw), "
+              f"peak {run['peak_pss_gib']:.2f} GiB PSS, {run['seconds']:.0f} s", flush=True)
+    shutil.rmtree(args.scratch / "corpus", ignore_errors=True)
+    print(json.dumps({
+        "corpus_gb": round(raw["text_bytes"] / 1e9, 3), "files": len(files), "cores": len(os.sched_getaffinity(0)),
+        "raw_tokens_per_s": round(raw["tokens_per_s"]),
+        "prep_1proc_vs_raw": round(runs["1proc"]["tokens_per_s"] / raw["tokens_per_s"], 3),
+        "prep_2proc_vs_raw": round(runs["2proc"]["tokens_per_s"] / raw["tokens_per_s"], 3),
+        "peak_pss_gib": runs["2proc"]["peak_pss_gib"], "peak_pss_gib_half": runs["2proc_half"]["peak_pss_gib"],
+        "runs": runs, "goals": {"vs_raw": 0.8, "peak_gib": 1.0},
+    }))
+
+
+if __name__ == "__main__":
+    main()
