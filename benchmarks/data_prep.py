@@ -4,16 +4,18 @@ Generates a JSON-lines corpus of --gb GB of UTF-8 text (default 2) from the bund
 its prepared token streams: copy k of document i starts with a line "[k:i]", which makes it unique, and one document
 in 100 is an exact repeat of the previous copy's, so de-duplication has work. Files of ~256 MB under --scratch.
 In one run it measures, on the same files and with the same (bundled) tokenizer:
-  raw   HF tokenizers' encode_batch over every document, on its own thread pool (all cores); only the
-        encode_batch calls are timed, reading and JSON parsing are not charged to it.
+  raw   HF tokenizers' encode_batch (and once encode_batch_fast, which the build calls), on its own thread pool (all cores), over the documents of the first file (a few
+        copies of the whole bundled corpus); only the encode_batch calls are timed, not the reading. Shared
+        machines drift by tens of percent within minutes, so it is measured before and after every build, and each
+        build is compared with the mean of the two around it (the spread is printed).
   prep  `dropup.data.prepare` in a child process with num_proc 1 and 2 and the tokenizer given (as an HF seed's
         tokenizer would be). tokens/s = tokens written / wall time of the whole build: scan, de-duplication,
         plan, tokenize, manifest. Peak memory = the largest sum, over the build's processes, of their proportional
         set size (PSS: the pages forked workers share with their parent count once), sampled every 0.1 s.
   half  the 2-process build on the first half of the files: its peak memory against the full corpus's.
-  bpe   the 2-process build on the half corpus training its own BPE on the default 100 M-character sample: the
+  bpe   the 2-process build on the half corpus training its own BPE on the default 40 M-character sample: the
         tokenizer step's time and the peak memory.
-The last line printed is one JSON object. About 45 minutes on 2 cores at 2 GB; --gb 0.2 for a quick look.
+The last line printed is one JSON object. About 50 minutes on 2 cores at 2 GB; --gb 0.2 for a quick look.
 
     python benchmarks/data_prep.py [--gb 2] [--scratch /tmp/dropup-bench/data]
 """
@@ -78,33 +80,28 @@ def bundled_documents() -> tuple[list[tuple[str, str]], Path]:
 
 
 def write_corpus(docs, folder: Path, target_bytes: int, file_bytes: int = 256 << 20) -> list[Path]:
+    """Whole copies of the bundled corpus, several per file (at least four files where the size allows), so every
+    file, and so the raw sample and the half corpus, has the same mixture of domains."""
+    copy_bytes = sum(len(text.encode()) for _, text in docs)
+    copies = max(1, -(-target_bytes // copy_bytes))
+    per_file = max(1, min(round(file_bytes / copy_bytes), copies // 4))
     folder.mkdir(parents=True)
-    files, written, f, in_file = [], 0, None, file_bytes
-    copy = 0
-    while written < target_bytes:
-        for i, (domain, text) in enumerate(docs):
-            if in_file >= file_bytes:
-                if f:
-                    f.close()
-                files.append(folder / f"part-{len(files):05d}.jsonl")
-                f, in_file = open(files[-1], "w", encoding="utf-8"), 0
-            header = f"[{copy - 1 if copy and i % 100 == 0 else copy}:{i}]\n"  # 1% repeat the previous copy
-            line = json.dumps({"text": header + text, "domain": domain}, ensure_ascii=False) + "\n"
-            f.write(line)
-            size = len(header.encode()) + len(text.encode())
-            written += size
-            in_file += size
-            if written >= target_bytes:
-                break
-        copy += 1
-    f.close()
+    files = []
+    for copy in range(copies):
+        if copy % per_file == 0:
+            files.append(folder / f"part-{len(files):05d}.jsonl")
+        with open(files[-1], "a", encoding="utf-8") as f:
+            for i, (domain, text) in enumerate(docs):
+                header = f"[{copy - 1 if copy and i % 100 == 0 else copy}:{i}]\n"  # 1% repeat the previous copy
+                f.write(json.dumps({"text": header + text, "domain": domain}, ensure_ascii=False) + "\n")
     return files
 
 
-def raw_encode(files: list[Path], tokenizer_path: Path) -> dict:
+def raw_encode(files: list[Path], tokenizer_path: Path, method: str = "encode_batch") -> dict:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    encode = getattr(tokenizer, method)
     seconds, tokens, text_bytes = 0.0, 0, 0
     for file in files:
         with open(file, encoding="utf-8") as f:
@@ -112,16 +109,16 @@ def raw_encode(files: list[Path], tokenizer_path: Path) -> dict:
             for line in f:
                 batch.append(json.loads(line)["text"])
                 if len(batch) == 512:
-                    seconds, tokens, text_bytes = _encode(tokenizer, batch, seconds, tokens, text_bytes)
+                    seconds, tokens, text_bytes = _encode(encode, batch, seconds, tokens, text_bytes)
                     batch = []
             if batch:
-                seconds, tokens, text_bytes = _encode(tokenizer, batch, seconds, tokens, text_bytes)
+                seconds, tokens, text_bytes = _encode(encode, batch, seconds, tokens, text_bytes)
     return {"seconds": seconds, "tokens": tokens, "text_bytes": text_bytes, "tokens_per_s": tokens / seconds}
 
 
-def _encode(tokenizer, batch, seconds, tokens, text_bytes):
+def _encode(encode, batch, seconds, tokens, text_bytes):
     start = time.perf_counter()
-    encodings = tokenizer.encode_batch(batch)
+    encodings = encode(batch)
     seconds += time.perf_counter() - start
     return seconds, tokens + sum(len(e.ids) for e in encodings), text_bytes + sum(len(t.encode()) for t in batch)
 
@@ -195,30 +192,36 @@ def main() -> None:
     shutil.rmtree(args.scratch, ignore_errors=True)
     docs, tokenizer = bundled_documents()
     start = time.perf_counter()
-    files = write_corpus(docs, args.scratch / "corpus", int(args.gb * 1e9), file_bytes=min(256 << 20,
-                                                                                           int(args.gb * 1e9 / 8)))
+    files = write_corpus(docs, args.scratch / "corpus", int(args.gb * 1e9))
     size = sum(f.stat().st_size for f in files)
     print(f"corpus: {len(files)} files, {size / 1e9:.2f} GB of JSON lines in {time.perf_counter() - start:.0f} s "
           f"({len(docs)} bundled documents copied)", flush=True)
-    raw = raw_encode(files, tokenizer)
-    print(f"raw encode_batch: {raw['tokens']:,} tokens from {raw['text_bytes'] / 1e9:.2f} GB in "
-          f"{raw['seconds']:.0f} s = {raw['tokens_per_s']:,.0f} tokens/s", flush=True)
     half = files[: max(1, len(files) // 2)]
-    runs = {"1proc": prep("1proc", files, 1, tokenizer, args.scratch),
-            "2proc": prep("2proc", files, 2, tokenizer, args.scratch),
-            "2proc_half": prep("2proc_half", half, 2, tokenizer, args.scratch),
-            "2proc_half_bpe": prep("2proc_half_bpe", half, 2, None, args.scratch)}
-    for name, run in runs.items():
-        print(f"{name}: {run['tokens_per_s']:,} tokens/s ({run['tokens_per_s'] / raw['tokens_per_s']:.2f}x raw), "
-              f"peak {run['peak_pss_gib']:.2f} GiB PSS, {run['seconds']:.0f} s", flush=True)
+    plan = [("1proc", files, 1, tokenizer), ("2proc", files, 2, tokenizer), ("2proc_half", half, 2, tokenizer),
+            ("2proc_half_bpe", half, 2, None)]
+    raws = [raw_encode(files[:1], tokenizer)]
+    fast = raw_encode(files[:1], tokenizer, "encode_batch_fast")  # what the build calls: ids only
+    print(f"raw encode_batch: {raws[0]['tokens_per_s']:,.0f} tokens/s; encode_batch_fast (no offsets, which the "
+          f"build uses): {fast['tokens_per_s']:,.0f} tokens/s", flush=True)
+    runs = {}
+    for name, run_files, procs, run_tokenizer in plan:
+        runs[name] = prep(name, run_files, procs, run_tokenizer, args.scratch)
+        raws.append(raw_encode(files[:1], tokenizer))
+        around = (raws[-2]["tokens_per_s"], raws[-1]["tokens_per_s"])
+        runs[name]["raw_tokens_per_s"] = [round(r) for r in around]
+        runs[name]["vs_raw"] = round(runs[name]["tokens_per_s"] / (sum(around) / 2), 3)
+        print(f"{name}: {runs[name]['tokens_per_s']:,} tokens/s = {runs[name]['vs_raw']:.2f}x raw (raw before/after: "
+              f"{around[0]:,.0f} / {around[1]:,.0f}), peak {runs[name]['peak_pss_gib']:.2f} GiB PSS, "
+              f"{runs[name]['seconds']:.0f} s", flush=True)
     shutil.rmtree(args.scratch / "corpus", ignore_errors=True)
     print(json.dumps({
-        "corpus_gb": round(raw["text_bytes"] / 1e9, 3), "files": len(files), "cores": len(os.sched_getaffinity(0)),
-        "raw_tokens_per_s": round(raw["tokens_per_s"]),
-        "prep_1proc_vs_raw": round(runs["1proc"]["tokens_per_s"] / raw["tokens_per_s"], 3),
-        "prep_2proc_vs_raw": round(runs["2proc"]["tokens_per_s"] / raw["tokens_per_s"], 3),
+        "corpus_gb": round(size / 1e9, 3), "files": len(files), "cores": len(os.sched_getaffinity(0)),
+        "raw_tokens_per_s": [round(r["tokens_per_s"]) for r in raws],
+        "raw_fast_tokens_per_s": round(fast["tokens_per_s"]),
+        "prep_1proc_vs_raw": runs["1proc"]["vs_raw"], "prep_2proc_vs_raw": runs["2proc"]["vs_raw"],
         "peak_pss_gib": runs["2proc"]["peak_pss_gib"], "peak_pss_gib_half": runs["2proc_half"]["peak_pss_gib"],
-        "runs": runs, "goals": {"vs_raw": 0.8, "peak_gib": 1.0},
+        "peak_pss_gib_bpe": runs["2proc_half_bpe"]["peak_pss_gib"], "runs": runs,
+        "goals": {"vs_raw": 0.8, "peak_gib": 1.0},
     }))
 
 

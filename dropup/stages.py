@@ -31,7 +31,7 @@ class DataSchema:
     val_fraction: float = 0.05
     max_chars_per_domain: Optional[int] = None
     # preparation (dropup/data/prepare.py): BPE sample, worker processes (null: all cores), work and shard sizes
-    tokenizer_sample_chars: Optional[int] = 100_000_000
+    tokenizer_sample_chars: Optional[int] = 40_000_000
     num_proc: Optional[int] = None
     chunk_chars: int = 4_000_000
     shard_chars: int = 256_000_000

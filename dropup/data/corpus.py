@@ -45,13 +45,20 @@ def _separators() -> dict[int, str]:
             if c in (9, 10) or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp")}
 
 
+def _no_control_characters(text: str) -> bool:
+    # the common separators removed by fast C passes first; the full mapping only when something non-printable is
+    # left (a rarer space, or a real control character)
+    common = text.replace("\n", "").replace("\t", "").replace("\u3000", "").replace("\xa0", "")
+    return common.isprintable() or text.translate(_separators()).isprintable()
+
+
 def clean(text: str) -> str:
     """NFC-normalize, unify newlines, drop control characters (Unicode category C) other than newline and tab, trim
     trailing space of every line and the whole text."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    if not text.translate(_separators()).isprintable():  # rare: only then walk the characters in Python
+    if not _no_control_characters(text):  # rare: only then walk the characters in Python
         text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 

@@ -59,6 +59,7 @@ DROP, TRAIN, VAL = 0, 1, 2
 TOO_SHORT = 255  # scan record's split for documents under MIN_DOC_CHARS after cleaning
 SCAN_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("chars", "<u4"), ("domain", "<u2"), ("split", "u1"),
                         ("pad", "u1")])
+ENCODE_CHARS = 1_000_000
 BUCKET_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("domain", "<u8"), ("index", "<u8")])
 
 
@@ -89,10 +90,12 @@ def stream_names(domains) -> list[str]:
 # --- workers ----------------------------------------------------------------------------------------------------
 
 _TOKENIZER = None
+_SINGLE_THREAD = False
 
 
 def _init_worker(tokenizer_json: str | None, single_thread: bool):
-    global _TOKENIZER
+    global _TOKENIZER, _SINGLE_THREAD
+    _SINGLE_THREAD = single_thread
     if single_thread:  # one process per core already: a thread pool per process would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
@@ -118,15 +121,27 @@ def scan_chunk(docs: list[tuple[int, str]], val_fraction: float) -> np.ndarray:
 
 
 def tokenize_chunk(docs: list[tuple[int, str]], n_streams: int) -> list[np.ndarray | None]:
-    """Token ids per stream (domain * 2 + side) of a chunk's kept documents, each followed by EOT."""
+    """Token ids per stream (domain * 2 + side) of a chunk's kept documents, each followed by EOT. A worker encodes
+    ~1 M characters at a time (an Encoding costs ~100 bytes per token until it becomes ids); this process, whose
+    tokenizer runs on all cores, encodes the chunk at once, as smaller batches leave threads waiting on the longest
+    document of each."""
     tokenizer = _TOKENIZER
-    eot = tokenizer.token_to_id(EOT)
+    eot = np.array([tokenizer.token_to_id(EOT)])
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
-    encodings = tokenizer.encode_batch([clean(text) for _, text in docs])
-    parts: list[list[list[int]]] = [[] for _ in range(n_streams)]
-    for (stream, _), enc in zip(docs, encodings):
-        parts[stream].append(enc.ids + [eot])
-    return [np.fromiter((t for ids in p for t in ids), dtype=dtype) if p else None for p in parts]
+    limit = ENCODE_CHARS if _SINGLE_THREAD else float("inf")
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # ids only: no offsets (0.21+)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_streams)]
+    start = 0
+    while start < len(docs):
+        end, chars = start, 0
+        while end < len(docs) and (end == start or chars < limit):
+            chars += len(docs[end][1])
+            end += 1
+        batch = docs[start:end]
+        for (stream, _), enc in zip(batch, encode([clean(text) for _, text in batch])):
+            parts[stream] += [np.array(enc.ids, dtype=dtype), eot]  # arrays, not ints: no giant lists for the GC
+        start = end
+    return [np.concatenate(p).astype(dtype, copy=False) if p else None for p in parts]
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, initargs: tuple) -> Iterator:
@@ -432,8 +447,6 @@ class Build:
     def tokenizer(self, chunk_docs: list[int], plan: dict):
         from tokenizers import Tokenizer
 
-        from dropup.data.corpus import train_tokenizer
-
         path = self.tmp / "tokenizer.json"
         if path.is_file():
             return Tokenizer.from_file(str(path))
@@ -443,6 +456,14 @@ class Build:
                 tokenizer.add_special_tokens([EOT])
             self._save_tokenizer(tokenizer, {"source": str(self.tokenizer_path)})
             return tokenizer
+        self.in_child_process(self.train_bpe, chunk_docs, plan)
+        return Tokenizer.from_file(str(path))
+
+    def train_bpe(self, chunk_docs: list[int], plan: dict) -> None:
+        """BPE on the training documents whose content hash falls below fraction * 2**64 (all of them when the
+        split is smaller than tokenizer_sample_chars): a sample independent of order and chunking."""
+        from dropup.data.corpus import train_tokenizer
+
         train_chars = sum(plan["streams"][f"{d}.train"]["characters"] for d in self.domains)
         budget = self.settings.tokenizer_sample_chars
         fraction = 1.0 if budget is None or budget >= train_chars else budget / train_chars
@@ -466,7 +487,43 @@ class Build:
                  + ("the whole training split" if fraction >= 1.0 else f"a {fraction:.2%} sample of it"))
         tokenizer = train_tokenizer(texts(), self.settings.vocab_size)
         self._save_tokenizer(tokenizer, {"sample_fraction": fraction, **sample})
-        return tokenizer
+
+    def in_child_process(self, step: Callable, *args) -> None:
+        """Run a step in a forked child where there is fork: BPE training's memory (it grows with the sample) is
+        returned when the child exits, instead of staying in this process and in every worker forked after it."""
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            step(*args)
+            return
+        error = self.tmp / "step-error.txt"
+        error.unlink(missing_ok=True)
+
+        def run():
+            code = 0
+            try:
+                step(*args)
+            except BaseException as err:  # noqa: BLE001 -- reported to the parent, which raises it
+                error.write_text(f"{type(err).__name__}\n{err}")
+                code = 1
+            os._exit(code)
+
+        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)  # the child trains on all cores
+        try:
+            child = multiprocessing.get_context("fork").Process(target=run, name=step.__name__)
+            child.start()
+            child.join()
+        finally:
+            if parallelism is not None:
+                os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+        if error.is_file():
+            kind, message = error.read_text().split("\n", 1)
+            error.unlink()
+            raise (DataError if kind == "DataError" else RuntimeError)(message)
+        if child.exitcode != 0:
+            raise RuntimeError(f"{step.__name__} died (exit code {child.exitcode}): if the machine ran out of "
+                               "memory, lower data.tokenizer_sample_chars (BPE memory grows with the sample)")
 
     def _save_tokenizer(self, tokenizer, info: dict) -> None:
         _write_json(self.tmp / "tokenizer-info.json", info)
