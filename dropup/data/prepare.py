@@ -16,20 +16,23 @@ settings resumes at the step and chunk where it stopped (inputs are compared by 
 identical to an uninterrupted build. The folder is renamed to <name> when complete.
   1. scan      The main process reads the documents in order and cuts them into chunks of ~chunk_chars. Worker
                processes clean each document and return (128-bit content hash, characters, domain, split), which
-               is appended to scan.bin (24 bytes per document). Progress: scan.json.
+               is appended to scan.bin (24 bytes per document); each chunk's document count then goes to
+               scan-chunks.u32, which marks it done.
   2. plan      Exact de-duplication with bounded memory: the records are partitioned by hash into buckets on disk,
-               each at most ~dedup_bucket_records long; each bucket is sorted in memory and every repeat of a
-               (domain, hash) after its first occurrence is marked. That costs 32 bytes of disk per document and
-               two sequential passes (100 M documents: 3.2 GB of scratch, ~12 MB of memory per bucket). Then the
-               first max_chars_per_domain characters of each domain are kept (like reading stopped there), and each
-               document's fate (dropped, train, val) goes to fate.u8; chunks are grouped into shards of
-               ~shard_chars kept characters. Nothing here holds more than one block of records in memory.
-  3. tokenizer The given tokenizer, or a BPE trained on a deterministic sample of the training documents: those
-               whose content hash falls below tokenizer_sample_chars / (training characters), i.e. the whole
-               split when it is smaller than the sample. The sample does not depend on document order or chunking.
+               each about dedup_bucket_records long (1 M: 32 MB); each bucket is sorted in memory and every repeat
+               of a (domain, hash) after its first occurrence is marked. It costs 32 bytes of scratch disk per
+               document plus one byte of marks, and two sequential passes: 100 M documents take 3.3 GB of scratch
+               and 100 buckets. Then the first max_chars_per_domain characters of each domain are kept (as if
+               reading stopped there), each document's fate (dropped, train, val) goes to fate.u8, and chunks are
+               grouped into shard groups of ~shard_chars kept characters. Scratch files are read in blocks, never
+               memory-mapped whole.
+  3. tokenizer The given tokenizer, or a BPE trained (in a forked child, whose memory goes when it exits) on a
+               deterministic sample of the training documents: those whose content hash falls below
+               tokenizer_sample_chars / (training characters), i.e. the whole split when it is smaller than the
+               sample. The sample does not depend on document order or chunking. BPE memory grows with the sample.
   4. tokenize  Workers clean and encode each chunk's kept documents; the main process appends the ids to the
-               current shard group's files and records a finished group, with its files' sha256, in
-               progress.json. On resume finished groups are verified by hash and not redone.
+               current shard group's files, and a finished group, with its files' sha256, is appended to
+               progress.jsonl. On resume finished groups are verified by hash and not redone.
   5. manifest  Stream and corpus hashes, counts; scratch files removed; rename.
 Parallelism: `num_proc` worker processes (forked on Linux, one tokenizer thread each) with at most two chunks in flight per
 worker, so peak memory depends on chunk_chars and num_proc, not on the corpus. With num_proc=1 everything runs in
@@ -39,6 +42,7 @@ this process and tokenizers uses its own threads.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -60,6 +64,9 @@ TOO_SHORT = 255  # scan record's split for documents under MIN_DOC_CHARS after c
 SCAN_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("chars", "<u4"), ("domain", "<u2"), ("split", "u1"),
                         ("pad", "u1")])
 ENCODE_CHARS = 1_000_000
+# The BPE's sample: enough for a vocabulary of tens of thousands, under 1 GB of trainer memory on the bundled
+# text; the bundled corpus (28 M training characters) is smaller, so its tokenizer sees all of it.
+DEFAULT_TOKENIZER_SAMPLE_CHARS = 40_000_000
 BUCKET_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("domain", "<u8"), ("index", "<u8")])
 
 
@@ -72,10 +79,10 @@ class BuildSettings:
     vocab_size: int
     val_fraction: float
     max_chars_per_domain: int | None = None
-    tokenizer_sample_chars: int | None = None
+    tokenizer_sample_chars: int | None = DEFAULT_TOKENIZER_SAMPLE_CHARS
     chunk_chars: int = 4_000_000
     shard_chars: int = 256_000_000
-    dedup_bucket_records: int = 4_000_000
+    dedup_bucket_records: int = 1_000_000
     num_proc: int | None = None
 
     @property
@@ -126,8 +133,8 @@ def tokenize_chunk(docs: list[tuple[int, str]], n_streams: int) -> list[np.ndarr
     tokenizer runs on all cores, encodes the chunk at once, as smaller batches leave threads waiting on the longest
     document of each."""
     tokenizer = _TOKENIZER
-    eot = np.array([tokenizer.token_to_id(EOT)])
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
+    eot = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
     limit = ENCODE_CHARS if _SINGLE_THREAD else float("inf")
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # ids only: no offsets (0.21+)
     parts: list[list[np.ndarray]] = [[] for _ in range(n_streams)]
@@ -141,24 +148,18 @@ def tokenize_chunk(docs: list[tuple[int, str]], n_streams: int) -> list[np.ndarr
         for (stream, _), enc in zip(batch, encode([clean(text) for _, text in batch])):
             parts[stream] += [np.array(enc.ids, dtype=dtype), eot]  # arrays, not ints: no giant lists for the GC
         start = end
-    return [np.concatenate(p).astype(dtype, copy=False) if p else None for p in parts]
+    return [np.concatenate(p) if p else None for p in parts]
 
 
-def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, initargs: tuple) -> Iterator:
-    """fn(*item) for each item, in order; on `processes` spawned workers with two items in flight per worker, or in
+def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, tokenizer_json: str | None = None) -> Iterator:
+    """fn(*item) for each item, in order: on `processes` worker processes with two items in flight per worker, or in
     this process when there is one worker or one item (no start-up cost for small corpora)."""
     items = iter(items)
-    first = next(items, None)
-    second = next(items, None) if first is not None else None
-    if first is None:
-        return
-    if processes <= 1 or second is None:
-        _init_worker(*initargs[:1], single_thread=False)
-        yield fn(*first)
-        if second is not None:
-            yield fn(*second)
-            for item in items:
-                yield fn(*item)
+    head = list(itertools.islice(items, 2))
+    if processes <= 1 or len(head) < 2:
+        _init_worker(tokenizer_json, single_thread=False)
+        for item in itertools.chain(head, items):
+            yield fn(*item)
         return
     import multiprocessing
 
@@ -170,9 +171,9 @@ def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, initargs: 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the children's setting, and silences tokenizers' fork warning
     try:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method),
-                                 initializer=_init_worker, initargs=(initargs[0], True)) as pool:
+                                 initializer=_init_worker, initargs=(tokenizer_json, True)) as pool:
             pending: deque = deque()
-            for item in _chain(first, second, items):
+            for item in itertools.chain(head, items):
                 pending.append(pool.submit(fn, *item))
                 if len(pending) >= 2 * processes:
                     yield pending.popleft().result()
@@ -185,12 +186,6 @@ def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, initargs: 
             os.environ["TOKENIZERS_PARALLELISM"] = parallelism
 
 
-def _chain(first, second, rest):
-    yield first
-    yield second
-    yield from rest
-
-
 # --- the build --------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +193,12 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
+
+
+def _commit(path: Path, data: bytes) -> None:
+    """Append a record that marks finished work (its own write, flushed: the unit a killed build keeps)."""
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def _read_json(path: Path):
@@ -231,10 +232,10 @@ class Meter:
         console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
-            TextColumn("{task.fields[tokens]:,} tokens"), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            disable=not console.is_terminal,
         )
-        self.task = self.progress.add_task(label, total=total, tokens=0, rate="")
+        self.task = self.progress.add_task(label, total=total, detail="")
 
     def __enter__(self):
         self.progress.start()
@@ -245,8 +246,11 @@ class Meter:
         self.chars += chars
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = f"{self.tokens / elapsed / 1e3:,.0f}k tok/s" if self.tokens else f"{self.chars / elapsed / 1e6:,.1f}M chr/s"
-        self.progress.update(self.task, advance=docs, tokens=self.tokens, rate=rate)
+        if self.tokens:
+            detail = f"{self.tokens:,} tokens, {self.tokens / elapsed / 1e3:,.0f} k tokens/s"
+        else:
+            detail = f"{self.chars / 1e6:,.1f} M characters, {self.chars / elapsed / 1e6:,.1f} M/s"
+        self.progress.update(self.task, advance=docs, detail=detail)
 
     def __exit__(self, *exc):
         self.progress.stop()
@@ -296,35 +300,38 @@ class Build:
     # -- 1. scan
 
     def scan(self) -> list[int]:
-        state = _read_json(self.tmp / "scan.json") or {"chunk_docs": [], "complete": False}
-        if state["complete"]:
-            return state["chunk_docs"]
-        done = state["chunk_docs"]
-        path = self.tmp / "scan.bin"
-        with open(path, "ab"):
-            pass
+        """Docs per chunk. scan.bin gets each chunk's records, then scan-chunks.u32 its count: a chunk counts as
+        scanned once both are on disk (a record tail without its count is cut off on resume). Appends only, so the
+        cost per chunk does not grow with the corpus."""
+        counts_path, path = self.tmp / "scan-chunks.u32", self.tmp / "scan.bin"
+        for file in (counts_path, path):
+            file.touch()
+        with open(counts_path, "r+b") as f:
+            f.truncate(counts_path.stat().st_size // 4 * 4)
+        done = np.fromfile(counts_path, dtype=np.uint32).tolist()
+        if (self.tmp / "scan.done").is_file():
+            return done
         with open(path, "r+b") as f:
-            f.truncate(sum(done) * SCAN_RECORD.itemsize)  # drop a chunk written after the last recorded one
+            f.truncate(sum(done) * SCAN_RECORD.itemsize)
         s = self.settings
         chunks = chunked(self.documents, self.domains, s.chunk_chars)
         n_done = len(done)
         todo = ((c, s.val_fraction) for i, c in enumerate(chunks) if i >= n_done)
         with Meter("scan", None, self.log) as meter, open(path, "ab") as f:
             meter.docs = sum(done)
-            for records in ordered_map(scan_chunk, todo, s.processes, (None,)):
+            for records in ordered_map(scan_chunk, todo, s.processes):
                 f.write(records.tobytes())
                 f.flush()
+                _commit(counts_path, np.uint32(len(records)).tobytes())
                 done.append(len(records))
-                _write_json(self.tmp / "scan.json", {"chunk_docs": done, "complete": False})
                 meter.advance(len(records), chars=int(records["chars"].sum()))
-        _write_json(self.tmp / "scan.json", {"chunk_docs": done, "complete": True})
+        (self.tmp / "scan.done").touch()
         return done
 
-    def records(self) -> np.ndarray:
-        path = self.tmp / "scan.bin"
-        if path.stat().st_size == 0:
-            return np.zeros(0, dtype=SCAN_RECORD)
-        return np.memmap(path, dtype=SCAN_RECORD, mode="r")
+    def read(self, name: str, dtype, start: int, count: int) -> np.ndarray:
+        """Items [start, start + count) of a scratch file, read (not memory-mapped: pages of a map stay resident)."""
+        dtype = np.dtype(dtype)
+        return np.fromfile(self.tmp / name, dtype=dtype, count=count, offset=start * dtype.itemsize)
 
     # -- 2. plan
 
@@ -332,46 +339,50 @@ class Build:
         plan = _read_json(self.tmp / "plan.json")
         if plan is not None:
             return plan
-        records, n = self.records(), sum(chunk_docs)
-        duplicates = self.mark_duplicates(records, n)
-        fate = np.lib.format.open_memmap(self.tmp / "fate.npy.tmp", mode="w+", dtype=np.uint8, shape=(max(n, 1),))
-        dup = np.load(self.tmp / "dup.npy", mmap_mode="r") if n else None
+        n = sum(chunk_docs)
+        duplicates = self.mark_duplicates(n)
+        dup = np.memmap(self.tmp / "dup.u8", dtype=np.uint8, mode="r") if n else None
         limit = self.settings.max_chars_per_domain
         used = np.zeros(len(self.domains), dtype=np.int64)  # characters kept so far per domain
         counts = {s: {"documents": 0, "characters": 0} for s in self.streams}
-        groups, group_first, group_chars, start = [], 0, 0, 0
-        for c, size in enumerate(chunk_docs):
-            rec = records[start:start + size]
-            keep = (rec["split"] != TOO_SHORT) & (dup[start:start + size] == 0)
-            chunk_fate = np.zeros(size, dtype=np.uint8)
-            for d in range(len(self.domains)):
-                idx = np.flatnonzero(keep & (rec["domain"] == d))
-                if limit is not None:
-                    before = used[d] + np.cumsum(rec["chars"][idx].astype(np.int64)) - rec["chars"][idx]
-                    idx = idx[before < limit]  # the document that reaches the limit is the last one read
-                used[d] += int(rec["chars"][idx].astype(np.int64).sum())
-                chunk_fate[idx] = rec["split"][idx] + 1
-                for side, value in zip(SIDES, (TRAIN, VAL)):
-                    mine = idx[chunk_fate[idx] == value]
-                    counts[f"{self.domains[d]}.{side}"]["documents"] += int(mine.size)
-                    counts[f"{self.domains[d]}.{side}"]["characters"] += int(rec["chars"][mine].astype(np.int64).sum())
-            fate[start:start + size] = chunk_fate
-            group_chars += int(rec["chars"][chunk_fate > 0].astype(np.int64).sum())
-            start += size
-            if group_chars >= self.settings.shard_chars or c == len(chunk_docs) - 1:
-                groups.append([group_first, c + 1])
-                group_first, group_chars = c + 1, 0
-        fate.flush()
-        del fate
+        kept = np.zeros((len(chunk_docs), 2), dtype=np.int64)  # per chunk: documents and characters kept
+        groups, group_first, group_chars, start, too_short = [], 0, 0, 0, 0
+        with open(self.tmp / "fate.u8.tmp", "wb") as fate_file:
+            for c, size in enumerate(chunk_docs):
+                rec = self.read("scan.bin", SCAN_RECORD, start, size)
+                chars = rec["chars"].astype(np.int64)
+                too_short += int((rec["split"] == TOO_SHORT).sum())
+                keep = (rec["split"] != TOO_SHORT) & (dup[start:start + size] == 0)
+                fate = np.zeros(size, dtype=np.uint8)
+                for d in range(len(self.domains)):
+                    idx = np.flatnonzero(keep & (rec["domain"] == d))
+                    if limit is not None:
+                        before = used[d] + np.cumsum(chars[idx]) - chars[idx]
+                        idx = idx[before < limit]  # the document that reaches the limit is the last one read
+                    used[d] += int(chars[idx].sum())
+                    fate[idx] = rec["split"][idx] + 1
+                    for side, value in zip(SIDES, (TRAIN, VAL)):
+                        mine = idx[fate[idx] == value]
+                        counts[f"{self.domains[d]}.{side}"]["documents"] += int(mine.size)
+                        counts[f"{self.domains[d]}.{side}"]["characters"] += int(chars[mine].sum())
+                fate_file.write(fate.tobytes())
+                kept[c] = int((fate > 0).sum()), int(chars[fate > 0].sum())
+                group_chars += int(kept[c, 1])
+                start += size
+                if group_chars >= self.settings.shard_chars or c == len(chunk_docs) - 1:
+                    groups.append([group_first, c + 1])
+                    group_first, group_chars = c + 1, 0
+        del dup
         self._check_counts(counts)
-        os.replace(self.tmp / "fate.npy.tmp", self.tmp / "fate.npy")
-        (self.tmp / "dup.npy").unlink(missing_ok=True)
-        plan = {"chunks": len(chunk_docs), "documents": n, "too_short": int((records["split"] == TOO_SHORT).sum()) if n else 0,
-                "duplicates": duplicates, "streams": counts, "groups": groups}
+        kept.tofile(self.tmp / "kept.i64")
+        os.replace(self.tmp / "fate.u8.tmp", self.tmp / "fate.u8")
+        (self.tmp / "dup.u8").unlink(missing_ok=True)
+        plan = {"chunks": len(chunk_docs), "documents": n, "too_short": too_short, "duplicates": duplicates,
+                "streams": counts, "groups": groups}
         _write_json(self.tmp / "plan.json", plan)
-        kept = sum(c["documents"] for c in counts.values())
-        self.log(f"plan: {n:,} documents read, {plan['too_short']:,} under {MIN_DOC_CHARS} characters, "
-                 f"{duplicates:,} exact duplicates, {kept:,} kept in {len(groups)} shard group(s)")
+        total = sum(c["documents"] for c in counts.values())
+        self.log(f"plan: {n:,} documents read, {too_short:,} under {MIN_DOC_CHARS} characters, "
+                 f"{duplicates:,} exact duplicates, {total:,} kept in {len(groups)} shard group(s)")
         return plan
 
     def _check_counts(self, counts: dict) -> None:
@@ -385,10 +396,10 @@ class Build:
                     raise DataError(f"domain {d!r} has no {side} documents after cleaning: give it more text "
                                     f"(at least a few documents of {MIN_DOC_CHARS}+ characters)")
 
-    def mark_duplicates(self, records: np.ndarray, n: int) -> int:
-        """dup.npy: 1 for every document whose (domain, content hash) occurred earlier. Bounded memory: records are
+    def mark_duplicates(self, n: int) -> int:
+        """dup.u8: 1 for every document whose (domain, content hash) occurred earlier. Bounded memory: records are
         partitioned by hash into buckets on disk, and each bucket is sorted on its own."""
-        dup = np.lib.format.open_memmap(self.tmp / "dup.npy", mode="w+", dtype=np.uint8, shape=(max(n, 1),))
+        dup = np.memmap(self.tmp / "dup.u8", dtype=np.uint8, mode="w+", shape=(max(n, 1),))
         n_buckets = max(1, min(512, -(-n // self.settings.dedup_bucket_records)))
         bucket_dir = self.tmp / "buckets"
         shutil.rmtree(bucket_dir, ignore_errors=True)
@@ -397,7 +408,7 @@ class Build:
         block = 1 << 20
         try:
             for first in range(0, n, block):
-                rec = records[first:first + block]
+                rec = self.read("scan.bin", SCAN_RECORD, first, min(block, n - first))
                 eligible = np.flatnonzero(rec["split"] != TOO_SHORT)
                 rows = np.empty(eligible.size, dtype=BUCKET_RECORD)
                 rows["h0"], rows["h1"] = rec["h0"][eligible], rec["h1"][eligible]
@@ -423,25 +434,24 @@ class Build:
             dup[repeats] = 1
             duplicates += int(repeats.size)
         dup.flush()
+        del dup
         shutil.rmtree(bucket_dir)
         return duplicates
 
     # -- 3. tokenizer
 
-    def kept_documents(self, chunk_docs: list[int], select: Callable[[slice], np.ndarray]):
-        """(chunk index, [(stream index, raw text)]) of the documents `select(chunk's slice)` marks, re-read in order;
-        reading stops after the last scanned chunk."""
-        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
+    def kept_documents(self, chunk_docs: list[int], select: Callable[..., np.ndarray]):
+        """(chunk index, [(stream index, raw text)]) of the documents `select(chunk, start, count, fate)` marks in
+        each chunk, re-read in order; reading stops after the last scanned chunk."""
         start = 0
         chunks = chunked(self.documents, self.domains, self.settings.chunk_chars)
         for c, (size, chunk) in enumerate(zip(chunk_docs, chunks)):
             if len(chunk) != size:
                 raise DataError(f"{self.documents.description} changed while it was being prepared (chunk {c} has "
                                 f"{len(chunk)} documents, {size} when scanned): rerun on unchanged inputs")
-            part = slice(start, start + size)
-            wanted = np.flatnonzero(select(part))
-            chunk_fate = fate[part]
-            yield c, [(chunk[i][0] * 2 + int(chunk_fate[i]) - 1, chunk[i][1]) for i in wanted]
+            fate = self.read("fate.u8", np.uint8, start, size)
+            wanted = np.flatnonzero(select(c, start, size, fate))
+            yield c, [(chunk[i][0] * 2 + int(fate[i]) - 1, chunk[i][1]) for i in wanted]
             start += size
 
     def tokenizer(self, chunk_docs: list[int], plan: dict):
@@ -468,9 +478,10 @@ class Build:
         budget = self.settings.tokenizer_sample_chars
         fraction = 1.0 if budget is None or budget >= train_chars else budget / train_chars
         threshold = np.uint64(min(int(fraction * 2**64), 2**64 - 1))
-        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
-        h0 = self.records()["h0"]
-        picked = lambda part: (fate[part] == TRAIN) & ((fraction >= 1.0) | (h0[part] < threshold))  # noqa: E731
+
+        def picked(chunk, start, count, fate):
+            return (fate == TRAIN) & ((fraction >= 1.0) | (self.read("scan.bin", SCAN_RECORD, start, count)["h0"]
+                                                          < threshold))
         sample = {"documents": 0, "characters": 0}
 
         def texts():
@@ -533,29 +544,35 @@ class Build:
     # -- 4. tokenize
 
     def tokenize(self, tokenizer, chunk_docs: list[int], plan: dict) -> dict:
-        progress_path = self.tmp / "progress.json"
-        finished = _read_json(progress_path) or {}
+        """{group: {stream: file entry}}. A finished group is one line of progress.jsonl (appended, so the cost per
+        group does not grow with the corpus); on resume its files are verified by hash, and redone if they differ."""
+        progress_path = self.tmp / "progress.jsonl"
+        progress_path.touch()
+        finished = {}
+        for line in progress_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: that group is not finished
+            finished[entry["group"]] = entry["files"]
         for g, files in list(finished.items()):
             if not all((self.tmp / f["file"]).is_file() and sha256_file(self.tmp / f["file"]) == f["sha256"]
                        for f in files.values()):
                 self.log(f"shard group {g}: files differ from their recorded hashes, redoing it")
                 del finished[g]
+        with open(progress_path, "w") as f:  # what survived verification, whole lines only
+            f.writelines(json.dumps({"group": g, "files": files}) + "\n" for g, files in finished.items())
         if finished:
             self.log(f"{len(finished)} of {len(plan['groups'])} shard groups already finished and verified")
         chunk_group = {c: g for g, (a, b) in enumerate(plan["groups"]) for c in range(a, b)}
-        todo_chunks = {c for c, g in chunk_group.items() if str(g) not in finished}
-        fate = np.load(self.tmp / "fate.npy", mmap_mode="r")
-        every = lambda part: fate[part] > 0  # noqa: E731
-        work = ((docs, len(self.streams)) for c, docs in self.kept_documents(chunk_docs, every) if c in todo_chunks)
-        starts = np.cumsum([0, *chunk_docs])
-        chars = self.records()["chars"]
-        kept = {c: (int((fate[starts[c]:starts[c + 1]] > 0).sum()),
-                    int(chars[starts[c]:starts[c + 1]][fate[starts[c]:starts[c + 1]] > 0].astype(np.int64).sum()))
-                for c in todo_chunks}
+        todo_chunks = {c for c, g in chunk_group.items() if g not in finished}
+        kept = np.fromfile(self.tmp / "kept.i64", dtype=np.int64).reshape(-1, 2)
+        wanted = lambda c, start, count, fate: (fate > 0) & (c in todo_chunks)  # noqa: E731
+        work = ((docs, len(self.streams)) for c, docs in self.kept_documents(chunk_docs, wanted) if c in todo_chunks)
         open_files: dict[int, tuple] = {}
         todo = iter(sorted(todo_chunks))
-        with Meter("tokenize", sum(docs for docs, _ in kept.values()), self.log) as meter:
-            for tokens in ordered_map(tokenize_chunk, work, self.settings.processes, (tokenizer.to_str(),)):
+        with Meter("tokenize", int(kept[sorted(todo_chunks), 0].sum()), self.log) as meter:
+            for tokens in ordered_map(tokenize_chunk, work, self.settings.processes, tokenizer.to_str()):
                 c = next(todo)
                 g = chunk_group[c]
                 for s, ids in enumerate(tokens):
@@ -569,15 +586,16 @@ class Build:
                     f.write(data)
                     digest.update(data)
                     count[0] += ids.size
-                meter.advance(kept[c][0], chars=kept[c][1], tokens=sum(t.size for t in tokens if t is not None))
+                meter.advance(int(kept[c, 0]), chars=int(kept[c, 1]),
+                              tokens=sum(t.size for t in tokens if t is not None))
                 if c == plan["groups"][g][1] - 1:
                     files = {}
                     for s, (name, f, digest, count) in sorted(open_files.items()):
                         f.close()
                         files[self.streams[s]] = {"file": name, "tokens": count[0], "sha256": digest.hexdigest()}
                     open_files.clear()
-                    finished[str(g)] = files
-                    _write_json(progress_path, finished)
+                    finished[g] = files
+                    _commit(progress_path, (json.dumps({"group": g, "files": files}) + "\n").encode())
         return finished
 
     # -- 5. manifest
@@ -585,7 +603,7 @@ class Build:
     def finish(self, tokenizer, plan: dict, groups: dict) -> dict:
         shards = {s: [] for s in self.streams}
         for g in range(len(plan["groups"])):
-            for s, entry in groups[str(g)].items():
+            for s, entry in groups[g].items():
                 shards[s].append(entry)
         streams = {}
         for s, entries in shards.items():
@@ -617,8 +635,8 @@ class Build:
             "tokenizer_hash": files["tokenizer.json"],
             "corpus_hash": corpus_hash({s: v["sha256"] for s, v in streams.items()}),
         }
-        for scratch in ("scan.bin", "scan.json", "fate.npy", "plan.json", "progress.json", "build.json",
-                        "tokenizer-info.json"):
+        for scratch in ("scan.bin", "scan-chunks.u32", "scan.done", "fate.u8", "kept.i64", "plan.json",
+                        "progress.jsonl", "build.json", "tokenizer-info.json"):
             (self.tmp / scratch).unlink(missing_ok=True)
         _write_json(self.tmp / "manifest.json", manifest)
         shutil.rmtree(self.out, ignore_errors=True)
