@@ -15,6 +15,8 @@ In one run it measures, on the same files and with the same (bundled) tokenizer:
   half  the 2-process build on the first half of the files: its peak memory against the full corpus's.
   bpe   the 2-process build on the half corpus training its own BPE on the default 40 M-character sample: the
         tokenizer step's time and the peak memory.
+  dedup the de-duplication step alone on --dedup-docs synthetic scan records (default 100 M; 2.4 GB of records and
+        3.2 GB of buckets on disk): time, peak memory, and every planted copy found.
 The last line printed is one JSON object. About 50 minutes on 2 cores at 2 GB; --gb 0.2 for a quick look.
 
     python benchmarks/data_prep.py [--gb 2] [--scratch /tmp/dropup-bench/data]
@@ -51,6 +53,60 @@ manifest = prepare(Path(args["out"]), JsonlDocuments(args["files"], args["domain
 tokens = sum(s["tokens"] for s in manifest["streams"].values())
 print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "scan": manifest["scan"]}))
 """
+
+
+DEDUP_CHILD = """
+import json, sys, time
+from pathlib import Path
+from dropup.data.corpus import MemoryDocuments
+from dropup.data.prepare import Build, BuildSettings
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+build = Build(folder / "out", MemoryDocuments({}), BuildSettings(domains=("a", "b", "c"), vocab_size=256,
+                                                                  val_fraction=0.05), None, print)
+start = time.perf_counter()
+duplicates = build.mark_duplicates(n)
+print(json.dumps({"seconds": time.perf_counter() - start, "duplicates": duplicates}))
+"""
+
+
+def dedup_at_scale(n: int, scratch: Path) -> dict:
+    """Exact de-duplication alone on n synthetic scan records (random 128-bit hashes, 10% of them copies of an
+    earlier record of the same domain), in a child process: time, peak PSS, and whether it finds every copy."""
+    from dropup.data.prepare import SCAN_RECORD
+
+    folder = scratch / "dedup" / "out.partial"
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng, copies, block = np.random.default_rng(0), 0, 1 << 22
+    with open(folder / "scan.bin", "wb") as f:
+        for first in range(0, n, block):
+            rec = np.zeros(min(block, n - first), dtype=SCAN_RECORD)
+            rec["h0"], rec["h1"] = rng.integers(0, 2**64, (2, rec.size), dtype=np.uint64)
+            rec["domain"], rec["chars"] = rng.integers(0, 3, rec.size), 100
+            is_target = rng.random(rec.size) < 0.1
+            originals, target = np.flatnonzero(~is_target), np.flatnonzero(is_target)
+            earlier = np.searchsorted(originals, target)  # originals before each target
+            target, earlier = target[earlier > 0], earlier[earlier > 0]
+            source = originals[(rng.random(target.size) * earlier).astype(np.int64)]  # an earlier original
+            for field in ("h0", "h1", "domain"):
+                rec[field][target] = rec[field][source]
+            copies += int(target.size)
+            f.write(rec.tobytes())
+    child = subprocess.Popen([sys.executable, "-c", DEDUP_CHILD, str(folder.parent), str(n)],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], _pss_bytes(_tree(child.pid)))
+
+    threading.Thread(target=sample, daemon=True).start()
+    out = child.communicate()[0]
+    done.set()
+    result = json.loads(out.strip().splitlines()[-1])
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    return {"documents": n, "copies_planted": copies, "duplicates_found": result["duplicates"],
+            "seconds": round(result["seconds"], 1), "peak_pss_gib": round(peak[0] / 2**30, 3)}
 
 
 def bundled_documents() -> tuple[list[tuple[str, str]], Path]:
@@ -189,6 +245,8 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="corpus size in GB of UTF-8 text")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/dropup-bench/data"))
     parser.add_argument("--runs", default="1proc,2proc,2proc_half,2proc_half_bpe", help="which builds, in order")
+    parser.add_argument("--dedup-docs", type=int, default=100_000_000,
+                        help="also de-duplicate this many synthetic documents alone (0: skip)")
     args = parser.parse_args()
     shutil.rmtree(args.scratch, ignore_errors=True)
     docs, tokenizer = bundled_documents()
@@ -216,12 +274,18 @@ def main() -> None:
               f"{around[0]:,.0f} / {around[1]:,.0f}), peak {runs[name]['peak_pss_gib']:.2f} GiB PSS, "
               f"{runs[name]['seconds']:.0f} s", flush=True)
     shutil.rmtree(args.scratch / "corpus", ignore_errors=True)
+    dedup = dedup_at_scale(args.dedup_docs, args.scratch) if args.dedup_docs else None
+    if dedup:
+        print(f"dedup alone: {dedup['documents']:,} documents in {dedup['seconds']:.0f} s, peak "
+              f"{dedup['peak_pss_gib']:.2f} GiB PSS; found {dedup['duplicates_found']:,} of "
+              f"{dedup['copies_planted']:,} planted copies", flush=True)
     print(json.dumps({
         "corpus_gb": round(size / 1e9, 3), "files": len(files), "cores": len(os.sched_getaffinity(0)),
         "raw_tokens_per_s": [round(r["tokens_per_s"]) for r in raws],
         "raw_fast_tokens_per_s": round(fast["tokens_per_s"]),
         **{f"{name}_vs_raw": run["vs_raw"] for name, run in runs.items()},
         **{f"{name}_peak_pss_gib": run["peak_pss_gib"] for name, run in runs.items()}, "runs": runs,
+        "dedup": dedup,
         "goals": {"vs_raw": 0.8, "peak_gib": 1.0},
     }))
 
