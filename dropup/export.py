@@ -152,7 +152,7 @@ def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:
     results = json.loads(results_path.read_text())
     results.setdefault("metrics", {}).update(scores)
     results["eval"] = {"tasks": list(eval_cfg["tasks"]), "raw": output["results"]}
-    from dropup.train import write_json_atomic
+    from dropup.files import write_json_atomic
 
     write_json_atomic(results_path, results)
     return scores

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
+from dropup.files import write_json_atomic
 from dropup.flops import param_counts, train_flops
 from dropup.init import build_moe_state, dense_state, make_strategy
 from dropup.init.base import step0_ffn_error
@@ -37,12 +38,6 @@ def project_path(path) -> Path:
     """Relative paths in configs are relative to the project root, wherever run.py is launched from."""
     path = Path(path)
     return path if path.is_absolute() else ROOT / path
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def git_sha() -> str | None:
