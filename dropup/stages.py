@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
+from dropup.data.prepare import BuildSettings
 from dropup.flops import param_counts, train_flops
 from dropup.init import make_strategy
 
@@ -31,10 +32,10 @@ class DataSchema:
     val_fraction: float = 0.05
     max_chars_per_domain: Optional[int] = None
     # preparation (dropup/data/prepare.py): BPE sample, worker processes (null: all cores), work and shard sizes
-    tokenizer_sample_chars: Optional[int] = 40_000_000
+    tokenizer_sample_chars: Optional[int] = BuildSettings.tokenizer_sample_chars
     num_proc: Optional[int] = None
-    chunk_chars: int = 4_000_000
-    shard_chars: int = 256_000_000
+    chunk_chars: int = BuildSettings.chunk_chars
+    shard_chars: int = BuildSettings.shard_chars
 
 
 @dataclass

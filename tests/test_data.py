@@ -8,7 +8,7 @@ import torch
 
 from dropup.data import TokenData
 from dropup.data.corpus import DataError, JsonlDocuments, MemoryDocuments, clean
-from dropup.data.loader import TokenStream
+from dropup.data.loader import TokenStream, split_files
 from dropup.data.prepare import BuildSettings, prepare
 from dropup.data.sources import DEFAULT_SOURCES, _find, chunks, manpage_text
 from dropup.lit import lr_lambda
@@ -65,7 +65,7 @@ def prepared(tmp_path):
 
 def stream(path, name):
     manifest = json.loads((path / "manifest.json").read_text())
-    return TokenStream([path / e["file"] for e in manifest["shards"][name]], np.dtype(manifest["dtype"]))
+    return TokenStream(split_files(path, manifest, *name.split(".")), np.dtype(manifest["dtype"]))
 
 
 def test_prepare_writes_a_manifest_and_token_files(prepared):

@@ -16,7 +16,7 @@ import pytest
 from dropup.data import TokenData, ensure_prepared
 from dropup.data.corpus import (EOT, MIN_DOC_CHARS, DataError, HFDiskDocuments, JsonlDocuments, MemoryDocuments,
                                 clean, content_hash, is_val, train_tokenizer)
-from dropup.data.loader import TokenStream
+from dropup.data.loader import TokenStream, split_files
 from dropup.data.prepare import SIDES, Build, BuildSettings, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,12 @@ quiet = lambda message: None  # noqa: E731
 
 
 def streams(path: Path) -> dict[str, np.ndarray]:
+    """Every split's whole token stream, as the loader reads it (either folder format)."""
     manifest = json.loads((path / "manifest.json").read_text())
     out = {}
-    for name, entries in manifest["shards"].items():
-        tokens = TokenStream([path / e["file"] for e in entries], np.dtype(manifest["dtype"]))
-        out[name] = tokens.window(0, tokens.size)
+    for domain, side in ((d, side) for d in manifest["domains"] for side in SIDES):
+        tokens = TokenStream(split_files(path, manifest, domain, side), np.dtype(manifest["dtype"]))
+        out[f"{domain}.{side}"] = tokens.window(0, tokens.size)
     return out
 
 
@@ -360,6 +361,10 @@ def test_the_build_command_reports_bad_input_in_one_line(tmp_path):
                                                 "enclosed in double quotes): write one {\"text\": ..., \"domain\": "
                                                 "...} object per line"]
     assert not [p for p in (tmp_path / "data").glob("*") if not p.name.endswith(".lock")]
+    typo = subprocess.run([sys.executable, "-m", "dropup.data.build", "data.num_procs=2"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        "error: Could not override 'data.num_procs'. To append to your config use +data.num_procs=2"]
 
 
 def test_loader_reads_shards_as_one_stream_and_format_1_folders(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from dropup.data.corpus import DataError, HFDiskDocuments, JsonlDocuments, PackageDocuments
+from dropup.data.prepare import DEFAULT_TOKENIZER_SAMPLE_CHARS, BuildSettings
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
 # Version of the map (stream, seed, step) -> training windows. Runs and dense seeds of another version read other
@@ -29,7 +30,7 @@ PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction",
                       "tokenizer_sample_chars")
 # Added after prepared folders and seeds were first keyed: at this value a field leaves the keys as they were (the
 # bundled corpus is smaller than the default sample, so its tokenizer is the whole-split one it always was).
-KEY_NEUTRAL_AT = {"tokenizer_sample_chars": 40_000_000}  # = prepare.DEFAULT_TOKENIZER_SAMPLE_CHARS
+KEY_NEUTRAL_AT = {"tokenizer_sample_chars": DEFAULT_TOKENIZER_SAMPLE_CHARS}
 
 
 def preparation_identity(data_cfg: dict) -> dict:
@@ -44,16 +45,14 @@ def _key(data_cfg: dict, tokenizer_hash: str | None) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def build_settings(data_cfg: dict):
-    from dropup.data.prepare import BuildSettings
-
+def build_settings(data_cfg: dict) -> BuildSettings:
     optional = {k: data_cfg[k] for k in ("chunk_chars", "shard_chars", "dedup_bucket_records", "num_proc")
                 if data_cfg.get(k) is not None}
     return BuildSettings(domains=tuple(data_cfg["domains"]), vocab_size=int(data_cfg["vocab_size"]),
                          val_fraction=float(data_cfg["val_fraction"]),
                          max_chars_per_domain=data_cfg.get("max_chars_per_domain"),
                          tokenizer_sample_chars=data_cfg.get("tokenizer_sample_chars",
-                                                             KEY_NEUTRAL_AT["tokenizer_sample_chars"]),
+                                                             DEFAULT_TOKENIZER_SAMPLE_CHARS),
                          **optional)
 
 
@@ -69,7 +68,7 @@ def documents_of(data_cfg: dict, data_root: Path, log=print):
 
 def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None = None, log=print) -> Path:
     """The prepared dataset folder for `data_cfg`, built on first use (cached by a hash of its settings)."""
-    from dropup.data.prepare import prepare
+    from dropup.data.prepare import prepare  # the function; `dropup.data.prepare` stays the module
 
     source = data_cfg["source"]
     if source not in SOURCES:

@@ -50,16 +50,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dropup.data.corpus import EOT, MIN_DOC_CHARS, DataError, clean, content_hash, is_val, sha256_file
+from dropup.files import read_json, write_json_atomic
 
 FORMAT = 2
 SIDES = ("train", "val")
-DROP, TRAIN, VAL = 0, 1, 2
+TRAIN, VAL = 1, 2  # a document's fate in fate.u8; 0: dropped
 TOO_SHORT = 255  # scan record's split for documents under MIN_DOC_CHARS after cleaning
 SCAN_RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("chars", "<u4"), ("domain", "<u2"), ("split", "u1"),
                         ("pad", "u1")])
@@ -115,15 +117,18 @@ def _init_worker(tokenizer_json: str | None, single_thread: bool):
 def scan_chunk(docs: list[tuple[int, str]], val_fraction: float) -> np.ndarray:
     """One scan record per document."""
     out = np.zeros(len(docs), dtype=SCAN_RECORD)
-    for i, (domain, text) in enumerate(docs):
+    keys, splits, chars = bytearray(16 * len(docs)), [], []
+    for i, (_, text) in enumerate(docs):
         doc = clean(text)
-        out[i]["domain"], out[i]["chars"] = domain, len(doc)
+        chars.append(len(doc))
         if len(doc) < MIN_DOC_CHARS:
-            out[i]["split"] = TOO_SHORT
+            splits.append(TOO_SHORT)
             continue
-        key = content_hash(doc)
-        out[i]["h0"], out[i]["h1"] = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
-        out[i]["split"] = VAL - 1 if is_val(doc, val_fraction) else TRAIN - 1
+        keys[16 * i:16 * i + 16] = content_hash(doc)
+        splits.append(VAL - 1 if is_val(doc, val_fraction) else TRAIN - 1)
+    hashes = np.frombuffer(bytes(keys), dtype="<u8").reshape(-1, 2)  # the 16-byte key as two little-endian halves
+    out["h0"], out["h1"] = hashes[:, 0], hashes[:, 1]
+    out["domain"], out["chars"], out["split"] = [d for d, _ in docs], chars, splits
     return out
 
 
@@ -167,42 +172,43 @@ def ordered_map(fn: Callable, items: Iterable[tuple], processes: int, tokenizer_
     # re-import the caller's main module; they never touch torch or the parent's threads, which is what makes forking
     # a threaded parent unsafe. Elsewhere spawn (the caller needs the usual `if __name__ == "__main__":` guard).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the children's setting, and silences tokenizers' fork warning
-    try:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method),
-                                 initializer=_init_worker, initargs=(tokenizer_json, True)) as pool:
-            pending: deque = deque()
-            for item in itertools.chain(head, items):
-                pending.append(pool.submit(fn, *item))
-                if len(pending) >= 2 * processes:
-                    yield pending.popleft().result()
-            while pending:
+    # "false": the children's setting, and it silences tokenizers' warning about forking after its threads ran
+    with tokenizers_parallelism("false"), ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+            initargs=(tokenizer_json, True)) as pool:
+        pending: deque = deque()
+        for item in itertools.chain(head, items):
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= 2 * processes:
                 yield pending.popleft().result()
-    finally:
-        if parallelism is None:
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextmanager
+def tokenizers_parallelism(value: str | None):
+    """TOKENIZERS_PARALLELISM set to `value` (None: unset) for the block, then restored."""
+    def put(setting):
+        if setting is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
-            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+            os.environ["TOKENIZERS_PARALLELISM"] = setting
+
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    put(value)
+    try:
+        yield
+    finally:
+        put(before)
 
 
 # --- the build --------------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def _commit(path: Path, data: bytes) -> None:
     """Append a record that marks finished work (its own write, flushed: the unit a killed build keeps)."""
     with open(path, "ab") as f:
         f.write(data)
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def chunked(documents: Iterable[tuple[str, str]], domains: list[str], chunk_chars: int):
@@ -281,21 +287,21 @@ class Build:
     def open(self) -> None:
         identity = self.identity()
         if self.tmp.is_dir():
-            if _read_json(self.tmp / "build.json") == json.loads(json.dumps(identity)):
+            if read_json(self.tmp / "build.json") == json.loads(json.dumps(identity)):
                 self.log(f"resuming the interrupted build in {self.tmp}")
                 return
             self.log(f"{self.tmp} was left by a build of other inputs or settings: starting over")
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        _write_json(self.tmp / "build.json", identity)
+        write_json_atomic(self.tmp / "build.json", identity)
 
     def run(self) -> dict:
         self.open()
         chunk_docs = self.scan()
         plan = self.plan(chunk_docs)
         tokenizer = self.tokenizer(chunk_docs, plan)
-        groups = self.tokenize(tokenizer, chunk_docs, plan)
-        return self.finish(tokenizer, plan, groups)
+        groups, stream_sha256 = self.tokenize(tokenizer, chunk_docs, plan)
+        return self.finish(tokenizer, plan, groups, stream_sha256)
 
     # -- 1. scan
 
@@ -336,7 +342,7 @@ class Build:
     # -- 2. plan
 
     def plan(self, chunk_docs: list[int]) -> dict:
-        plan = _read_json(self.tmp / "plan.json")
+        plan = read_json(self.tmp / "plan.json")
         if plan is not None:
             return plan
         n = sum(chunk_docs)
@@ -379,7 +385,7 @@ class Build:
         (self.tmp / "dup.u8").unlink(missing_ok=True)
         plan = {"chunks": len(chunk_docs), "documents": n, "too_short": too_short, "duplicates": duplicates,
                 "streams": counts, "groups": groups}
-        _write_json(self.tmp / "plan.json", plan)
+        write_json_atomic(self.tmp / "plan.json", plan)
         total = sum(c["documents"] for c in counts.values())
         self.log(f"plan: {n:,} documents read, {too_short:,} under {MIN_DOC_CHARS} characters, "
                  f"{duplicates:,} exact duplicates, {total:,} kept in {len(groups)} shard group(s)")
@@ -519,15 +525,10 @@ class Build:
                 code = 1
             os._exit(code)
 
-        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)  # the child trains on all cores
-        try:
+        with tokenizers_parallelism(None):  # the child trains on all cores
             child = multiprocessing.get_context("fork").Process(target=run, name=step.__name__)
             child.start()
             child.join()
-        finally:
-            if parallelism is not None:
-                os.environ["TOKENIZERS_PARALLELISM"] = parallelism
         if error.is_file():
             kind, message = error.read_text().split("\n", 1)
             error.unlink()
@@ -537,15 +538,17 @@ class Build:
                                "memory, lower data.tokenizer_sample_chars (BPE memory grows with the sample)")
 
     def _save_tokenizer(self, tokenizer, info: dict) -> None:
-        _write_json(self.tmp / "tokenizer-info.json", info)
+        write_json_atomic(self.tmp / "tokenizer-info.json", info)
         tokenizer.save(str(self.tmp / "tokenizer.json.tmp"))
         os.replace(self.tmp / "tokenizer.json.tmp", self.tmp / "tokenizer.json")
 
     # -- 4. tokenize
 
-    def tokenize(self, tokenizer, chunk_docs: list[int], plan: dict) -> dict:
-        """{group: {stream: file entry}}. A finished group is one line of progress.jsonl (appended, so the cost per
-        group does not grow with the corpus); on resume its files are verified by hash, and redone if they differ."""
+    def tokenize(self, tokenizer, chunk_docs: list[int], plan: dict) -> tuple[dict, dict]:
+        """({group: {stream: file entry}}, {stream: sha256 of its whole token stream}). A finished group is one line
+        of progress.jsonl (appended, so the cost per group does not grow with the corpus); on resume its files are
+        verified by hash, and redone if they differ. Stream hashes are fed in group order as ids are written; only
+        groups finished by an earlier run are read back for them."""
         progress_path = self.tmp / "progress.jsonl"
         progress_path.touch()
         finished = {}
@@ -564,6 +567,17 @@ class Build:
             f.writelines(json.dumps({"group": g, "files": files}) + "\n" for g, files in finished.items())
         if finished:
             self.log(f"{len(finished)} of {len(plan['groups'])} shard groups already finished and verified")
+        streams = {s: hashlib.sha256() for s in self.streams}
+        hashed = [0]  # groups < hashed[0] are in `streams`
+
+        def hash_finished_before(g: int) -> None:
+            for earlier in range(hashed[0], g):
+                for s, entry in finished[earlier].items():
+                    with open(self.tmp / entry["file"], "rb") as f:
+                        for block in iter(lambda: f.read(1 << 22), b""):
+                            streams[s].update(block)
+            hashed[0] = max(hashed[0], g)
+
         chunk_group = {c: g for g, (a, b) in enumerate(plan["groups"]) for c in range(a, b)}
         todo_chunks = {c for c, g in chunk_group.items() if g not in finished}
         kept = np.fromfile(self.tmp / "kept.i64", dtype=np.int64).reshape(-1, 2)
@@ -575,6 +589,7 @@ class Build:
             for tokens in ordered_map(tokenize_chunk, work, self.settings.processes, tokenizer.to_str()):
                 c = next(todo)
                 g = chunk_group[c]
+                hash_finished_before(g)
                 for s, ids in enumerate(tokens):
                     if ids is None:
                         continue
@@ -585,6 +600,7 @@ class Build:
                     data = ids.tobytes()
                     f.write(data)
                     digest.update(data)
+                    streams[self.streams[s]].update(data)
                     count[0] += ids.size
                 meter.advance(int(kept[c, 0]), chars=int(kept[c, 1]),
                               tokens=sum(t.size for t in tokens if t is not None))
@@ -595,24 +611,20 @@ class Build:
                         files[self.streams[s]] = {"file": name, "tokens": count[0], "sha256": digest.hexdigest()}
                     open_files.clear()
                     finished[g] = files
+                    hashed[0] = g + 1
                     _commit(progress_path, (json.dumps({"group": g, "files": files}) + "\n").encode())
-        return finished
+        hash_finished_before(len(plan["groups"]))
+        return finished, {s: digest.hexdigest() for s, digest in streams.items()}
 
     # -- 5. manifest
 
-    def finish(self, tokenizer, plan: dict, groups: dict) -> dict:
+    def finish(self, tokenizer, plan: dict, groups: dict, stream_sha256: dict) -> dict:
         shards = {s: [] for s in self.streams}
         for g in range(len(plan["groups"])):
             for s, entry in groups[g].items():
                 shards[s].append(entry)
-        streams = {}
-        for s, entries in shards.items():
-            digest = hashlib.sha256()
-            for entry in entries:
-                with open(self.tmp / entry["file"], "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-            streams[s] = {"tokens": sum(e["tokens"] for e in entries), "sha256": digest.hexdigest()}
+        streams = {s: {"tokens": sum(e["tokens"] for e in entries), "sha256": stream_sha256[s]}
+                   for s, entries in shards.items()}
         domains = {d: {side: {**plan["streams"][f"{d}.{side}"], "tokens": streams[f"{d}.{side}"]["tokens"]}
                        for side in SIDES} for d in self.domains}
         files = {"tokenizer.json": sha256_file(self.tmp / "tokenizer.json")}
@@ -628,7 +640,7 @@ class Build:
             "settings": {k: v for k, v in asdict(self.settings).items() if k != "num_proc"},
             "scan": {k: plan[k] for k in ("chunks", "documents", "too_short", "duplicates")},
             "shard_groups": plan["groups"],  # group g: chunks [a, b) of the scan; its files are <stream>.<g>.bin
-            "tokenizer": _read_json(self.tmp / "tokenizer-info.json"),
+            "tokenizer": read_json(self.tmp / "tokenizer-info.json"),
             "shards": shards,
             "streams": streams,
             "files": files,
@@ -638,7 +650,7 @@ class Build:
         for scratch in ("scan.bin", "scan-chunks.u32", "scan.done", "fate.u8", "kept.i64", "plan.json",
                         "progress.jsonl", "build.json", "tokenizer-info.json"):
             (self.tmp / scratch).unlink(missing_ok=True)
-        _write_json(self.tmp / "manifest.json", manifest)
+        write_json_atomic(self.tmp / "manifest.json", manifest)
         shutil.rmtree(self.out, ignore_errors=True)
         self.tmp.rename(self.out)
         return json.loads((self.out / "manifest.json").read_text())
