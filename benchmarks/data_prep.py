@@ -92,21 +92,11 @@ def dedup_at_scale(n: int, scratch: Path) -> dict:
                 rec[field][target] = rec[field][source]
             copies += int(target.size)
             f.write(rec.tobytes())
-    child = subprocess.Popen([sys.executable, "-c", DEDUP_CHILD, str(folder.parent), str(n)],
-                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    peak, done = [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.1):
-            peak[0] = max(peak[0], _pss_bytes(_tree(child.pid)))
-
-    threading.Thread(target=sample, daemon=True).start()
-    out = child.communicate()[0]
-    done.set()
-    result = json.loads(out.strip().splitlines()[-1])
+    lines, peak = run_measured("dedup", DEDUP_CHILD, str(folder.parent), str(n))
+    result = json.loads(lines[-1])
     shutil.rmtree(folder.parent, ignore_errors=True)
     return {"documents": n, "copies_planted": copies, "duplicates_found": result["duplicates"],
-            "seconds": round(result["seconds"], 1), "peak_pss_gib": round(peak[0] / 2**30, 3)}
+            "seconds": round(result["seconds"], 1), "peak_pss_gib": round(peak / 2**30, 3)}
 
 
 def bundled_documents() -> tuple[list[tuple[str, str]], Path]:
@@ -159,24 +149,26 @@ def raw_encode(files: list[Path], tokenizer_path: Path, method: str = "encode_ba
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     encode = getattr(tokenizer, method)
     seconds, tokens, text_bytes = 0.0, 0, 0
-    for file in files:
-        with open(file, encoding="utf-8") as f:
-            batch = []
-            for line in f:
-                batch.append(json.loads(line)["text"])
-                if len(batch) == 512:
-                    seconds, tokens, text_bytes = _encode(encode, batch, seconds, tokens, text_bytes)
-                    batch = []
-            if batch:
-                seconds, tokens, text_bytes = _encode(encode, batch, seconds, tokens, text_bytes)
+    for batch in _text_batches(files, 512):
+        start = time.perf_counter()
+        encodings = encode(batch)
+        seconds += time.perf_counter() - start
+        tokens += sum(len(e.ids) for e in encodings)
+        text_bytes += sum(len(t.encode()) for t in batch)
     return {"seconds": seconds, "tokens": tokens, "text_bytes": text_bytes, "tokens_per_s": tokens / seconds}
 
 
-def _encode(encode, batch, seconds, tokens, text_bytes):
-    start = time.perf_counter()
-    encodings = encode(batch)
-    seconds += time.perf_counter() - start
-    return seconds, tokens + sum(len(e.ids) for e in encodings), text_bytes + sum(len(t.encode()) for t in batch)
+def _text_batches(files: list[Path], size: int):
+    batch = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
 
 
 def _tree(root: int) -> list[int]:
@@ -206,14 +198,10 @@ def _pss_bytes(pids: list[int]) -> int:
     return total
 
 
-def prep(name: str, files: list[Path], procs: int, tokenizer: Path | None, scratch: Path) -> dict:
-    out = scratch / f"out-{name}"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-    args = {"out": str(out), "files": [str(f) for f in files], "procs": procs, "domains": list(DOMAINS),
-            "tokenizer": str(tokenizer) if tokenizer else None}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True,
-                             cwd=ROOT)
+def run_measured(name: str, code: str, *args: str) -> tuple[list[str], int]:
+    """Run `python -c code args` from the project root, echoing its output, and return its output lines and the
+    peak PSS (bytes) of it and its descendants, sampled every 0.1 s."""
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     peak, done = [0], threading.Event()
 
     def sample():
@@ -230,14 +218,24 @@ def prep(name: str, files: list[Path], procs: int, tokenizer: Path | None, scrat
     done.set()
     sampler.join()
     if child.returncode != 0:
-        raise SystemExit(f"the {name} build failed (exit {child.returncode})")
+        raise SystemExit(f"{name} failed (exit {child.returncode})")
+    return lines, peak[0]
+
+
+def prep(name: str, files: list[Path], procs: int, tokenizer: Path | None, scratch: Path) -> dict:
+    out = scratch / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    args = {"out": str(out), "files": [str(f) for f in files], "procs": procs, "domains": list(DOMAINS),
+            "tokenizer": str(tokenizer) if tokenizer else None}
+    lines, peak = run_measured(name, CHILD, json.dumps(args))
     result = json.loads(lines[-1])
     tokenizer_line = next((line for line in lines if "tokenizer sample:" in line), None)
     shutil.rmtree(out, ignore_errors=True)
     return {"procs": procs, "seconds": round(result["seconds"], 1), "tokens": result["tokens"],
-            "tokens_per_s": round(result["tokens"] / result["seconds"]), "peak_pss_gib": round(peak[0] / 2**30, 3),
+            "tokens_per_s": round(result["tokens"] / result["seconds"]), "peak_pss_gib": round(peak / 2**30, 3),
             "documents": result["scan"]["documents"], "duplicates": result["scan"]["duplicates"],
-            "tokenizer_step": tokenizer_line.split("] ")[-1] if tokenizer_line else None}
+            "tokenizer_step": tokenizer_line.strip() if tokenizer_line else None}
 
 
 def main() -> None:
