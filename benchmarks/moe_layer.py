@@ -10,7 +10,9 @@ repetition by repetition after warm-up; medians are reported. The last line prin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import time
 
@@ -48,6 +50,13 @@ def transformers_block(args, dtype):
     return model.model.layers[0].mlp.to(dtype), model.config._experts_implementation
 
 
+def backend_variant(layer: MoELayer, backend: str) -> MoELayer:
+    """The same layer (shared weights) on another of our backends."""
+    variant = copy.copy(layer)
+    variant.backend = backend
+    return variant
+
+
 def step_time(fn, x, params):
     x = x.detach().requires_grad_(True)
     start = time.perf_counter()
@@ -70,6 +79,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--also", default="", help="more of our backends to time beside grouped, comma-separated "
+                        "(sliced,padded,loop: the candidates where no grouped GEMM runs)")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="router logits get +skew*e for expert e: uneven loads (0: the random router's)")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -80,6 +93,9 @@ def main() -> None:
             p.normal_(0, 0.02)
     ours = ours.to(dtype)
     theirs, implementation = transformers_block(args, dtype)
+    with torch.no_grad():
+        ours.router.weight.add_(args.skew * torch.arange(args.experts, dtype=torch.float32)[:, None]
+                                / math.sqrt(args.d_model))  # x ~ N(0, 1): +skew*e/sqrt(D) * sum(x) adds ~skew*e
     theirs.gate.weight.data.copy_(ours.router.weight.data)
     theirs.experts.gate_up_proj.data.copy_(ours.w_gate_up.data)
     theirs.experts.down_proj.data.copy_(ours.w_down.data)
@@ -88,9 +104,12 @@ def main() -> None:
 
     with torch.no_grad():  # same weights: same function
         diff = (ours(x_TD)[0].float() - theirs(x_TD[None]).float()[0]).abs().max().item()
+        loads = ours.tokens_per_expert.clone()
 
     candidates = {
         "ours": (ours, list(ours.parameters())),
+        **{f"ours_{backend}": (backend_variant(ours, backend), list(ours.parameters()))
+           for backend in filter(None, args.also.split(","))},
         "transformers": (lambda x: theirs(x[None]), list(theirs.parameters())),
         "ideal": (ideal, list(ideal.parameters())),
     }
@@ -107,11 +126,14 @@ def main() -> None:
         "ours_vs_ideal_speed": round(medians["ideal_ms"] / medians["ours_ms"], 3),
         "ours_vs_transformers_speed": round(medians["transformers_ms"] / medians["ours_ms"], 3),
         "ours_gflops": round(flops / medians["ours_ms"] / 1e6, 1),
+        **{f"ours_{b}_vs_grouped_speed": round(medians["ours_ms"] / medians[f"ours_{b}_ms"], 3)
+           for b in filter(None, args.also.split(","))},
+        "tokens_per_expert_max_over_mean": round(float(loads.max() / loads.float().mean()), 3),
         "max_abs_diff_vs_transformers": diff,
         "transformers_experts_implementation": implementation,
         "dtype": args.dtype,
         "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
-        "top_k": args.top_k, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "top_k": args.top_k, "skew": args.skew, "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     for name, t in times.items():
         print(f"{name:>13}: median {statistics.median(t):8.2f} ms  (min {min(t):.2f}, max {max(t):.2f})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-BACKENDS = ("grouped", "loop", "megablocks")
+BACKENDS = ("grouped", "loop", "sliced", "padded", "megablocks")
 LB_MODES = ("pooled", "per_layer", "global_batch", "aux_free")
 
 

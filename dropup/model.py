@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropup.config import ModelConfig, MoEConfig, check_pair
-from dropup.moe import MoELayer, SwiGLU, expert_similarity, load_balancing_loss, router_z_loss
+from dropup.moe import BalanceStats, MoELayer, SwiGLU, expert_similarity, load_balancing_loss, router_z_loss
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +113,13 @@ class Block(nn.Module):
         self.is_moe = moe is not None and moe.enabled
         self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list, router_experts: list | None = None):
+    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list, router_experts: list | None = None,
+                router_balance: list | None = None):
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
         normed_BSD = self.ffn_norm(h_BSD)
         if not self.is_moe:
             return h_BSD + self.ffn(normed_BSD)
-        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), router_experts)
+        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), router_experts, router_balance)
         router_logits.append(logits_TE)
         return h_BSD + y_TD.view_as(h_BSD)
 
@@ -167,6 +168,7 @@ class ModelOutput:
     logits: torch.Tensor
     router_logits: list[torch.Tensor] = field(default_factory=list)
     router_experts: list[torch.Tensor] = field(default_factory=list)  # each MoE layer's chosen experts (T, K)
+    router_balance: list[BalanceStats] = field(default_factory=list)  # the balance loss's inputs, from routing
 
 
 class Transformer(nn.Module):
@@ -199,11 +201,12 @@ class Transformer(nn.Module):
         x_BSD = self.tok_emb(tokens_BS)
         router_logits: list[torch.Tensor] = []
         router_experts: list[torch.Tensor] = []
+        router_balance: list[BalanceStats] = []
         for block in self.layers:
-            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits, router_experts)
+            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits, router_experts, router_balance)
         normed_BSD = self.norm(x_BSD)
         logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
-        return ModelOutput(logits_BSV, router_logits, router_experts)
+        return ModelOutput(logits_BSV, router_logits, router_experts, router_balance)
 
     def losses(self, out: ModelOutput, targets_BS: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted, and in
@@ -211,7 +214,8 @@ class Transformer(nn.Module):
         lm_loss = cross_entropy(out.logits, targets_BS)
         result = {"lm_loss": lm_loss, "loss": lm_loss}
         if self.moe is not None:
-            lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode, out.router_experts)
+            lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode, out.router_experts,
+                                     out.router_balance)
             result["lb_loss"] = lb
             if self.moe.lb_mode != "aux_free":
                 result["loss"] = lm_loss + self.moe.lb_coef * lb

@@ -13,7 +13,9 @@ It is not routed, so it has no load and takes no part in the balance losses.
 
 Backends compute the same function:
 - `grouped` sorts assignments by expert and runs two `torch._grouped_mm` calls (CPU and CUDA), where a probe on the
-  actual device and dtype finds that they work, and falls back to `loop` elsewhere (a log line says which runs);
+  actual device and dtype finds that they work, and falls back to `sliced` elsewhere (a log line says which runs);
+- `sliced` is the same sorted dispatch with one matmul pair per expert slice, `padded` pads every expert to the
+  busiest one's count for two batched GEMMs (the candidates where no grouped kernel runs; `sliced` was faster);
 - `loop` is the readable per-expert reference;
 - `megablocks` uses megablocks' grouped GEMM where that optional package imports.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,12 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, bias_E: tor
 
     `bias_E` (auxiliary-loss-free balancing) is added to the probabilities to choose the top k only: the weights
     are the chosen experts' unbiased probabilities, renormalized."""
+    logits_TE, _, weights_TK, experts_TK = _route(x_TD, w_router_ED, top_k, bias_E)
+    return logits_TE, weights_TK, experts_TK
+
+
+def _route(x_TD, w_router_ED, top_k, bias_E=None):
+    """`route`, also returning the fp32 probabilities (T, E) the balance loss needs."""
     logits_TE = F.linear(x_TD, w_router_ED)
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     if bias_E is None:
@@ -45,7 +54,7 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, bias_E: tor
         experts_TK = torch.topk(probs_TE + bias_E, top_k, dim=-1).indices
         weights_TK = probs_TE.gather(-1, experts_TK)
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return logits_TE, weights_TK, experts_TK
+    return logits_TE, probs_TE, weights_TK, experts_TK
 
 
 class SwiGLU(nn.Module):
@@ -62,12 +71,40 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+class _SwiGLUFused(torch.autograd.Function):
+    """silu(gate) * up of a fused (A, 2F) projection, lean on memory traffic, which is what the elementwise part
+    of the experts costs on a CPU. Only the input is saved (silu(gate) is recomputed in the backward, so the
+    layer keeps one (A, F) activation less), the forward multiplies in place, and the backward writes both
+    halves' gradients straight into one (A, 2F) tensor where autograd would concatenate two. Value and gradient
+    equal autograd's of `F.silu(gate) * up` bit for bit: the same kernels on the same inputs."""
+
+    @staticmethod
+    def forward(ctx, h_A2F: torch.Tensor) -> torch.Tensor:
+        gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+        ctx.save_for_backward(h_A2F)
+        return F.silu(gate_AF).mul_(up_AF)
+
+    @staticmethod
+    def backward(ctx, grad_AF: torch.Tensor) -> torch.Tensor:
+        (h_A2F,) = ctx.saved_tensors
+        gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+        grad_A2F = torch.empty_like(h_A2F)
+        grad_gate_AF, grad_up_AF = grad_A2F.chunk(2, dim=-1)
+        torch.mul(grad_AF, F.silu(gate_AF), out=grad_up_AF)
+        torch.mul(grad_AF, up_AF, out=grad_gate_AF)
+        torch.ops.aten.silu_backward.grad_input(grad_gate_AF, gate_AF, grad_input=grad_gate_AF)
+        return grad_A2F
+
+
 def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where h = [gate | up] along the last dimension."""
+    if torch.is_grad_enabled() and h_A2F.requires_grad:
+        return _SwiGLUFused.apply(h_A2F)
     gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
     return F.silu(gate_AF) * up_AF
 
 
-def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E=None):
     """Reference: one pair of matmuls per expert over the tokens routed to it."""
     y_TD = torch.zeros_like(x_TD)
     for e in range(w_gate_up_E2FD.shape[0]):
@@ -80,7 +117,7 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
     return y_TD
 
 
-def _dispatch(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
+def _dispatch(x_TD, weights_TK, experts_TK, counts_E, expert_fn):
     """Sort assignments by expert, run `expert_fn(x_sorted_AD, counts_E)`, then combine each token's k outputs.
 
     Gather and un-sort are `index_select`s (their backward is a plain index_add, cheaper than indexing's
@@ -90,7 +127,6 @@ def _dispatch(x_TD, weights_TK, experts_TK, num_experts, expert_fn):
     T, K = experts_TK.shape
     flat_A = experts_TK.reshape(-1)
     order_A = torch.argsort(flat_A, stable=True)
-    counts_E = torch.bincount(flat_A, minlength=num_experts)
     out_AD = expert_fn(x_TD.index_select(0, order_A // K), counts_E)
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
@@ -105,7 +141,7 @@ def combine(weights_TK: torch.Tensor, out_TKD: torch.Tensor, dtype: torch.dtype)
         return torch.bmm(weights_TK.float().unsqueeze(1), out_TKD.float()).squeeze(1).to(dtype)
 
 
-def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
     """Dropless dispatch with native grouped GEMMs over expert-sorted tokens."""
 
     def run(x_AD, counts_E):
@@ -113,10 +149,41 @@ def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
         h_AF = swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
         return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
 
-    return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
 
 
-def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
+def experts_sliced(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
+    """The sorted dispatch with one plain matmul pair per expert on its contiguous slice of the sorted tokens: the
+    grouped GEMM written out, for devices and dtypes without that kernel (one host sync for the counts)."""
+
+    def run(x_AD, counts_E):
+        # unbind, not w[e]: indexing a stacked parameter E times costs E full-size zero gradients in the backward
+        pairs = zip(x_AD.split(counts_E.tolist()), w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0))
+        return torch.cat([F.linear(swiglu(F.linear(x_nD, w_gate_up_2FD)), w_down_DF)
+                          for x_nD, w_gate_up_2FD, w_down_DF in pairs])
+
+    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+
+
+def experts_padded(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
+    """The sorted dispatch padded to the busiest expert's count C, as two batched GEMMs over (E, C, D): the
+    fewest kernel launches, at the cost of E * C - A rows of zeros (more when routing is uneven)."""
+    E = w_gate_up_E2FD.shape[0]
+
+    def run(x_AD, counts_E):
+        capacity = int(counts_E.max())
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=x_AD.shape[0])
+        row_A = expert_A * capacity + torch.arange(x_AD.shape[0], device=x_AD.device) - starts_E[expert_A]
+        x_ECD = x_AD.new_zeros(E * capacity, x_AD.shape[1]).index_copy(0, row_A, x_AD).view(E, capacity, -1)
+        h_EC2F = torch.bmm(x_ECD, w_gate_up_E2FD.transpose(-2, -1))
+        out_ECD = torch.bmm(swiglu(h_EC2F), w_down_EDF.transpose(-2, -1))
+        return out_ECD.reshape(E * capacity, -1).index_select(0, row_A)
+
+    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+
+
+def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
     """The same sorted dispatch on megablocks' grouped GEMM kernel (optional dependency; CUDA only)."""
     try:
         from megablocks import grouped_gemm_util as gg
@@ -131,10 +198,11 @@ def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK)
         h_AF = swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
         return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
 
-    return _dispatch(x_TD, weights_TK, experts_TK, w_gate_up_E2FD.shape[0], run)
+    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
 
 
-BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "megablocks": experts_megablocks}
+BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "sliced": experts_sliced, "padded": experts_padded,
+               "megablocks": experts_megablocks}
 
 
 @functools.cache
@@ -163,16 +231,22 @@ def announce_backends_again() -> None:
     _announced.clear()
 
 
+# Where the grouped GEMM does not run, `sliced` was the fastest of the alternatives measured (`make bench`'s
+# fallback line, fp32 on 2 CPU cores, uneven loads at 1.94x the mean): 0.95x grouped's speed, `padded` 0.48x (it
+# computes the padding), `loop` 0.49x (its per-expert weight indexing costs full-size gradients).
+FALLBACK = "sliced"
+
+
 def effective_backend(configured: str, x: torch.Tensor) -> str:
-    """The backend that actually runs for `x`: `grouped` falls back to the loop where the grouped GEMM does not
+    """The backend that actually runs for `x`: `grouped` falls back to `FALLBACK` where the grouped GEMM does not
     work (the probe above); one log line per process names the choice for each device and dtype."""
     backend = configured
     if configured == "grouped" and not grouped_mm_works(x.device, x.dtype):
-        backend = "loop"
+        backend = FALLBACK
     key = (configured, backend, x.device, x.dtype)
     if key not in _announced:
         _announced.add(key)
-        why = "" if backend == configured else " (torch._grouped_mm does not run here: the per-expert loop instead)"
+        why = "" if backend == configured else f" (torch._grouped_mm does not run here: {backend} instead)"
         log.info("MoE experts on %s in %s: backend %s%s", x.device, str(x.dtype).removeprefix("torch."), backend, why)
     return backend
 
@@ -205,9 +279,10 @@ class MoELayer(nn.Module):
         load_E = load_E.to(self.expert_bias.device, torch.float32)
         self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
 
-    def forward(self, x_TD: torch.Tensor, choices: list | None = None):
-        """The layer's output and router logits; the chosen experts (T, K) are appended to `choices` if given."""
-        y_TD, logits_TE = self.routed(x_TD, choices)
+    def forward(self, x_TD: torch.Tensor, choices: list | None = None, balance: list | None = None):
+        """The layer's output and router logits. If given, the chosen experts (T, K) are appended to `choices`
+        and the balance-loss statistics (`BalanceStats`) to `balance`."""
+        y_TD, logits_TE = self.routed(x_TD, choices, balance)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
@@ -215,11 +290,15 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD.to(y_TD.dtype)
         return y_TD, logits_TE
 
-    def routed(self, x_TD: torch.Tensor, choices: list | None = None):
+    def routed(self, x_TD: torch.Tensor, choices: list | None = None, balance: list | None = None):
         """The routed experts' weighted sum, and the router logits."""
-        logits_TE, weights_TK, experts_TK = route(x_TD, self.router.weight, self.top_k, self.expert_bias)
+        logits_TE, probs_TE, weights_TK, experts_TK = _route(x_TD, self.router.weight, self.top_k, self.expert_bias)
+        # one count serves the dispatch, the routing analysis and the balance loss
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
         if choices is not None:
             choices.append(experts_TK)
+        if balance is not None:
+            balance.append(BalanceStats(counts_E.float(), probs_TE.sum(dim=0), probs_TE.shape[0]))
         w_gate_up, w_down = self.w_gate_up, self.w_down
         device_type = x_TD.device.type
         if torch.is_autocast_enabled(device_type):
@@ -227,20 +306,29 @@ class MoELayer(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         backend = effective_backend(self.backend, x_TD)
-        y_TD = BACKEND_FNS[backend](x_TD, w_gate_up, w_down, weights_TK, experts_TK)
+        y_TD = BACKEND_FNS[backend](x_TD, w_gate_up, w_down, weights_TK, experts_TK, counts_E)
         with torch.no_grad():
-            self.tokens_per_expert.copy_(torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts))
+            self.tokens_per_expert.copy_(counts_E)
         return y_TD, logits_TE
 
 
-def _assignment_stats(logits_TE: torch.Tensor, top_k: int, experts_TK: torch.Tensor | None = None):
-    """Per-expert top-k assignment counts and summed router probabilities of one layer (fp32). `experts_TK`: the
-    choices the layer made (aux_free's bias changes them); by default the top k of the logits."""
+class BalanceStats(NamedTuple):
+    """One layer's input to the balance loss: top-k assignments per expert (fp32), the router probabilities
+    summed over tokens per expert (fp32, differentiable) and the number of tokens."""
+
+    counts_E: torch.Tensor
+    prob_sums_E: torch.Tensor
+    rows: int
+
+
+def _assignment_stats(logits_TE: torch.Tensor, top_k: int, experts_TK: torch.Tensor | None = None) -> BalanceStats:
+    """`BalanceStats` recomputed from a layer's logits. `experts_TK`: the choices the layer made (aux_free's bias
+    changes them); by default the top k of the logits."""
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     if experts_TK is None:
         experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
     counts_E = torch.bincount(experts_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
-    return counts_E, probs_TE.sum(dim=0), logits_TE.shape[0]
+    return BalanceStats(counts_E, probs_TE.sum(dim=0), logits_TE.shape[0])
 
 
 def _sum_over_ranks(counts_E: torch.Tensor, probs_E: torch.Tensor, rows: int):
@@ -261,7 +349,8 @@ def _sum_over_ranks(counts_E: torch.Tensor, probs_E: torch.Tensor, rows: int):
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mode: str = "pooled",
-                        experts: list[torch.Tensor] | None = None) -> torch.Tensor:
+                        experts: list[torch.Tensor] | None = None,
+                        stats: list[BalanceStats] | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss, E * sum_e f_e * P_e, unweighted (equals top_k at perfect balance).
 
     f_e is the share of top-k assignments that go to expert e (summed over the k slots, so sum_e f_e = k) and P_e
@@ -275,8 +364,9 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mode: str
     - `aux_free` is computed like `pooled`, for the log: that mode does not train on it.
     """
     num_experts = router_logits[0].shape[-1]
-    experts = experts if experts else [None] * len(router_logits)
-    stats = [_assignment_stats(logits, top_k, chosen) for logits, chosen in zip(router_logits, experts)]
+    if not stats:  # what the layers recorded while routing, or else recomputed from their logits
+        experts = experts if experts else [None] * len(router_logits)
+        stats = [_assignment_stats(logits, top_k, chosen) for logits, chosen in zip(router_logits, experts)]
     if mode in ("pooled", "global_batch", "aux_free"):
         rows = sum(n for _, _, n in stats)
         counts_E, probs_E = sum(c for c, _, _ in stats), sum(p for _, p, _ in stats)

@@ -276,6 +276,10 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
 
 def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     _quiet_lightning()
+    if cfg.trainer.get("accelerator") == "cpu":
+        from dropup.cpu import prepare_cpu_process
+
+        prepare_cpu_process(cfg.trainer.precision)
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))

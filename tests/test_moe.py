@@ -36,12 +36,17 @@ def run_backend(backend, x, layer_state, dtype=torch.float32):
     return y, x.grad, {n: p.grad for n, p in layer.named_parameters()}, layer.tokens_per_expert.clone()
 
 
+@pytest.mark.parametrize("backend", ["grouped", "sliced", "padded"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, {}), (torch.bfloat16, {"atol": 3e-2, "rtol": 3e-2})])
-def test_grouped_equals_loop_outputs_and_gradients(dtype, tol):
+def test_backends_equal_the_loop_in_outputs_and_gradients(backend, dtype, tol):
     state = make_layer("loop").state_dict()
-    x = torch.randn(100, 32)
+    with torch.no_grad():  # uneven loads, one expert left empty: padding and empty slices are exercised
+        state["router.weight"][3] = -100.0
+        state["router.weight"] += 0.5 * torch.arange(8.0)[:, None]
+    x = torch.randn(100, 32).abs()
     ref = run_backend("loop", x, state, dtype)
-    got = run_backend("grouped", x, state, dtype)
+    assert ref[3][3] == 0 and ref[3].max() > 1.5 * ref[3].float().mean()
+    got = run_backend(backend, x, state, dtype)
     assert_close(got[0], ref[0], **tol)
     assert_close(got[1], ref[1], **tol)
     for name in ref[2]:
@@ -71,9 +76,9 @@ def test_the_backend_that_runs_is_probed_and_logged(fresh_probe, dtype, caplog):
 
 
 @pytest.mark.parametrize("broken", ["raises", "wrong"])
-def test_where_the_grouped_gemm_fails_the_loop_runs_instead(fresh_probe, monkeypatch, caplog, broken):
+def test_where_the_grouped_gemm_fails_the_fallback_runs_instead(fresh_probe, monkeypatch, caplog, broken):
     """A kernel that is missing (raises) or wrong (here: zeros) on a device is found by the probe, and the layer
-    then computes the loop's function, and says so."""
+    then computes the loop's function on the fallback backend, and says so."""
     def fake(x, w, offs=None):
         if broken == "raises":
             raise RuntimeError("grouped gemm is not supported on this device")
@@ -88,7 +93,8 @@ def test_where_the_grouped_gemm_fails_the_loop_runs_instead(fresh_probe, monkeyp
         got = run_backend("grouped", x, state)
     assert_close(got[0], ref[0])
     assert_close(got[1], ref[1])
-    assert any("backend loop (torch._grouped_mm does not run here" in r.getMessage() for r in caplog.records)
+    assert any(f"backend {moe_module.FALLBACK} (torch._grouped_mm does not run here" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_an_expert_with_no_tokens_is_fine():
@@ -187,3 +193,52 @@ def test_chunked_cross_entropy_equals_torch(dtype):
     assert_close(ours, ref)
     tol = {} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-2}
     assert_close(ours_grad, logits.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_equals_autograd_of_its_definition(dtype):
+    """The experts' activation (its own backward, to save memory traffic) gives autograd's value and gradient of
+    silu(gate) * up bit for bit, and passes a numerical gradient check in fp64."""
+    import torch.nn.functional as F
+
+    from dropup.moe import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(64, 2 * 40, generator=g)).to(dtype).requires_grad_(True)
+    grad_out = torch.randn(64, 40, generator=g).to(dtype)
+    y = swiglu(h)
+    (got,) = torch.autograd.grad(y, h, grad_out)
+    gate, up = h.chunk(2, dim=-1)
+    y_ref = F.silu(gate) * up
+    (want,) = torch.autograd.grad(y_ref, h, grad_out)
+    assert torch.equal(y, y_ref) and torch.equal(got, want)
+    h64 = torch.randn(6, 8, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(swiglu, (h64,))
+    with torch.no_grad():  # inference takes the plain expression
+        assert torch.equal(swiglu(h), y_ref)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "per_layer", "aux_free"])
+def test_balance_loss_from_routing_equals_the_one_recomputed_from_logits(gqa_model, mode):
+    """The layers record the balance loss's counts and probability sums while routing; the loss (and its
+    gradient) equals the definition recomputed from the logits and the choices made. aux_free's bias makes the
+    choices differ from the logits' top k, so the counts must be those of the experts actually chosen."""
+    from dropup.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(gqa_model, MoEConfig(enabled=True, num_experts=4, top_k=2, lb_mode=mode))
+    if mode == "aux_free":
+        with torch.no_grad():
+            for block in model.layers:
+                block.ffn.expert_bias.copy_(torch.tensor([0.3, -0.3, 0.1, 0.0]))
+    out = model(torch.randint(0, gqa_model.vocab_size, (2, 16)))
+    assert len(out.router_balance) == gqa_model.n_layers
+    recorded = load_balancing_loss(out.router_logits, 2, mode, out.router_experts, out.router_balance)
+    recomputed = load_balancing_loss(out.router_logits, 2, mode, out.router_experts)
+    assert_close(recorded, recomputed)
+    routers = [b.ffn.router.weight for b in model.layers]
+    for got, want in zip(torch.autograd.grad(recorded, routers, retain_graph=True),
+                         torch.autograd.grad(recomputed, routers)):
+        assert_close(got, want)
+    if mode == "aux_free":  # the logits' own top k would count other experts
+        assert not torch.allclose(load_balancing_loss(out.router_logits, 2, mode), recorded)
