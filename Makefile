@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench bench-data bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report granular balancing
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench gpu-wheels bench-data bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report granular balancing
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -107,8 +107,16 @@ test-slurm: install ## the SLURM tests on a local cluster (up, test, down); skip
 test-slow: install ## the slow tests too
 	$(PY) -m pytest -q -m "slow"
 
-bench: install ## MoE layer vs transformers' Mixtral block vs the ideal dense GEMM, bf16 and fp32
-	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype bf16
-	$(PY) benchmarks/moe_layer.py --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2 --dtype fp32
-	$(PY) benchmarks/train_step.py --model small --moe none
-	$(PY) benchmarks/train_step.py --model small --moe mixtral
+MOE_SHAPE = --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2
+bench: install ## MoE layer vs transformers vs the ideal GEMM (bf16 where native, fp32), the fallbacks, MoE vs dense step
+	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype bf16
+	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype fp32
+	@echo "# where no grouped GEMM runs: the alternatives, uneven loads (skew 1: busiest expert ~1.9x the mean)"
+	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype fp32 --skew 1 --also sliced,padded,loop --reps 8
+	$(PY) benchmarks/train_step.py --model small --moe mixtral --compare-dense
+
+gpu-wheels: install ## the wheels benchmarks/gpu.sh needs on the GPU image (hydra-core, omegaconf), into .whl/ (Python 3.12)
+	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 -d .whl \
+	  hydra-core==1.3.2 omegaconf==2.3.0
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: a pure-Python wheel built here

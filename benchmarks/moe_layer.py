@@ -24,7 +24,7 @@ from dropup.config import ModelConfig, MoEConfig
 from dropup.hf import hf_config
 from dropup.moe import MoELayer, swiglu
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class IdealSwiGLU(nn.Module):
@@ -57,12 +57,19 @@ def backend_variant(layer: MoELayer, backend: str) -> MoELayer:
     return variant
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_time(fn, x, params):
     x = x.detach().requires_grad_(True)
+    synchronize(x.device)
     start = time.perf_counter()
     out = fn(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
+    synchronize(x.device)
     elapsed = time.perf_counter() - start
     for p in params:
         p.grad = None
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--also", default="", help="more of our backends to time beside grouped, comma-separated "
@@ -84,27 +92,40 @@ def main() -> None:
     parser.add_argument("--skew", type=float, default=0.0,
                         help="router logits get +skew*e for expert e: uneven loads (0: the random router's)")
     args = parser.parse_args()
-    dtype = DTYPES[args.dtype]
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    if device.type == "cpu":
+        from dropup.cpu import bf16_slowdown, keep_freed_memory
+
+        keep_freed_memory()  # as a CPU training run does
+        if dtype == torch.bfloat16 and bf16_slowdown() > 2.0:
+            reason = f"this CPU emulates bf16 (matrix products {bf16_slowdown():.0f}x slower than fp32)"
+            print(f"bf16 skipped: {reason}; the fp32 line measures the code")
+            print(json.dumps({"dtype": args.dtype, "skipped": reason}))
+            return
     torch.manual_seed(0)
 
     ours = MoELayer(args.d_model, args.d_ff, MoEConfig(enabled=True, num_experts=args.experts, top_k=args.top_k))
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    ours = ours.to(dtype)
+    ours = ours.to(device, dtype)
     theirs, implementation = transformers_block(args, dtype)
+    theirs = theirs.to(device)
     with torch.no_grad():
-        ours.router.weight.add_(args.skew * torch.arange(args.experts, dtype=torch.float32)[:, None]
+        ours.router.weight.add_(args.skew * torch.arange(args.experts, dtype=dtype, device=device)[:, None]
                                 / math.sqrt(args.d_model))  # x ~ N(0, 1): +skew*e/sqrt(D) * sum(x) adds ~skew*e
     theirs.gate.weight.data.copy_(ours.router.weight.data)
     theirs.experts.gate_up_proj.data.copy_(ours.w_gate_up.data)
     theirs.experts.down_proj.data.copy_(ours.w_down.data)
-    ideal = IdealSwiGLU(args.d_model, args.d_ff, args.top_k).to(dtype)
-    x_TD = torch.randn(args.tokens, args.d_model, dtype=dtype)
+    ideal = IdealSwiGLU(args.d_model, args.d_ff, args.top_k).to(device, dtype)
+    x_TD = torch.randn(args.tokens, args.d_model, dtype=dtype, device=device)
 
     with torch.no_grad():  # same weights: same function
         diff = (ours(x_TD)[0].float() - theirs(x_TD[None]).float()[0]).abs().max().item()
         loads = ours.tokens_per_expert.clone()
+        y_ours = ours(x_TD)[0].float()
+        backend_diffs = {f"ours_{b}_max_abs_diff": (backend_variant(ours, b)(x_TD)[0].float() - y_ours).abs().max().item()
+                         for b in filter(None, args.also.split(","))}
 
     candidates = {
         "ours": (ours, list(ours.parameters())),
@@ -129,11 +150,11 @@ def main() -> None:
         **{f"ours_{b}_vs_grouped_speed": round(medians["ours_ms"] / medians[f"ours_{b}_ms"], 3)
            for b in filter(None, args.also.split(","))},
         "tokens_per_expert_max_over_mean": round(float(loads.max() / loads.float().mean()), 3),
-        "max_abs_diff_vs_transformers": diff,
+        "max_abs_diff_vs_transformers": diff, **backend_diffs,
         "transformers_experts_implementation": implementation,
         "dtype": args.dtype,
         "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
-        "top_k": args.top_k, "skew": args.skew, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "top_k": args.top_k, "skew": args.skew, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     for name, t in times.items():
         print(f"{name:>13}: median {statistics.median(t):8.2f} ms  (min {min(t):.2f}, max {max(t):.2f})")
