@@ -132,16 +132,16 @@ def build_model(kind: str, model_cfg, moe_cfg):
 
 
 def measure(steppers: dict[str, Stepper], args, device, gemm_dtype, gemm_n) -> tuple[dict, float]:
-    """Median seconds per step of each stepper, interleaved, and the median GEMM FLOP/s between them."""
+    """Median seconds per step of each stepper, interleaved, and the median GEMM FLOP/s measured before and after
+    them (not between steps: the GEMM's buffers would change what the allocator holds for the steps)."""
+    gemm = [gemm_flops_per_s(device, gemm_dtype, gemm_n) for _ in range(3)]
     times = {name: [] for name in steppers}
-    gemm = []
     for rep in range(args.warmup + args.reps):
         for name, stepper in steppers.items():
             seconds = stepper.step()
             if rep >= args.warmup:
                 times[name].append(seconds)
-        if rep >= args.warmup:
-            gemm.append(gemm_flops_per_s(device, gemm_dtype, gemm_n))
+    gemm += [gemm_flops_per_s(device, gemm_dtype, gemm_n) for _ in range(3)]
     return {name: statistics.median(t) for name, t in times.items()}, statistics.median(gemm)
 
 
@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: glibc's default allocator, not the tuning CPU training runs apply (dropup.cpu)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -204,7 +206,8 @@ def main() -> None:
         try:
             from dropup.cpu import bf16_slowdown, keep_freed_memory
 
-            keep_freed_memory()  # as a CPU training run does
+            if not args.system_malloc:
+                keep_freed_memory()  # as a CPU training run does
         except ImportError:  # an older dropup on PYTHONPATH, for a before/after comparison
             def bf16_slowdown():
                 return 0.0
@@ -217,6 +220,7 @@ def main() -> None:
     peak = datasheet_peak(device)
     torch.manual_seed(0)
     common = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "precision": precision,
+              "malloc": "system" if args.system_malloc or gpu else "kept",
               "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     if args.suite:
@@ -237,14 +241,14 @@ def main() -> None:
         dense_cfg, _ = presets(args.model, "none", args.override)
         steppers["dense"] = Stepper("ours", dense_cfg, None, args, device, autocast)
     medians, gemm = measure(steppers, args, device, gemm_dtype, gemm_n)
-    result = {"model": args.model, "moe": args.moe, **param_counts(model_cfg, moe_cfg)}
+    result = {"model": args.model, "moe_preset": args.moe, **param_counts(model_cfg, moe_cfg)}
     for name, stepper in steppers.items():
         r = rates(stepper, medians[name], gemm, peak)
         result[name] = r
         print(f"{args.model}/{name} ({precision}): {r['tokens_per_s']} tokens/s, "
               f"{r['model_tflops_per_s'] * 1e3:.1f} model GFLOP/s = {r['mfu']:.1%} of a {precision} {gemm_n}^2 GEMM "
               f"({gemm / 1e9:.1f} GFLOP/s)")
-    if "moe" in result and "dense" in result:
+    if set(steppers) == {"moe", "dense"}:
         result["moe_vs_dense"] = round(result["moe"]["mfu"] / result["dense"]["mfu"], 3)
         print(f"MoE step's model-FLOP rate / dense step's: {result['moe_vs_dense']}")
     result.update(**common, gemm_gflops_per_s=round(gemm / 1e9, 1), batch_size=args.batch_size, seq_len=args.seq_len)

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end at tiny shapes on the CPU (the GPU suite included), so a device run
+finds them working; their figures are not checked here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.n_layers=1", "model.d_model=32", "model.d_ff=64", "model.vocab_size=256", "model.n_heads=2",
+        "model.n_kv_heads=1"]
+
+
+def run_json_lines(*args) -> list[dict]:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes():
+    overrides = [arg for o in TINY for arg in ("--override", o)]
+    lines = run_json_lines("benchmarks/train_step.py", "--suite", "gpu", "--device", "cpu", "--precision", "fp32",
+                           "--seq-len", "16", "--batch-size", "2", "--reps", "1", "--warmup", "1", *overrides)
+    configs, summary = lines[:-1], lines[-1]
+    assert [c["config"] for c in configs] == ["152m-dense", "8x152m-moe", "1.5b-6L-dense", "8x1.5b-6L-moe"]
+    for line in configs:
+        assert line["tokens_per_s"] > 0 and line["hf_tokens_per_s"] > 0 and line["mfu"] > 0
+        assert line["speedup_vs_hf"] == round(line["tokens_per_s"] / line["hf_tokens_per_s"], 3)
+    moe = configs[1]
+    assert moe["total_params"] > moe["active_params"]  # the MoE config really is one
+    assert set(summary["moe_mfu_vs_dense"]) == {"152m", "1.5b-6L"}
+
+
+def test_the_cpu_step_benchmark_compares_moe_with_dense():
+    overrides = [arg for o in TINY for arg in ("--override", o)]
+    (result,) = run_json_lines("benchmarks/train_step.py", "--model", "small", "--moe", "mixtral", "--compare-dense",
+                               "--precision", "fp32", "--seq-len", "16", "--batch-size", "2", "--reps", "1",
+                               "--warmup", "1", *overrides)
+    assert result["moe_vs_dense"] == round(result["moe"]["mfu"] / result["dense"]["mfu"], 3)
+
+
+def test_the_layer_benchmark_checks_every_fallback_against_grouped():
+    (result,) = run_json_lines("benchmarks/moe_layer.py", "--tokens", "64", "--d-model", "32", "--d-ff", "48",
+                               "--dtype", "fp32", "--reps", "1", "--warmup", "1", "--skew", "1",
+                               "--also", "sliced,padded,loop")
+    for backend in ("sliced", "padded", "loop"):
+        assert result[f"ours_{backend}_max_abs_diff"] < 1e-5
+        assert result[f"ours_{backend}_ms"] > 0
+    assert result["tokens_per_expert_max_over_mean"] > 1.2  # the skew made loads uneven
