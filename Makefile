@@ -116,7 +116,7 @@ bench: install ## MoE layer vs transformers vs the ideal GEMM (bf16 where native
 	$(PY) benchmarks/train_step.py --model small --moe mixtral --compare-dense
 
 gpu-wheels: install ## the wheels benchmarks/gpu.sh needs on the GPU image (hydra-core, omegaconf), into .whl/ (Python 3.12)
-	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	mkdir -p .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux2014_x86_64 -d .whl \
 	  hydra-core==1.3.2 omegaconf==2.3.0
-	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: a pure-Python wheel built here
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: a pure-Python wheel built here

@@ -94,10 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     if device.type == "cpu":
-        from dropup.cpu import bf16_slowdown, keep_freed_memory
+        from dropup.cpu import BF16_EMULATED_ABOVE, bf16_slowdown, keep_freed_memory
 
         keep_freed_memory()  # as a CPU training run does
-        if dtype == torch.bfloat16 and bf16_slowdown() > 2.0:
+        if dtype == torch.bfloat16 and bf16_slowdown() > BF16_EMULATED_ABOVE:
             reason = f"this CPU emulates bf16 (matrix products {bf16_slowdown():.0f}x slower than fp32)"
             print(f"bf16 skipped: {reason}; the fp32 line measures the code")
             print(json.dumps({"dtype": args.dtype, "skipped": reason}))

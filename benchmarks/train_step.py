@@ -13,7 +13,9 @@ warm-up and reported as a median. The last line printed is one JSON object.
 of their model-FLOP rates. `--suite gpu` runs the 152m preset and the 1.5b widths at 6 layers (so that the MoE,
 its AdamW state and its activations fit one 80 GB GPU), dense and 8x top-2 MoE, sequence length 4096, 4
 sequences per step, each beside the same step of transformers' LlamaForCausalLM / MixtralForCausalLM (its
-default experts implementation), one model in memory at a time; one JSON line per configuration.
+default experts implementation, `grouped_mm`, which casts the tokens to the weights' dtype and so runs the experts
+in fp32 under autocast over fp32 weights; for the MoEs its `eager` per-expert loop, which autocasts, is timed too),
+one model in memory at a time; one JSON line per configuration.
 `--precision auto` is bf16 autocast on a GPU and on a CPU with native bf16, and fp32 on a CPU that emulates bf16
 (there a bf16 step is two orders of magnitude slower and says nothing about the code).
 """
@@ -118,6 +120,8 @@ class Stepper:
 
 
 def build_model(kind: str, model_cfg, moe_cfg):
+    """Ours, or transformers' class of the same architecture (`hf`: its default experts implementation; `hf_eager`:
+    its per-expert loop of `F.linear`s)."""
     if kind == "ours":
         from dropup.model import Transformer
 
@@ -128,6 +132,8 @@ def build_model(kind: str, model_cfg, moe_cfg):
 
     config = hf_config(model_cfg, moe_cfg)
     config._attn_implementation = "sdpa"  # ours runs scaled_dot_product_attention too
+    if kind == "hf_eager":
+        config._experts_implementation = "eager"
     return getattr(transformers, causal_lm_class(config.model_type))(config)
 
 
@@ -162,12 +168,23 @@ def rates(stepper: Stepper, seconds: float, gemm: float, peak: float | None) -> 
     return out
 
 
+def hf_default_experts() -> str:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tiny = MixtralConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, num_local_experts=2)
+    return MixtralForCausalLM(tiny).config._experts_implementation
+
+
 def run_suite(args, device, autocast, gemm_dtype, gemm_n, peak) -> list[dict]:
     lines = []
     for label, model, moe, overrides in GPU_SUITE:
         model_cfg, moe_cfg = presets(model, moe, overrides + args.override)
         results = {}
-        for kind in ("ours", "hf"):  # one model in memory at a time
+        # transformers' default (grouped_mm) casts the tokens to the weights' dtype: under autocast over fp32
+        # weights its experts run in fp32. Its eager loop's F.linear autocasts to bf16, so it is timed too.
+        kinds = ("ours", "hf", "hf_eager") if moe_cfg is not None else ("ours", "hf")
+        for kind in kinds:  # one model in memory at a time
             stepper = Stepper(kind, model_cfg, moe_cfg, args, device, autocast)
             medians, gemm = measure({kind: stepper}, args, device, gemm_dtype, gemm_n)
             results[kind] = {**rates(stepper, medians[kind], gemm, peak), "peak_mem_gib": peak_memory_gib(stepper)}
@@ -175,6 +192,10 @@ def run_suite(args, device, autocast, gemm_dtype, gemm_n, peak) -> list[dict]:
         ours, hf = results["ours"], results["hf"]
         line = {"config": label, **ours, "hf_tokens_per_s": hf["tokens_per_s"], "hf_mfu": hf["mfu"],
                 "hf_peak_mem_gib": hf["peak_mem_gib"], "speedup_vs_hf": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
+                **({"hf_experts_implementation": hf_default_experts(), "hf_eager_tokens_per_s":
+                    results["hf_eager"]["tokens_per_s"], "hf_eager_peak_mem_gib": results["hf_eager"]["peak_mem_gib"],
+                    "speedup_vs_hf_eager": round(ours["tokens_per_s"] / results["hf_eager"]["tokens_per_s"], 3)}
+                   if "hf_eager" in results else {}),
                 **param_counts(model_cfg, moe_cfg), "layers": model_cfg.n_layers, "seq_len": args.seq_len,
                 "micro_batch": args.batch_size, "gemm_tflops_per_s": round(gemm / 1e12, 1)}
         print(json.dumps(line), flush=True)
@@ -202,25 +223,26 @@ def main() -> None:
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (4 if args.suite else 16)
     args.seq_len = args.seq_len or (4096 if args.suite else 256)
+    malloc, bf16_emulated = "system", False
     if device.type == "cpu":
         try:
-            from dropup.cpu import bf16_slowdown, keep_freed_memory
+            from dropup import cpu
 
-            if not args.system_malloc:
-                keep_freed_memory()  # as a CPU training run does
+            if not args.system_malloc and cpu.keep_freed_memory():  # as a CPU training run does
+                malloc = "kept"
+            bf16_emulated = args.precision == "auto" and cpu.bf16_slowdown() > cpu.BF16_EMULATED_ABOVE
         except ImportError:  # an older dropup on PYTHONPATH, for a before/after comparison
-            def bf16_slowdown():
-                return 0.0
+            pass
     precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if gpu or bf16_slowdown() < 1.0 else "fp32"
+    if precision == "auto":  # bf16 unless this is a CPU that emulates it
+        precision = "fp32" if bf16_emulated else "bf16"
     autocast = precision == "bf16"
     gemm_dtype = torch.bfloat16 if autocast else torch.float32
     gemm_n = 8192 if gpu else 2048
     peak = datasheet_peak(device)
     torch.manual_seed(0)
     common = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "precision": precision,
-              "malloc": "system" if args.system_malloc or gpu else "kept",
+              "malloc": malloc,
               "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     if args.suite:

@@ -76,7 +76,8 @@ class _SwiGLUFused(torch.autograd.Function):
     of the experts costs on a CPU. Only the input is saved (silu(gate) is recomputed in the backward, so the
     layer keeps one (A, F) activation less), the forward multiplies in place, and the backward writes both
     halves' gradients straight into one (A, 2F) tensor where autograd would concatenate two. Value and gradient
-    equal autograd's of `F.silu(gate) * up` bit for bit: the same kernels on the same inputs."""
+    equal autograd's of `F.silu(gate) * up` bit for bit for a contiguous incoming gradient (what training passes:
+    the same kernels on the same inputs); a transposed one may differ in the last bit."""
 
     @staticmethod
     def forward(ctx, h_A2F: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _dispatch(x_TD, weights_TK, experts_TK, counts_E, expert_fn):
     out_AD = expert_fn(x_TD.index_select(0, order_A // K), counts_E)
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    out_TKD = out_AD.index_select(0, inverse_A).view(T, K, -1)
+    out_TKD = out_AD.index_select(0, inverse_A).view(T, K, out_AD.shape[-1])
     return combine(weights_TK, out_TKD, x_TD.dtype)
 
 
@@ -175,10 +176,11 @@ def experts_padded(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, cou
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=x_AD.shape[0])
         row_A = expert_A * capacity + torch.arange(x_AD.shape[0], device=x_AD.device) - starts_E[expert_A]
-        x_ECD = x_AD.new_zeros(E * capacity, x_AD.shape[1]).index_copy(0, row_A, x_AD).view(E, capacity, -1)
+        D = x_AD.shape[1]
+        x_ECD = x_AD.new_zeros(E * capacity, D).index_copy(0, row_A, x_AD).view(E, capacity, D)
         h_EC2F = torch.bmm(x_ECD, w_gate_up_E2FD.transpose(-2, -1))
         out_ECD = torch.bmm(swiglu(h_EC2F), w_down_EDF.transpose(-2, -1))
-        return out_ECD.reshape(E * capacity, -1).index_select(0, row_A)
+        return out_ECD.reshape(E * capacity, D).index_select(0, row_A)
 
     return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
 

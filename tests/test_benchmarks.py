@@ -28,6 +28,8 @@ def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes():
         assert line["speedup_vs_hf"] == round(line["tokens_per_s"] / line["hf_tokens_per_s"], 3)
     moe = configs[1]
     assert moe["total_params"] > moe["active_params"]  # the MoE config really is one
+    assert moe["hf_eager_tokens_per_s"] > 0 and moe["hf_experts_implementation"]
+    assert "hf_eager_tokens_per_s" not in configs[0]
     assert set(summary["moe_mfu_vs_dense"]) == {"152m", "1.5b-6L"}
 
 

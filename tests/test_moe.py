@@ -107,6 +107,12 @@ def test_an_expert_with_no_tokens_is_fine():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("backend", ["grouped", "sliced", "padded", "loop"])
+def test_no_tokens_give_no_output(backend):
+    y, logits = make_layer(backend)(torch.zeros(0, 32))
+    assert y.shape == (0, 32) and logits.shape == (0, 8)
+
+
 def test_autocast_bf16_runs_grouped_in_bf16():
     layer = make_layer("grouped")
     with torch.autocast("cpu", dtype=torch.bfloat16):
