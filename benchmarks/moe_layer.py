@@ -22,7 +22,7 @@ from torch import nn
 
 from dropup.config import ModelConfig, MoEConfig
 from dropup.hf import hf_config
-from dropup.moe import MoELayer, swiglu
+from dropup.moe import SORTED_GEMMS, MoELayer, swiglu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,6 +57,14 @@ def backend_variant(layer: MoELayer, backend: str) -> MoELayer:
     return variant
 
 
+def backend_list(text: str) -> list[str]:
+    backends = [b for b in text.split(",") if b]
+    unknown = [b for b in backends if b not in (*SORTED_GEMMS, "loop")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}: choose from {[*SORTED_GEMMS, 'loop']}")
+    return backends
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,8 +95,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--also", default="", help="more of our backends to time beside grouped, comma-separated "
-                        "(sliced,padded,loop: the candidates where no grouped GEMM runs)")
+    parser.add_argument("--also", type=backend_list, default=[], help="more of our backends to time beside "
+                        "grouped, comma-separated (sliced,padded,loop: the candidates where no grouped GEMM runs)")
     parser.add_argument("--skew", type=float, default=0.0,
                         help="router logits get +skew*e for expert e: uneven loads (0: the random router's)")
     args = parser.parse_args()
@@ -121,16 +129,16 @@ def main() -> None:
     x_TD = torch.randn(args.tokens, args.d_model, dtype=dtype, device=device)
 
     with torch.no_grad():  # same weights: same function
-        diff = (ours(x_TD)[0].float() - theirs(x_TD[None]).float()[0]).abs().max().item()
-        loads = ours.tokens_per_expert.clone()
         y_ours = ours(x_TD)[0].float()
+        loads = ours.tokens_per_expert.clone()
+        diff = (y_ours - theirs(x_TD[None]).float()[0]).abs().max().item()
         backend_diffs = {f"ours_{b}_max_abs_diff": (backend_variant(ours, b)(x_TD)[0].float() - y_ours).abs().max().item()
-                         for b in filter(None, args.also.split(","))}
+                         for b in args.also}
 
     candidates = {
         "ours": (ours, list(ours.parameters())),
         **{f"ours_{backend}": (backend_variant(ours, backend), list(ours.parameters()))
-           for backend in filter(None, args.also.split(","))},
+           for backend in args.also},
         "transformers": (lambda x: theirs(x[None]), list(theirs.parameters())),
         "ideal": (ideal, list(ideal.parameters())),
     }
@@ -148,7 +156,7 @@ def main() -> None:
         "ours_vs_transformers_speed": round(medians["transformers_ms"] / medians["ours_ms"], 3),
         "ours_gflops": round(flops / medians["ours_ms"] / 1e6, 1),
         **{f"ours_{b}_vs_grouped_speed": round(medians["ours_ms"] / medians[f"ours_{b}_ms"], 3)
-           for b in filter(None, args.also.split(","))},
+           for b in args.also},
         "tokens_per_expert_max_over_mean": round(float(loads.max() / loads.float().mean()), 3),
         "max_abs_diff_vs_transformers": diff, **backend_diffs,
         "transformers_experts_implementation": implementation,

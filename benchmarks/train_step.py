@@ -88,10 +88,11 @@ class Stepper:
         self.tokens = args.batch_size * args.seq_len
         with torch.device(device):
             self.model = build_model(kind, model_cfg, moe_cfg)
-        params = list(self.model.parameters())
-        self.params = params
+        # transformers' config names the experts implementation it runs (None for ours and for dense models)
+        self.experts_implementation = getattr(getattr(self.model, "config", None), "_experts_implementation", None)
+        self.params = list(self.model.parameters())
         fused = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **fused)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **fused)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, model_cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
 
@@ -168,14 +169,6 @@ def rates(stepper: Stepper, seconds: float, gemm: float, peak: float | None) -> 
     return out
 
 
-def hf_default_experts() -> str:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    tiny = MixtralConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, num_local_experts=2)
-    return MixtralForCausalLM(tiny).config._experts_implementation
-
-
 def run_suite(args, device, autocast, gemm_dtype, gemm_n, peak) -> list[dict]:
     lines = []
     for label, model, moe, overrides in GPU_SUITE:
@@ -188,11 +181,13 @@ def run_suite(args, device, autocast, gemm_dtype, gemm_n, peak) -> list[dict]:
             stepper = Stepper(kind, model_cfg, moe_cfg, args, device, autocast)
             medians, gemm = measure({kind: stepper}, args, device, gemm_dtype, gemm_n)
             results[kind] = {**rates(stepper, medians[kind], gemm, peak), "peak_mem_gib": peak_memory_gib(stepper)}
+            if stepper.experts_implementation:
+                results[kind]["experts_implementation"] = stepper.experts_implementation
             stepper.close()
         ours, hf = results["ours"], results["hf"]
         line = {"config": label, **ours, "hf_tokens_per_s": hf["tokens_per_s"], "hf_mfu": hf["mfu"],
                 "hf_peak_mem_gib": hf["peak_mem_gib"], "speedup_vs_hf": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
-                **({"hf_experts_implementation": hf_default_experts(), "hf_eager_tokens_per_s":
+                **({"hf_experts_implementation": hf["experts_implementation"], "hf_eager_tokens_per_s":
                     results["hf_eager"]["tokens_per_s"], "hf_eager_peak_mem_gib": results["hf_eager"]["peak_mem_gib"],
                     "speedup_vs_hf_eager": round(ours["tokens_per_s"] / results["hf_eager"]["tokens_per_s"], 3)}
                    if "hf_eager" in results else {}),

@@ -105,7 +105,7 @@ def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_AF) * up_AF
 
 
-def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E=None):
+def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK):
     """Reference: one pair of matmuls per expert over the tokens routed to it."""
     y_TD = torch.zeros_like(x_TD)
     for e in range(w_gate_up_E2FD.shape[0]):
@@ -118,17 +118,17 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, count
     return y_TD
 
 
-def _dispatch(x_TD, weights_TK, experts_TK, counts_E, expert_fn):
-    """Sort assignments by expert, run `expert_fn(x_sorted_AD, counts_E)`, then combine each token's k outputs.
+def experts_sorted(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E, gemms):
+    """Sort assignments by expert, run the experts as `gemms(x_sorted_AD, counts_E, w_gate_up, w_down)` (one of
+    `SORTED_GEMMS`), then combine each token's k outputs.
 
     Gather and un-sort are `index_select`s (their backward is a plain index_add, cheaper than indexing's
     accumulate-put), and the weighted sum of a token's k outputs is one batched matmul: no scatter-add, so the
     result is deterministic on every device.
     """
     T, K = experts_TK.shape
-    flat_A = experts_TK.reshape(-1)
-    order_A = torch.argsort(flat_A, stable=True)
-    out_AD = expert_fn(x_TD.index_select(0, order_A // K), counts_E)
+    order_A = torch.argsort(experts_TK.reshape(-1), stable=True)
+    out_AD = gemms(x_TD.index_select(0, order_A // K), counts_E, w_gate_up_E2FD, w_down_EDF)
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     out_TKD = out_AD.index_select(0, inverse_A).view(T, K, out_AD.shape[-1])
@@ -142,51 +142,40 @@ def combine(weights_TK: torch.Tensor, out_TKD: torch.Tensor, dtype: torch.dtype)
         return torch.bmm(weights_TK.float().unsqueeze(1), out_TKD.float()).squeeze(1).to(dtype)
 
 
-def experts_grouped(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
-    """Dropless dispatch with native grouped GEMMs over expert-sorted tokens."""
+# The experts over expert-sorted tokens x_AD (counts_E rows per expert, in expert order), one function per backend.
 
-    def run(x_AD, counts_E):
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_AF = swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
-        return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
-
-    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+def grouped_gemms(x_AD, counts_E, w_gate_up_E2FD, w_down_EDF):
+    """Native grouped GEMMs (`torch._grouped_mm`)."""
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    h_AF = swiglu(torch._grouped_mm(x_AD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
+    return torch._grouped_mm(h_AF, w_down_EDF.transpose(-2, -1), offs=offs_E)
 
 
-def experts_sliced(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
-    """The sorted dispatch with one plain matmul pair per expert on its contiguous slice of the sorted tokens: the
-    grouped GEMM written out, for devices and dtypes without that kernel (one host sync for the counts)."""
-
-    def run(x_AD, counts_E):
-        # unbind, not w[e]: indexing a stacked parameter E times costs E full-size zero gradients in the backward
-        pairs = zip(x_AD.split(counts_E.tolist()), w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0))
-        return torch.cat([F.linear(swiglu(F.linear(x_nD, w_gate_up_2FD)), w_down_DF)
-                          for x_nD, w_gate_up_2FD, w_down_DF in pairs])
-
-    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+def sliced_gemms(x_AD, counts_E, w_gate_up_E2FD, w_down_EDF):
+    """One plain matmul pair per expert on its contiguous slice: the grouped GEMM written out, for devices and
+    dtypes without that kernel (one host sync for the counts)."""
+    # unbind, not w[e]: indexing a stacked parameter E times costs E full-size zero gradients in the backward
+    pairs = zip(x_AD.split(counts_E.tolist()), w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0))
+    return torch.cat([F.linear(swiglu(F.linear(x_nD, w_gate_up_2FD)), w_down_DF)
+                      for x_nD, w_gate_up_2FD, w_down_DF in pairs])
 
 
-def experts_padded(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
-    """The sorted dispatch padded to the busiest expert's count C, as two batched GEMMs over (E, C, D): the
-    fewest kernel launches, at the cost of E * C - A rows of zeros (more when routing is uneven)."""
-    E = w_gate_up_E2FD.shape[0]
-
-    def run(x_AD, counts_E):
-        capacity = int(counts_E.max())
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=x_AD.shape[0])
-        row_A = expert_A * capacity + torch.arange(x_AD.shape[0], device=x_AD.device) - starts_E[expert_A]
-        D = x_AD.shape[1]
-        x_ECD = x_AD.new_zeros(E * capacity, D).index_copy(0, row_A, x_AD).view(E, capacity, D)
-        h_EC2F = torch.bmm(x_ECD, w_gate_up_E2FD.transpose(-2, -1))
-        out_ECD = torch.bmm(swiglu(h_EC2F), w_down_EDF.transpose(-2, -1))
-        return out_ECD.reshape(E * capacity, D).index_select(0, row_A)
-
-    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+def padded_gemms(x_AD, counts_E, w_gate_up_E2FD, w_down_EDF):
+    """Every expert padded to the busiest one's count C, as two batched GEMMs over (E, C, D): the fewest kernel
+    launches, at the cost of E * C - A rows of zeros (more when routing is uneven)."""
+    (E,), (A, D) = counts_E.shape, x_AD.shape
+    capacity = int(counts_E.max())
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=A)
+    row_A = expert_A * capacity + torch.arange(A, device=x_AD.device) - starts_E[expert_A]
+    x_ECD = x_AD.new_zeros(E * capacity, D).index_copy(0, row_A, x_AD).view(E, capacity, D)
+    h_EC2F = torch.bmm(x_ECD, w_gate_up_E2FD.transpose(-2, -1))
+    out_ECD = torch.bmm(swiglu(h_EC2F), w_down_EDF.transpose(-2, -1))
+    return out_ECD.reshape(E * capacity, D).index_select(0, row_A)
 
 
-def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK, counts_E):
-    """The same sorted dispatch on megablocks' grouped GEMM kernel (optional dependency; CUDA only)."""
+def megablocks_gemms(x_AD, counts_E, w_gate_up_E2FD, w_down_EDF):
+    """megablocks' grouped GEMM kernel (optional dependency; CUDA only)."""
     try:
         from megablocks import grouped_gemm_util as gg
     except ImportError as err:  # pragma: no cover - exercised only where megablocks is absent
@@ -194,17 +183,13 @@ def experts_megablocks(x_TD, w_gate_up_E2FD, w_down_EDF, weights_TK, experts_TK,
             "moe.backend=megablocks needs the optional megablocks package (CUDA only); "
             "install it or use moe.backend=grouped"
         ) from err
-
-    def run(x_AD, counts_E):
-        batch_sizes = counts_E.cpu()
-        h_AF = swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
-        return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
-
-    return _dispatch(x_TD, weights_TK, experts_TK, counts_E, run)
+    batch_sizes = counts_E.cpu()
+    h_AF = swiglu(gg.ops.gmm(x_AD, w_gate_up_E2FD, batch_sizes, trans_b=True))
+    return gg.ops.gmm(h_AF, w_down_EDF, batch_sizes, trans_b=True)
 
 
-BACKEND_FNS = {"grouped": experts_grouped, "loop": experts_loop, "sliced": experts_sliced, "padded": experts_padded,
-               "megablocks": experts_megablocks}
+SORTED_GEMMS = {"grouped": grouped_gemms, "sliced": sliced_gemms, "padded": padded_gemms,
+                "megablocks": megablocks_gemms}
 
 
 @functools.cache
@@ -308,7 +293,10 @@ class MoELayer(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         backend = effective_backend(self.backend, x_TD)
-        y_TD = BACKEND_FNS[backend](x_TD, w_gate_up, w_down, weights_TK, experts_TK, counts_E)
+        if backend == "loop":
+            y_TD = experts_loop(x_TD, w_gate_up, w_down, weights_TK, experts_TK)
+        else:
+            y_TD = experts_sorted(x_TD, w_gate_up, w_down, weights_TK, experts_TK, counts_E, SORTED_GEMMS[backend])
         with torch.no_grad():
             self.tokens_per_expert.copy_(counts_E)
         return y_TD, logits_TE

@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+import torch
 
 from dropup import cpu
 
@@ -36,5 +37,13 @@ def test_bf16_on_a_cpu_that_emulates_it_gets_one_line_with_the_fix(monkeypatch, 
     assert not [line for line in said if "bf16" in line]
 
 
-def test_the_bf16_probe_measures_a_ratio():
-    assert cpu.bf16_slowdown() > 0
+def test_the_bf16_probe_is_the_ratio_of_the_best_times(monkeypatch):
+    """Best of three per dtype (a first slow run, e.g. a cold cache, must not count): a mean or a worst time,
+    or the ratio inverted, gives another number."""
+    times = {torch.float32: iter([0.9, 0.1, 0.2]), torch.bfloat16: iter([5.0, 3.0, 4.0])}
+    monkeypatch.setattr(cpu, "_matmul_seconds", lambda dtype, n: next(times[dtype]))
+    cpu.bf16_slowdown.cache_clear()
+    try:
+        assert cpu.bf16_slowdown() == pytest.approx(30.0)
+    finally:
+        cpu.bf16_slowdown.cache_clear()
