@@ -97,14 +97,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--also", type=backend_list, default=[], help="more of our backends to time beside "
                         "grouped, comma-separated (sliced,padded,loop: the candidates where no grouped GEMM runs)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: glibc's default allocator, not the tuning CPU training runs apply (dropup.cpu)")
     parser.add_argument("--skew", type=float, default=0.0,
                         help="router logits get +skew*e for expert e: uneven loads (0: the random router's)")
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    malloc = "system"
     if device.type == "cpu":
         from dropup.cpu import BF16_EMULATED_ABOVE, bf16_slowdown, keep_freed_memory
 
-        keep_freed_memory()  # as a CPU training run does
+        if not args.system_malloc and keep_freed_memory():  # as a CPU training run does
+            malloc = "kept"
         if dtype == torch.bfloat16 and bf16_slowdown() > BF16_EMULATED_ABOVE:
             reason = f"this CPU emulates bf16 (matrix products {bf16_slowdown():.0f}x slower than fp32)"
             print(f"bf16 skipped: {reason}; the fp32 line measures the code")
@@ -162,7 +166,7 @@ def main() -> None:
         "transformers_experts_implementation": implementation,
         "dtype": args.dtype,
         "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
-        "top_k": args.top_k, "skew": args.skew, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "top_k": args.top_k, "skew": args.skew, "device": str(device), "malloc": malloc, "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     for name, t in times.items():
         print(f"{name:>13}: median {statistics.median(t):8.2f} ms  (min {min(t):.2f}, max {max(t):.2f})")
