@@ -74,6 +74,12 @@ def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
         (run_dir / "results.json").read_text()).get("status") == "completed"
     if run_dir.exists() and (run_dir / "results.json").exists() and done():
         return run_dir
+    from dropup.ddp import external_launch
+
+    if external_launch():
+        raise ConfigError(f"{names['what']} is not trained yet ({run_dir}), and a job whose ranks SLURM or torchrun "
+                          "started cannot train it on the side: train it once in a single-task job (or with "
+                          "trainer=ddp on one node), or pass seed_model=<its run directory>")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(run_dir) + ".lock"):
         if (run_dir / "results.json").exists() and done():

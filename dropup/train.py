@@ -180,6 +180,18 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     run_dir = run_dir_of(cfg)
     if not ddp.is_rank_zero():
         return _train_worker(cfg, run_dir)
+    launch = ddp.external_launch()
+    try:
+        return _train_rank_zero(cfg, run_dir, log, names, explicit_model)
+    except BaseException as err:
+        if launch and not ddp.announced(run_dir, launch):  # the other ranks wait to hear what to train: nothing
+            ddp.announce(run_dir, launch, error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None) -> dict:
+    from dropup import ddp
+
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
     # a SLURM job that was requeued (preempted, timed out, `scontrol requeue`) continues from its checkpoint
@@ -232,6 +244,7 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     write_json_atomic(results_path, results)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
     started = time.perf_counter()
+    launch = ddp.external_launch()
     try:
         data = load_data(cfg, settings["seq_len"], log)
         if data.vocab_size > model_cfg.vocab_size:
@@ -247,9 +260,12 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
         results["provenance"].update(provenance)
         write_json_atomic(results_path, results)
         workers = []
-        if ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes)):
-            if state is not None:  # every rank must start from these exact weights
-                save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "initial.safetensors"))
+        we_launch = ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
+        if (we_launch or launch) and state is not None:  # every rank must start from these exact weights
+            save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "initial.safetensors"))
+        if launch:
+            ddp.announce(run_dir, launch, resume=resuming)
+        if we_launch:
             workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming)
         module, trainer, recorder = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
                                          ckpt if resuming else None)
@@ -283,12 +299,7 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))
-    plugins = []
-    if "SLURM_NTASKS" in os.environ:
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-        # requeueing is submitit's job (hydra/launcher=slurm, max_num_timeout); Lightning's own would be a second one
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins = [_cluster_environment()]
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True), plugins=plugins,
         max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
@@ -305,12 +316,33 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     return module, trainer, recorder
 
 
+def _cluster_environment():
+    """Who started the ranks, said explicitly: Lightning would otherwise take any SLURM job for one whose tasks
+    are its ranks, also where we start the ranks ourselves inside a single-task allocation."""
+    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment, \
+        TorchElasticEnvironment
+
+    from dropup import ddp
+
+    launch = ddp.external_launch() or ""
+    if launch.startswith("torchrun") or ("TORCHELASTIC_RUN_ID" in os.environ and "SLURM_NTASKS" not in os.environ):
+        return TorchElasticEnvironment()
+    if launch.startswith("slurm") or ("SLURM_NTASKS" in os.environ and "LOCAL_RANK" not in os.environ):
+        # requeueing is submitit's job (hydra/launcher=slurm, max_num_timeout); Lightning's own would be a second one
+        return SLURMEnvironment(auto_requeue=False)
+    return LightningEnvironment()
+
+
 def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     """Ranks other than 0: the same model, data and steps; rank 0 alone writes the run's files."""
+    from dropup import ddp
+
+    launch = ddp.external_launch()
+    resume = ddp.await_announcement(run_dir, launch) if launch else bool(cfg.get("resume"))
     model_cfg, moe_cfg = architecture(cfg)
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     data = load_data(cfg, settings["seq_len"], log=lambda *_: None)
-    if cfg.get("resume"):  # rank 0 decided: continue from the checkpoint it found
+    if resume:  # rank 0 decided: continue from the checkpoint it found
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, None, run_dir / "checkpoints" / "last.ckpt")
     else:
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, load_file(str(run_dir / "initial.safetensors")), None)
