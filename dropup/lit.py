@@ -46,22 +46,50 @@ class LitLM(L.LightningModule):
         self.model = Transformer(model_cfg, moe_cfg)
         if initial_state is not None:
             self.model.load_state_dict(self.model.complete_state(initial_state), strict=True)
+        self.model.set_activation_checkpointing(bool(train_cfg.get("activation_checkpointing", False)))
         self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
+        self.completes_step = True  # whether the last training_step was its optimizer step's last micro-batch
         self.last_losses: dict[str, float] = {}
         self.last_similarity: list[float] | None = None  # per layer, at the last validation (MoE)
 
     # --- training ---------------------------------------------------------------------------------------------
     def training_step(self, tick, batch_idx):
+        """One micro-batch: rows [k * micro, (k + 1) * micro) of this rank's share of step `global_step`'s batch.
+        Lightning accumulates `accumulate` of them (scaling each loss by 1 / accumulate) per optimizer step."""
+        cfg = self.train_cfg
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        batch = self.train_cfg["batch_size"]
-        per_rank = batch // world
-        x, y = self.data.train_batch(self.global_step, batch, self.data_seed, self.train_cfg["stream"],
-                                     rows=slice(rank * per_rank, (rank + 1) * per_rank))
+        accumulate, micro = cfg["accumulate"], cfg["micro_batch_size"]
+        k = self._micro_index()
+        first = rank * (cfg["batch_size"] // world) + k * micro
+        x, y = self.data.train_batch(self.global_step, cfg["batch_size"], self.data_seed, cfg["stream"],
+                                     rows=slice(first, first + micro))
         losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device))
-        self.last_losses = {k: v.detach() for k, v in losses.items()}
+        # what the step reports: the mean over its micro-batches (equal sizes: the whole batch's mean lm_loss)
+        shares = {name: value.detach() / accumulate for name, value in losses.items()}
+        self.last_losses = shares if k == 0 else {n: self.last_losses[n] + v for n, v in shares.items()}
         if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
-            self._step_load = self.model.tokens_per_expert().clone()
+            load_LE = self.model.tokens_per_expert().clone()
+            self._step_load = load_LE if k == 0 else self._step_load + load_LE
+        self.completes_step = k == accumulate - 1
         return losses["loss"]
+
+    def _micro_index(self) -> int:
+        """Which micro-batch of the current optimizer step this is. Counted, not taken from batch_idx: a resumed
+        run restarts the tick stream, and checkpoints are only written between steps, so a step starts at 0."""
+        if getattr(self, "_micro_step", None) != self.global_step:
+            self._micro_step, self._micro_k = self.global_step, 0
+        else:
+            self._micro_k += 1
+        return self._micro_k
+
+    def configure_model(self):
+        """Under `trainer=fsdp` (Lightning's ModelParallelStrategy gives us a device mesh): shard the model."""
+        if self.device_mesh is None or getattr(self, "_sharded", False):
+            return
+        from dropup.fsdp import shard_model
+
+        shard_model(self.model, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")
+        self._sharded = True
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -118,6 +146,25 @@ class LitLM(L.LightningModule):
             metrics["expert_similarity"] = sum(self.last_similarity) / len(self.last_similarity)
         self.model.train(was_training)
         return metrics, (routing or None)
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    """The global L2 norm of the gradients; under FSDP each rank holds a shard of each, so the squared norms of
+    the shards are summed over the ranks."""
+    from dropup.fsdp import is_sharded
+
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return float("nan")
+    sharded = [g.to_local().float().pow(2).sum() for g in grads if is_sharded(g)]
+    whole = [g.float().pow(2).sum() for g in grads if not is_sharded(g)]
+    total = torch.zeros((), device=grads[0].device if not sharded else sharded[0].device)
+    if sharded:
+        total = torch.stack(sharded).sum()
+        torch.distributed.all_reduce(total)
+    if whole:
+        total = total + torch.stack(whole).sum()
+    return total.sqrt().item()
 
 
 class RunRecorder(L.Callback):
@@ -187,10 +234,11 @@ class RunRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         if (trainer.global_step + 1) % self.cfg["log_every"] == 0:
-            norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-            module._grad_norm = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else float("nan")
+            module._grad_norm = grad_norm(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if not module.completes_step:  # a micro-batch inside an optimizer step: nothing to record yet
+            return
         step = trainer.global_step
         if step == self.crash_at_step:
             raise RuntimeError(f"DROPUP_CRASH_AT_STEP={step}: simulated crash (tests kill runs this way)")

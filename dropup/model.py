@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dropup.config import ModelConfig, MoEConfig, check_pair
 from dropup.moe import BalanceStats, MoELayer, SwiGLU, expert_similarity, load_balancing_loss, router_z_loss
@@ -105,6 +107,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm transformer block. Returns the block's output and, for an MoE block, what its router chose
+    (`Routing`), so that nothing outside the call is mutated: with activation checkpointing the block runs twice."""
+
     def __init__(self, cfg: ModelConfig, moe: MoEConfig | None, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -112,16 +117,31 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe is not None and moe.enabled
         self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
+        # Per-block activation checkpointing: keep only the block's input, recompute the rest in the backward.
+        # Applied inside forward, so that hooks on the block's call (FSDP's all-gathers) stay outside the region.
+        self.checkpointing = False
 
-    def forward(self, x_BSD, cos_SK, sin_SK, router_logits: list, router_experts: list | None = None,
-                router_balance: list | None = None):
+    def forward(self, x_BSD, cos_SK, sin_SK):
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BSD, cos_SK, sin_SK, use_reentrant=False)
+        return self._forward(x_BSD, cos_SK, sin_SK)
+
+    def _forward(self, x_BSD, cos_SK, sin_SK):
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
         normed_BSD = self.ffn_norm(h_BSD)
         if not self.is_moe:
-            return h_BSD + self.ffn(normed_BSD)
-        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), router_experts, router_balance)
-        router_logits.append(logits_TE)
-        return h_BSD + y_TD.view_as(h_BSD)
+            return h_BSD + self.ffn(normed_BSD), None
+        experts, balance = [], []
+        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), experts, balance)
+        return h_BSD + y_TD.view_as(h_BSD), Routing(logits_TE, experts[0], balance[0])
+
+
+class Routing(NamedTuple):
+    """One MoE layer's routing in a forward pass: router logits (T, E), chosen experts (T, K), balance inputs."""
+
+    logits_TE: torch.Tensor
+    experts_TK: torch.Tensor
+    balance: BalanceStats
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -199,11 +219,14 @@ class Transformer(nn.Module):
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
         cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg, tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS)
-        router_logits: list[torch.Tensor] = []
-        router_experts: list[torch.Tensor] = []
-        router_balance: list[BalanceStats] = []
+        routings: list[Routing] = []
         for block in self.layers:
-            x_BSD = block(x_BSD, cos_SK, sin_SK, router_logits, router_experts, router_balance)
+            x_BSD, routing = block(x_BSD, cos_SK, sin_SK)
+            if routing is not None:
+                routings.append(routing)
+        router_logits = [r.logits_TE for r in routings]
+        router_experts = [r.experts_TK for r in routings]
+        router_balance = [r.balance for r in routings]
         normed_BSD = self.norm(x_BSD)
         logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
         return ModelOutput(logits_BSV, router_logits, router_experts, router_balance)
@@ -224,6 +247,12 @@ class Transformer(nn.Module):
                 result["z_loss"] = z
                 result["loss"] = result["loss"] + self.moe.z_coef * z
         return result
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Per block: keep each block's input only and recompute its activations in the backward (same numbers,
+        about a third more compute)."""
+        for block in self.layers:
+            block.checkpointing = enabled
 
     def update_expert_bias(self, load_LE: torch.Tensor) -> None:
         """aux_free: every layer's bias step from the (layers, experts) loads of one optimizer step."""
@@ -249,7 +278,10 @@ class Transformer(nn.Module):
 
     def expert_similarity(self) -> list[float]:
         """Per layer, the experts' mean pairwise cosine similarity (`dropup.moe.expert_similarity`)."""
-        return [expert_similarity(b.ffn.w_gate_up, b.ffn.w_down, self.moe.granularity) for b in self.layers]
+        from dropup.fsdp import full  # sharded under trainer=fsdp: gathered layer by layer (every rank calls this)
+
+        return [expert_similarity(full(b.ffn.w_gate_up), full(b.ffn.w_down), self.moe.granularity)
+                for b in self.layers]
 
     def tokens_per_expert(self) -> torch.Tensor:
         """(layers, experts) assignment counts of the last forward pass."""

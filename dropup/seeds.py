@@ -44,6 +44,10 @@ KEY_NEUTRAL_AT_DEFAULT = ("family", "tie_embeddings", "rope_scaling", "attn_bias
                           "sliding_window", "sliding_window_from_layer")
 
 
+# how a step is executed, not what it computes (a dense model's gradient does not depend on them): not in the key
+EXECUTION_ONLY = ("micro_batch_size", "activation_checkpointing")
+
+
 def seed_key(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -53,7 +57,8 @@ def seed_key(cfg: DictConfig) -> str:
         if field_name in model and model[field_name] == getattr(defaults, field_name):
             del model[field_name]
     return _hash({"model": model, "data": {**preparation_identity(data), **{k: data.get(k) for k in DATA_USE}},
-                  "recipe": OmegaConf.to_container(cfg.seed_recipe.train, resolve=True),
+                  "recipe": {k: v for k, v in OmegaConf.to_container(cfg.seed_recipe.train, resolve=True).items()
+                             if k not in EXECUTION_ONLY},
                   "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION})
 
 

@@ -44,7 +44,12 @@ class TrainSchema:
     # (null: = tokens), so a run can stop mid-schedule and `resume=true train.tokens=<more>` continues it
     tokens: int = 2_000_000
     schedule_tokens: Optional[int] = None
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per optimizer step, over all ranks
+    # sequences per forward/backward pass on each rank: the rank's share of batch_size is accumulated in
+    # micro-batches of this many (null: all at once). Balance losses are formed per micro-batch.
+    micro_batch_size: Optional[int] = None
+    # per block, keep only its input and recompute its activations in the backward (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: Any = 0.05  # steps (int) or a fraction of the run (float)

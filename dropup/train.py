@@ -79,8 +79,15 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
     if isinstance(warmup, float):  # a fraction of the schedule
         warmup = max(1, int(warmup * schedule_steps))
     stream = train.get("stream") or ("moe" if cfg.moe.enabled else "dense")
+    per_rank = batch // world_size
+    micro = int(train.get("micro_batch_size") or per_rank)
+    if micro < 1 or per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the {per_rank} sequences each of the "
+                          f"{world_size} ranks takes per step (train.batch_size={batch}): choose a divisor of "
+                          f"{per_rank}")
     return {**train, "seq_len": seq_len, "steps": steps, "schedule_tokens": schedule_tokens,
-            "schedule_steps": schedule_steps, "warmup_steps": int(min(warmup, schedule_steps)), "stream": stream}
+            "schedule_steps": schedule_steps, "warmup_steps": int(min(warmup, schedule_steps)), "stream": stream,
+            "micro_batch_size": micro, "accumulate": per_rank // micro}
 
 
 def prepared_data_dir(cfg: DictConfig, log) -> Path:
@@ -252,7 +259,7 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
                               f"{model_cfg.vocab_size}: raise model.vocab_size or data.vocab_size must match")
         results["provenance"].update(corpus_hash=data.manifest["corpus_hash"],
                                      tokenizer_hash=data.manifest["tokenizer_hash"])
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        ckpt = last_checkpoint(run_dir)
         resuming = resume and ckpt.exists()
         state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, strategy, model_cfg, moe_cfg, log)
         if resuming:
@@ -267,12 +274,11 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
             ddp.announce(run_dir, launch, resume=resuming)
         if we_launch:
             workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming)
-        module, trainer, recorder = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
-                                         ckpt if resuming else None)
+        module, trainer, recorder, final_state = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
+                                                      ckpt if resuming else None)
         ddp.wait_workers(workers)
         if trainer.is_global_zero:
-            save_file({k: v.detach().contiguous() for k, v in module.model.state_dict().items()},
-                      str(run_dir / "model.safetensors"))
+            save_file({k: v.detach().contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors"))
         results["metrics"] = dict(recorder.final)
         results["provenance"]["resumed_from_step"] = recorder.resumed_from
         results["routing"] = "routing.json" if (run_dir / "routing.json").exists() else None
@@ -300,9 +306,15 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))
     plugins = [_cluster_environment()]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs["strategy"] == "fsdp":
+        from dropup.fsdp import sharded_strategy
+
+        trainer_kwargs["strategy"] = sharded_strategy(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True), plugins=plugins,
-        max_steps=settings["steps"], gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
+        **trainer_kwargs, plugins=plugins,
+        max_steps=settings["steps"], accumulate_grad_batches=settings["accumulate"],
+        gradient_clip_val=settings["grad_clip"], logger=_loggers(cfg, run_dir),
         callbacks=[recorder, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                              every_n_train_steps=settings["ckpt_every"])]
         + ([RichProgressBar()] if cfg.trainer.enable_progress_bar else []),
@@ -313,7 +325,17 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
     # a checkpoint at the last step, whatever ckpt_every: `resume=true train.tokens=<more>` extends the run from it
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    return module, trainer, recorder
+    from dropup.fsdp import full_state_dict
+
+    state = full_state_dict(module.model)  # gathered from every rank under trainer=fsdp
+    return module, trainer, recorder, state
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint to resume from: `last.ckpt`, or the previous sharded one if a job died while replacing it."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    old = ckpt.with_name(ckpt.name + ".old")
+    return old if not ckpt.exists() and old.exists() else ckpt
 
 
 def _cluster_environment():
@@ -343,7 +365,7 @@ def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     data = load_data(cfg, settings["seq_len"], log=lambda *_: None)
     if resume:  # rank 0 decided: continue from the checkpoint it found
-        _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, None, run_dir / "checkpoints" / "last.ckpt")
+        _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, None, last_checkpoint(run_dir))
     else:
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, load_file(str(run_dir / "initial.safetensors")), None)
     return {}

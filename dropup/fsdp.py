@@ -1,0 +1,145 @@
+"""Sharded data parallelism (`trainer=fsdp`): FSDP2 (`fully_shard`) through Lightning's `ModelParallelStrategy`.
+
+How the model is wrapped, and why:
+- one FSDP unit per transformer block, and the root (embeddings, final norm, LM head) as the last: a block's
+  parameters are all-gathered just before it runs and freed after it (forward and backward), so at any time a
+  rank holds its shards plus about two blocks' full parameters (the next one is prefetched);
+- an MoE block's stacked experts (`w_gate_up` (E, 2F, D), `w_down` (E, D, F)) and its router (E, D) stay in that
+  block's unit: the router's choice and every expert are needed by the same forward, so one all-gather serves
+  them. They are sharded along dim 1, not FSDP's default dim 0: dim 0 is the expert index (8 in the paper), and
+  split 64 ways it would leave 56 of 64 ranks holding nothing while 8 hold a whole expert each. Dim 1 (2F or D,
+  thousands) splits evenly. All other parameters use dim 0;
+- under `trainer.precision=bf16-mixed` the units gather bf16 copies of the fp32 master shards and reduce-scatter
+  gradients in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`): half the gather traffic of
+  fp32, with AdamW updating fp32 shards. Under 32-true everything is fp32;
+- the routing bias of `moe.lb_mode=aux_free` and the routing counts are buffers: replicated, not sharded (every
+  rank applies the same all-reduced update).
+
+Checkpoints of a sharded run are directories, `checkpoints/last.ckpt/`: torch.distributed.checkpoint (DCP) files,
+one `__<rank>_0.distcp` per rank plus `.metadata`, and Lightning's `meta.pt` (step, loops, schedulers). A run
+resumes from it with any number of ranks (DCP reshards on load). `python -m dropup.fsdp <ckpt dir> <out>`
+writes its weights as one `model.safetensors` with the run's own names (what `stage=export` reads); a finished
+run writes that file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EXPERT_DIM_PARAMS = ("w_gate_up", "w_down", "router.weight")  # dim 0 indexes the experts
+
+
+def shard_model(model: nn.Module, mesh, bf16: bool) -> None:
+    """Apply FSDP2 to our `Transformer` in place: one unit per block, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+
+    expert_dim = {id(p) for name, p in model.named_parameters() if name.endswith(EXPERT_DIM_PARAMS)}
+
+    def placement(param: nn.Parameter):
+        return Shard(1) if id(param) in expert_dim else Shard(0)
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank if it is sharded (a collective: every rank must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state on rank 0's CPU (empty elsewhere) if sharded, else its state dict. Collective."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidate(checkpoint: Path, out: Path) -> Path:
+    """A sharded checkpoint directory's model weights as one safetensors file (our names, no optimizer state),
+    written under a temporary name and renamed when complete."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / ".metadata").is_file():
+        raise ValueError(f"{checkpoint} is not a sharded checkpoint (no .metadata inside): pass the run's "
+                         "checkpoints/last.ckpt directory of a trainer=fsdp run")
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(checkpoint, whole)
+        state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {name.removeprefix("model."): tensor.contiguous() for name, tensor in state.items()}
+    partial = out.with_name(out.name + ".partial")
+    save_file(weights, str(partial))
+    partial.replace(out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dropup.fsdp",
+                                     description="Write a sharded (trainer=fsdp) checkpoint's weights as one "
+                                                 "model.safetensors.")
+    parser.add_argument("checkpoint", type=Path, help="a run's checkpoints/last.ckpt directory")
+    parser.add_argument("out", type=Path, help="the safetensors file to write, e.g. <run>/model.safetensors")
+    args = parser.parse_args(argv)
+    try:
+        print(consolidate(args.checkpoint, args.out))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def sharded_strategy(devices: int, num_nodes: int):
+    """Lightning's `ModelParallelStrategy` as pure data parallelism over every rank (FSDP2, no tensor parallelism),
+    its checkpoints written under a temporary name and moved into place when every rank has written its shard."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class ShardedDataParallel(ModelParallelStrategy):
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            path = Path(self.broadcast(str(filepath)))
+            partial = path.with_name(path.name + ".partial")
+            if self.global_rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            self.barrier()
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            self.barrier()
+            if self.global_rank == 0:
+                replace_dir(partial, path)
+            self.barrier()
+
+    return ShardedDataParallel(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move a completed checkpoint directory over the previous one, keeping the previous as `<target>.old` until
+    the new one is in place (a job killed in between resumes from `.old`)."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
