@@ -1,0 +1,169 @@
+"""Scale-out: micro-batches, activation checkpointing, and FSDP2 on two CPU processes (gloo) with a sharded
+checkpoint that resumes after a kill.
+
+Tolerances: runs that split the same fp32 computation differently (micro-batches, ranks) sum in another order,
+so they agree to rounding: losses to 1e-5 relative, weights after 20 AdamW steps to 1e-4 absolute (measured:
+1e-7 and 3e-6). The balance loss is formed per micro-batch and, pooled, per rank, so a run with it differs by
+design; these comparisons train with `moe.lb_coef=0` and compare `lm_loss`.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.model import Transformer
+from dropup.train import train, train_settings
+from test_train import ROOT, config, rows
+
+FP32_NO_BALANCE = ["init=scratch", "trainer.precision=32-true", "moe.lb_coef=0"]
+
+
+def _compare_curves(got_dir, want_dir, columns=("lm_loss", "val_loss", "grad_norm")):
+    got, want = rows(got_dir), rows(want_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for column in columns:
+            assert (g[column] == "") == (w[column] == ""), (column, g["step"])
+            if w[column]:
+                assert float(g[column]) == pytest.approx(float(w[column]), rel=1e-5), (column, g["step"])
+
+
+def test_activation_checkpointing_changes_no_number_and_keeps_less():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, n_layers=2, d_model=32, d_ff=64, n_heads=4, n_kv_heads=2)
+    moe = MoEConfig(enabled=True, num_experts=4, top_k=2, z_coef=1e-3)
+    model = Transformer(cfg, moe)
+    x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+
+    def step(checkpointing: bool):
+        model.set_activation_checkpointing(checkpointing)
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            losses = model.losses(model(x), y)
+        losses["loss"].backward()
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    plain_losses, plain_grads, plain_saved = step(False)
+    ckpt_losses, ckpt_grads, ckpt_saved = step(True)
+    for name in plain_losses:
+        assert torch.equal(plain_losses[name], ckpt_losses[name]), name
+    for name in plain_grads:  # the balance and z losses' router gradients included
+        assert torch.equal(plain_grads[name], ckpt_grads[name]), name
+    assert ckpt_saved < plain_saved / 2  # only each block's input (and the head's logits) are kept
+
+
+def test_micro_batches_give_the_whole_batch_step(tmp_path, store):
+    """8 sequences per step in one pass vs 4 micro-batches of 2 with activation checkpointing: the same curve,
+    gradient norms included. Reading the same rows in every micro-batch, or summing instead of averaging the
+    micro-batches' losses, changes lm_loss or grad_norm at the first logged step."""
+    whole = train(config(tmp_path / "whole", *FP32_NO_BALANCE, *store))
+    micro = train(config(tmp_path / "micro", *FP32_NO_BALANCE, *store, "train.micro_batch_size=2",
+                         "train.activation_checkpointing=true"))
+    _compare_curves(tmp_path / "micro", tmp_path / "whole")
+    assert micro["metrics"]["val_loss"] == pytest.approx(whole["metrics"]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.micro_batch_size=3"], "train.micro_batch_size=3 does not divide the 8 sequences"),
+    (["trainer.devices=2", "train.micro_batch_size=8"], "does not divide the 4 sequences each of the 2 ranks"),
+])
+def test_micro_batch_size_must_divide_each_ranks_share(tmp_path, overrides, message):
+    cfg = config(tmp_path, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        train_settings(cfg, world_size=int(cfg.trainer.devices))
+
+
+def _run_py(*args, env=None):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_kill(tmp_path, store):
+    from dropup.export import export
+    from dropup.fsdp import consolidate
+
+    common = [*FP32_NO_BALANCE, "data=fixture", "model.vocab_size=512", "train.batch_size=8", "train.tokens=10240",
+              "train.log_every=5", "train.val_every=10", "train.ckpt_every=5", "train.val_tokens=2048",
+              "trainer.enable_progress_bar=false", *store]
+    single = train(config(tmp_path / "single", *common))
+    sharded = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", *common,
+               f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    killed = _run_py(*sharded, env={"DROPUP_CRASH_AT_STEP": "15"})
+    assert killed.returncode != 0 and "simulated crash" in killed.stderr
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and (ckpt / ".metadata").is_file()
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+    resumed = _run_py(*sharded, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    import json
+
+    results = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    assert results["status"] == "completed" and results["provenance"]["resumed_from_step"] == 10
+    _compare_curves(tmp_path / "fsdp", tmp_path / "single")
+    assert results["metrics"]["lm_loss"] == pytest.approx(single["metrics"]["lm_loss"], rel=1e-5)
+    weights, reference = load_file(str(tmp_path / "fsdp" / "model.safetensors")), \
+        load_file(str(tmp_path / "single" / "model.safetensors"))
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        assert_close(weights[name], reference[name], atol=1e-4, rtol=0, msg=name)
+    # the final sharded checkpoint holds exactly the weights the run wrote
+    consolidated = load_file(str(consolidate(ckpt, tmp_path / "consolidated.safetensors")))
+    assert consolidated.keys() == weights.keys()
+    assert all(torch.equal(consolidated[name], weights[name]) for name in weights)
+
+    data_dir = Path(store[0].split("=", 1)[1])
+    hf_sharded = load_file(str(export(tmp_path / "fsdp", tmp_path / "hf-fsdp", data_dir) / "model.safetensors"))
+    hf_single = load_file(str(export(tmp_path / "single", tmp_path / "hf-single", data_dir) / "model.safetensors"))
+    assert hf_sharded.keys() == hf_single.keys()
+    for name in hf_single:
+        assert_close(hf_sharded[name], hf_single[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_consolidate_names_a_wrong_path(tmp_path):
+    from dropup.fsdp import main
+
+    (tmp_path / "last.ckpt").write_bytes(b"not a directory checkpoint")
+    assert main([str(tmp_path / "last.ckpt"), str(tmp_path / "out.safetensors")]) == 2
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def _shard_on_rank(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dropup.fsdp import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=16, d_ff=32, n_heads=2, n_kv_heads=2)
+    model = Transformer(cfg, MoEConfig(enabled=True, num_experts=4, top_k=2))
+    shard_model(model, init_device_mesh("cpu", (2,)), bf16=False)
+    torch.save({name: (str(p.placements[0]), tuple(p.to_local().shape)) for name, p in model.named_parameters()},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_shards_experts_and_router_along_dim_1(tmp_path):
+    """Dim 0 of the stacked experts and the router is the expert index: split across more ranks than experts it
+    would leave ranks empty, so those are sharded along dim 1, everything else along dim 0."""
+    import torch.multiprocessing as mp
+
+    from test_methods import _free_port
+
+    mp.spawn(_shard_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        shards = torch.load(tmp_path / f"rank{rank}.pt")
+        assert shards["layers.0.ffn.w_gate_up"] == ("S(1)", (4, 32, 16))  # (E, 2F / 2, D)
+        assert shards["layers.0.ffn.w_down"] == ("S(1)", (4, 8, 32))  # (E, D / 2, F)
+        assert shards["layers.1.ffn.router.weight"] == ("S(1)", (4, 8))
+        assert shards["tok_emb.weight"] == ("S(0)", (32, 16))
+        assert shards["layers.0.attn.wq.weight"] == ("S(0)", (8, 16))
