@@ -198,13 +198,39 @@ def up() -> None:
     for node in nodes():
         if _pid(f"slurmd-{node}") is None:
             _run("slurmd", "-f", conf, "-N", node, env=env)
-    _wait(lambda: _run("sinfo", "-h", "-N", "-o", "%T", check=False, env=env).stdout.split() == ["idle"] * len(nodes()),
-          f"the compute node(s) {', '.join(nodes())}")
+    # every node registered and serving (jobs a previous controller saved may already run on it again)
+    serving = ("idle", "mixed", "allocated", "completing")
+    _wait(lambda: [s in serving for s in _run("sinfo", "-h", "-N", "-o", "%T", check=False, env=env).stdout.split()]
+          == [True] * len(nodes()), f"the compute node(s) {', '.join(nodes())}")
     print(f"[slurm] cluster '{CLUSTER}' is up with node(s) {', '.join(nodes())}: export SLURM_CONF={conf}")
+
+
+def _cancel_jobs() -> int:
+    """Cancel every job of this cluster and wait (up to 30 s) until none is left: stopping slurmd would leave the
+    jobs' slurmstepd and tasks running, orphaned. Returns how many there were."""
+    env = {**os.environ, "SLURM_CONF": str(STATE / "slurm.conf")}
+
+    def queued() -> list[str]:
+        return _run("squeue", "-h", "-o", "%A", check=False, env=env, timeout=30).stdout.split()
+
+    try:
+        jobs = queued()
+        if jobs:
+            _run("scancel", *jobs, check=False, env=env, timeout=30)
+            deadline = time.time() + 30
+            while time.time() < deadline and queued():
+                time.sleep(0.5)
+    except subprocess.TimeoutExpired:  # a stuck controller: stop the daemons anyway
+        return 0
+    return len(jobs)
 
 
 def down() -> None:
     stopped = []
+    if _pid("slurmctld") is not None and (STATE / "slurm.conf").exists():
+        cancelled = _cancel_jobs()
+        if cancelled:
+            print(f"[slurm] cancelled {cancelled} job(s) still on the cluster")
     slurmds = sorted(p.stem for p in (STATE / "run").glob("slurmd*.pid")
                      if p.stem == "slurmd" or p.stem.startswith("slurmd-"))  # slurmd.pid: an older config's
     for name in (*slurmds, "slurmctld", "slurmdbd", "mariadb", "munged"):
