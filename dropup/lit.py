@@ -148,6 +148,42 @@ class LitLM(L.LightningModule):
         return metrics, (routing or None)
 
 
+MEASURED = ("tokens_per_s", "elapsed_s", "peak_mem_gib")  # metrics.csv columns of the machine, not the math
+
+
+class StepMemory:
+    """Peak memory of the training steps, from when training started: on a GPU the allocator's peak
+    (`max_memory_allocated`), on a CPU how far the process's resident set grew beyond what it held when
+    training started (Linux VmHWM - VmRSS then; gradients, optimizer states, activations). None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start = device, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif Path("/proc/self/clear_refs").exists():
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+                self.start = self._status_bytes("VmRSS")
+            except OSError:
+                self.device = None
+
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(f"no {field} in /proc/self/status")
+
+    def peak_bytes(self) -> int | None:
+        if self.device is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.device.type == "cpu" and self.start:
+            return self._status_bytes("VmHWM") - self.start
+        return None
+
+
 def grad_norm(module: torch.nn.Module) -> float:
     """The global L2 norm of the gradients; under FSDP each rank holds a shard of each, so the squared norms of
     the shards are summed over the ranks."""
@@ -178,7 +214,7 @@ class RunRecorder(L.Callback):
         self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains]
         self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization",
                          "expert_similarity"] if is_moe else []
-        self.columns += ["tokens_per_s", "elapsed_s"]
+        self.columns += list(MEASURED)
         self.cfg, self.on_eval = train_cfg, on_eval
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
         # validations beyond every val_every steps: the points an artefact reads off a longer run's curve
@@ -230,6 +266,7 @@ class RunRecorder(L.Callback):
         have_val = trainer.strategy.broadcast(have_val, src=0)
         if step == 0 or (self._validates_at(step) and not have_val):
             self._evaluate(trainer, module)
+        self._memory = StepMemory(module.device)
         self._clock = (time.perf_counter(), step)
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
@@ -251,6 +288,10 @@ class RunRecorder(L.Callback):
                    "grad_norm": getattr(module, "_grad_norm", ""),
                    "tokens_per_s": (step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
                    "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
+            peak = self._memory.peak_bytes()
+            if peak is not None:  # the largest over the ranks
+                row["peak_mem_gib"] = trainer.strategy.reduce(torch.tensor(float(peak), device=module.device),
+                                                              reduce_op="max").item() / 2**30
             self.final.update(train_loss=losses["loss"], lm_loss=losses["lm_loss"],
                               **{k: v for k, v in losses.items() if k == "lb_loss"})
             self._write(trainer, row)

@@ -14,6 +14,7 @@ from omegaconf import open_dict
 from dropup.config import ConfigError
 from dropup.data import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
+from dropup.lit import MEASURED
 from dropup.stages import register_configs
 from dropup.train import train
 
@@ -98,8 +99,8 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, store, monkeypatch):
     assert resumed["metrics"] == reference["metrics"]  # bit-identical on CPU
     assert resumed["provenance"]["seed_model"] == reference["provenance"]["seed_model"] is not None
     assert resumed["provenance"]["resumed_from_step"] > 0
-    ref_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(tmp_path / "ref")]
-    got_rows = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows(crashed)]
+    ref_rows = [{k: v for k, v in r.items() if k not in MEASURED} for r in rows(tmp_path / "ref")]
+    got_rows = [{k: v for k, v in r.items() if k not in MEASURED} for r in rows(crashed)]
     assert got_rows == ref_rows
 
 
