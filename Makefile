@@ -120,3 +120,6 @@ gpu-wheels: install ## the wheels benchmarks/gpu.sh needs on the GPU image (hydr
 	  --implementation cp --platform manylinux2014_x86_64 -d .whl \
 	  hydra-core==1.3.2 omegaconf==2.3.0
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: a pure-Python wheel built here
+
+scaling: install ## memory, micro-batch, communication and run time under FSDP (ARGS="experiment=paper_8x3.7b gpus=64 gpu_mem_gib=80"; without ARGS: rewrite docs/scaling.md's tables)
+	$(PY) -m dropup.scaling $(or $(ARGS),--docs)
