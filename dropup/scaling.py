@@ -36,7 +36,10 @@ a small vocabulary, and:
   head input, the logits the loss saves, targets) are the 1-layer model's minus one layer;
 - every per-token tensor is (tokens x a width), so each coefficient is a + b/s exactly: two factors give the
   full-width value (the tests check that two predict a third and s = 1 exactly, with Fractions);
-- the root's bytes are affine in the vocabulary (the saved logits): a second vocabulary gives the slope.
+- the root's bytes are affine in the vocabulary (the saved logits): a second vocabulary gives the slope;
+- checkpointed, a run keeps what autograd saves outside the blocks plus each block's inputs (non-reentrant
+  checkpointing saves the inputs of its region, nothing inside): read off the same forward passes, and checked
+  in the tests against the model's own checkpointed forward (`Transformer.set_activation_checkpointing`).
 Sliding windows are measured without the window (the GPU kernels keep out + logsumexp either way).
 
 Not measured, stated: the loss's gradient of the logits (T x V in the compute dtype, what ChunkedCrossEntropy's
@@ -92,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
-from dropup.flops import forward_flops_per_sequence, param_counts, train_flops
+from dropup.flops import forward_flops_per_sequence, human_count, param_counts, train_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "scaling.md"
@@ -183,43 +186,97 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: st
     return model
 
 
-def saved_bytes(model, batch: int, seq_len: int, checkpointing: bool = False) -> int:
-    """Bytes autograd saves in one forward pass + loss of `model` (a `build_model`) on `batch` x `seq_len` random
-    tokens: each storage once, parameters excluded. A bf16 model runs under bf16 autocast (Lightning's bf16-mixed
-    over FSDP2's bf16 parameters)."""
+def _forward_saving(model, batch: int, seq_len: int, pack) -> None:
+    """One forward pass + loss of `model` on `batch` x `seq_len` random tokens (fixed seed) with `pack` as the
+    saved-tensor hook. A bf16 model runs under bf16 autocast (Lightning's bf16-mixed over FSDP2's bf16 parameters)."""
     import torch
 
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(checkpointing)
-    elif checkpointing:  # pragma: no cover - an older model.py
-        raise ConfigError("this dropup.model has no activation checkpointing to measure")
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     generator = torch.Generator().manual_seed(batch * 1000 + seq_len)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # storages of their own, as in training
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model.losses(model(inputs), targets)["loss"]
     del loss
+
+
+def _storage(t) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def saved_bytes(model, batch: int, seq_len: int, checkpointing: bool = False) -> int:
+    """Bytes autograd saves in one forward pass + loss of `model` (a `build_model`): each storage once, parameters
+    excluded; with `checkpointing`, through the model's own per-block activation checkpointing."""
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(checkpointing)
+    elif checkpointing:  # pragma: no cover - an older model.py
+        raise ConfigError("this dropup.model has no activation checkpointing to measure")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr, nbytes = _storage(t)
+        if ptr not in params:
+            storages[ptr] = nbytes
+        return t
+
+    _forward_saving(model, batch, seq_len, pack)
     return sum(storages.values())
 
 
-def fit_affine(model, checkpointing: bool, points=SAMPLE_POINTS) -> Affine:
-    """B*S*per_token + S*per_position + const through three measured (B, S) points."""
+def saved_bytes_both(model, batch: int, seq_len: int) -> tuple[int, int]:
+    """(saved bytes, bytes a per-block checkpointed run keeps) from one forward without checkpointing: the second
+    is what autograd saves outside the blocks plus each block's tensor inputs, which is what non-reentrant
+    checkpointing keeps (it saves the inputs of the region it wraps and nothing inside it). The tests check it
+    against `saved_bytes(..., checkpointing=True)` byte for byte."""
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, outside, inputs, depth = {}, {}, {}, [0]
+    alive = []  # the block inputs, held as a checkpoint holds them (else their memory is reused and addresses clash)
+
+    def pack(t):
+        ptr, nbytes = _storage(t)
+        if ptr not in params:
+            (inside if depth[0] else outside)[ptr] = nbytes
+        return t
+
+    def enter(module, args):
+        if not depth[0]:
+            for arg in args:
+                if hasattr(arg, "untyped_storage"):
+                    alive.append(arg)
+                    ptr, nbytes = _storage(arg)
+                    inputs[ptr] = nbytes
+        depth[0] += 1
+
+    def leave(module, args, output):
+        depth[0] -= 1
+
+    handles = [h for block in model.layers for h in (block.register_forward_pre_hook(enter),
+                                                      block.register_forward_hook(leave))]
+    try:
+        _forward_saving(model, batch, seq_len, pack)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum({**inside, **outside}.values()), sum({**outside, **inputs}.values())
+
+
+def fit_affine(model, points=SAMPLE_POINTS) -> tuple[Affine, Affine]:
+    """B*S*per_token + S*per_position + const through three measured (B, S) points, without and with per-block
+    checkpointing."""
     (b1, s1), (b2, _), (_, s3) = points
-    m = [saved_bytes(model, b, s, checkpointing) for b, s in points]
-    per_token = Fraction(m[1] - m[0], (b2 - b1) * s1)
-    per_position = Fraction(m[2] - m[0], s3 - s1) - b1 * per_token
-    return Affine(per_token, per_position, m[0] - b1 * s1 * per_token - s1 * per_position)
+    measured = [saved_bytes_both(model, b, s) for b, s in points]
+
+    def fit(m):
+        per_token = Fraction(m[1] - m[0], (b2 - b1) * s1)
+        per_position = Fraction(m[2] - m[0], s3 - s1) - b1 * per_token
+        return Affine(per_token, per_position, m[0] - b1 * s1 * per_token - s1 * per_position)
+
+    return fit([m[0] for m in measured]), fit([m[1] for m in measured])
 
 
 def scale_factors(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, largest: int = 8) -> tuple[int, ...]:
@@ -250,17 +307,16 @@ def scaled(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, s: int, vocab: int
 MEASURE_VOCABS = (128, 256)
 
 
-def profile_at(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: str, s: int, vocab: int,
-               checkpointing=(False,)) -> dict[bool, tuple[Affine, Affine]]:
-    """For each checkpointing setting: (layer, root) bytes measured on the model scaled by `s` with `vocab`
-    tokens (a 2-layer model minus a 1-layer one, and the 1-layer one minus that layer)."""
-    one = build_model(*scaled(model_cfg, moe_cfg, s, vocab, 1), precision)
-    two = build_model(*scaled(model_cfg, moe_cfg, s, vocab, 2), precision)
+def profile_at(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: str, s: int,
+               vocab: int) -> dict[bool, tuple[Affine, Affine]]:
+    """Without and with checkpointing: (layer, root) bytes measured on the model scaled by `s` with `vocab` tokens
+    (a 2-layer model minus a 1-layer one, and the 1-layer one minus that layer)."""
+    one = fit_affine(build_model(*scaled(model_cfg, moe_cfg, s, vocab, 1), precision))
+    two = fit_affine(build_model(*scaled(model_cfg, moe_cfg, s, vocab, 2), precision))
     out = {}
-    for ckpt in checkpointing:
-        a1, a2 = fit_affine(one, ckpt), fit_affine(two, ckpt)
-        layer = a2.combine(a1, lambda a, b: a - b)
-        out[ckpt] = layer, a1.combine(layer, lambda a, b: a - b)
+    for ckpt in (False, True):
+        layer = two[ckpt].combine(one[ckpt], lambda a, b: a - b)
+        out[ckpt] = layer, one[ckpt].combine(layer, lambda a, b: a - b)
     return out
 
 
@@ -285,9 +341,11 @@ def _measure(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: str) 
     v1, v2 = MEASURE_VOCABS
     layers, roots, layers_ckpt, roots_ckpt = {}, {}, {}, {}
     for s in factors:
-        both = profile_at(model_cfg, moe_cfg, precision, s, v1, (False, True))
+        both = profile_at(model_cfg, moe_cfg, precision, s, v1)
         (layers[s], roots[s]), (layers_ckpt[s], roots_ckpt[s]) = both[False], both[True]
-    _, root_v2 = profile_at(model_cfg, moe_cfg, precision, factors[0], v2)[False]
+    # the root at a second vocabulary: a 1-layer model less the layer (which does not depend on the vocabulary)
+    one_v2, _ = fit_affine(build_model(*scaled(model_cfg, moe_cfg, factors[0], v2, 1), precision))
+    root_v2 = one_v2.combine(layers[factors[0]], lambda a, b: a - b)
     slope = root_v2.combine(roots[factors[0]], lambda a, b: (a - b) / (v2 - v1))
 
     def full_vocab(values):
@@ -436,9 +494,9 @@ def ep_bytes(model_cfg, moe_cfg, *, gpus, micro_batch, seq_len, n_micro, checkpo
     if gpus > 1 and e > 1:
         threshold = 3 * E * moe_cfg.expert_d_ff(model_cfg) * (2 * w + 4) / (a * k * w) * ((gpus - 1) / gpus) \
             / ((e - 1) / e)
-    else:
-        threshold = 0.0
-    return {"a2a_bytes_per_step": a2a, "fsdp_expert_bytes_per_step": fsdp, "pays": bool(a2a < fsdp),
+    else:  # one GPU (or one expert): nothing to place elsewhere, nothing to gather
+        threshold = None
+    return {"a2a_bytes_per_step": a2a, "fsdp_expert_bytes_per_step": fsdp, "pays": threshold is not None and a2a < fsdp,
             "breakeven_tokens_per_micro_batch": threshold, "tokens_per_micro_batch": micro_batch * seq_len}
 
 
@@ -456,6 +514,7 @@ class Setup:
     tokens: int
     precision: str
     micro_batch_size: int | None = None
+    activation_checkpointing: bool = False
 
 
 def setup_from_config(cfg, name: str = "") -> Setup:
@@ -464,7 +523,8 @@ def setup_from_config(cfg, name: str = "") -> Setup:
     model, moe = architecture(cfg)
     train = cfg.train
     return Setup(name or model.name, model, moe, int(cfg.data.seq_len), int(train.batch_size), int(train.tokens),
-                 str(cfg.trainer.precision), train.get("micro_batch_size"))
+                 str(cfg.trainer.precision), train.get("micro_batch_size"),
+                 bool(train.get("activation_checkpointing", False)))
 
 
 def _options(setup: Setup, knobs: dict, gpus: int, profile) -> dict:
@@ -507,7 +567,10 @@ def plan(setup: Setup, knobs: dict) -> dict:
     profile = measure_activations(setup.model, setup.moe, setup.precision)
     options = _options(setup, knobs, gpus, profile)
     forced_micro = knobs["micro_batch"] or setup.micro_batch_size
-    choices = {"auto": (False, True), "true": (True,), "false": (False,)}[knobs["checkpointing"]]
+    mode = knobs["checkpointing"]
+    if mode == "auto" and setup.activation_checkpointing:  # the config asks for it
+        mode = "true"
+    choices = {"auto": (False, True), "true": (True,), "false": (False,)}[mode]
     candidates = []
     for ckpt in choices:
         micro = forced_micro or options[ckpt]["micro_batch"]
@@ -606,19 +669,23 @@ def gib(n) -> str:
 def _duration(seconds) -> str:
     if seconds is None:
         return "–"
+    if seconds < 0.1:
+        return f"{seconds * 1000:.2g} ms"
     return f"{seconds:.2f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
 
 
 def _days(days) -> str:
-    return "–" if days is None else f"{days:.1f} d"
+    if days is None:
+        return "–"
+    return f"{days:.1f} d" if days >= 1 else f"{days * 24:.1f} h" if days * 24 >= 0.1 else f"{days * 1440:.1f} min"
 
 
 def render(result: dict) -> str:
     """The command's Markdown table (one quantity a row)."""
     r, mem, act = result, result["memory"], result["activation_bytes_per_token"]
     rows = [
-        ("model", f"{r['name']}: {r['total_params'] / 1e9:.2f}B total, {r['active_params'] / 1e9:.2f}B active, "
-                  f"{r['precision']}"),
+        ("model", f"{r['name']}: {human_count(r['total_params'])} total, {human_count(r['active_params'])} "
+                  f"active, {r['precision']}"),
         ("GPUs x memory", f"{r['gpus']} x {r['gpu_mem_gib']:g} GiB ({r['reserve_gib']:g} GiB reserved)"),
         ("global batch", f"{r['global_batch']} x {r['seq_len']} tokens; {r['sequences_per_gpu']} sequences per GPU "
                          "per step"),
@@ -642,11 +709,12 @@ def render(result: dict) -> str:
     ]
     if r["ep"] is not None:
         ep = r["ep"]
-        rows.append(("expert parallelism", f"all-to-all {ep['a2a_bytes_per_step'] / 1e9:.1f} GB vs FSDP experts "
-                                           f"{ep['fsdp_expert_bytes_per_step'] / 1e9:.1f} GB per step: "
-                                           f"{'pays' if ep['pays'] else 'does not pay'} here; pays below "
-                                           f"{ep['breakeven_tokens_per_micro_batch']:.0f} tokens per micro-batch, "
-                                           f"from {ep['pays_from_gpus'] or 'no'} GPUs"))
+        here = ("one GPU: nothing to compare" if ep["breakeven_tokens_per_micro_batch"] is None else
+                f"all-to-all {ep['a2a_bytes_per_step'] / 1e9:.1f} GB vs FSDP experts "
+                f"{ep['fsdp_expert_bytes_per_step'] / 1e9:.1f} GB per step: "
+                f"{'pays' if ep['pays'] else 'does not pay'} here (below "
+                f"{ep['breakeven_tokens_per_micro_batch']:.0f} tokens per micro-batch it does)")
+        rows.append(("expert parallelism", f"{here}; pays from {ep['pays_from_gpus'] or 'no'} GPUs on"))
     lines = ["| quantity | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
     return "\n".join(lines)
 

@@ -157,6 +157,9 @@ def test_command_prints_a_table_and_json_last(capsys):
     assert parts == pytest.approx(result["memory"]["peak"])
     assert result["step_s"] == max(result["compute_s"], result["comm_s"])
     assert result["ep"]["pays_from_gpus"] is not None
+    # train.activation_checkpointing=true in the config is what auto plans with
+    assert scaling.main(["experiment=paper_8x3.7b", "gpus=64", "train.activation_checkpointing=true"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpointing"] is True
     # a measured throughput replaces the assumed MFU, and the output says so
     assert scaling.main(["experiment=paper_8x3.7b", "gpus=64", "tokens_per_s=2000"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -194,5 +197,6 @@ def test_docs_tables_equal_the_command_output():
     """docs/scaling.md's generated section is what `python -m dropup.scaling --docs` writes now."""
     text = scaling.DOCS.read_text()
     begin, end = text.index(scaling.BEGIN) + len(scaling.BEGIN), text.index(scaling.END)
-    assert text[begin:end].strip("\n") == scaling.docs_section()
+    assert text[begin:end].strip("\n") == scaling.docs_section(), \
+        "docs/scaling.md is stale (the model's saved bytes or the plan changed): run python -m dropup.scaling --docs"
     assert "## Measured on this machine" in text
