@@ -17,7 +17,8 @@ How the model is wrapped, and why:
 
 Checkpoints of a sharded run are directories, `checkpoints/last.ckpt/`: torch.distributed.checkpoint (DCP) files,
 one `__<rank>_0.distcp` per rank plus `.metadata`, and Lightning's `meta.pt` (step, loops, schedulers). A run
-resumes from it with any number of ranks (DCP reshards on load). `python -m dropup.fsdp <ckpt dir> <out>`
+resumes from it with `resume=true` on the same number of ranks (DCP can reshard to another count, but that is
+not tested here). `python -m dropup.fsdp <ckpt dir> <out>`
 writes its weights as one `model.safetensors` with the run's own names (what `stage=export` reads); a finished
 run writes that file itself.
 """
