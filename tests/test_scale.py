@@ -167,3 +167,13 @@ def test_fsdp_shards_experts_and_router_along_dim_1(tmp_path):
         assert shards["layers.1.ffn.router.weight"] == ("S(1)", (4, 8))
         assert shards["tok_emb.weight"] == ("S(0)", (32, 16))
         assert shards["layers.0.attn.wq.weight"] == ("S(0)", (8, 16))
+
+
+def test_how_a_step_is_executed_does_not_change_the_seed_key(tmp_path):
+    """A dense seed trained with micro-batches or checkpointing is the same model: found, not retrained."""
+    from dropup.seeds import seed_key
+
+    key = seed_key(config(tmp_path))
+    assert seed_key(config(tmp_path, "seed_recipe.train.micro_batch_size=2",
+                           "seed_recipe.train.activation_checkpointing=true")) == key
+    assert seed_key(config(tmp_path, "seed_recipe.train.batch_size=4")) != key
