@@ -8,6 +8,8 @@ parameter shards were resident before, so the prediction compared is the predict
 
     .venv/bin/python benchmarks/step_memory.py               # ~4 min on 2 cores; one JSON line per config
     .venv/bin/python benchmarks/step_memory.py --override model.n_layers=2 --micro-batch 4
+    .venv/bin/python benchmarks/step_memory.py --device cuda --ranks 1 --override experiment=paper_8x152m \
+        --batch 8 --micro-batch 2        # on a GPU: bf16-mixed, the allocator's peak against the whole prediction
 
 The process's allocator and Python objects are included in what is measured and not in the prediction, so the
 measurement should come out somewhat above it; the ratio is the figure of merit.
@@ -33,9 +35,11 @@ MODEL = ["model=small", "model.d_model=512", "model.d_ff=2048", "model.n_heads=8
 
 
 def run(overrides: list[str], ranks: int, checkpointing: bool, micro: int, steps: int, batch: int, seq_len: int,
-        run_dir: Path) -> float:
-    args = [*overrides, "init=scratch", "trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={ranks}",
-            "trainer.precision=32-true", "trainer.enable_progress_bar=false", f"train.batch_size={batch}",
+        run_dir: Path, device: str) -> float:
+    accelerator, precision = ("gpu", "bf16-mixed") if device == "cuda" else ("cpu", "32-true")
+    args = [*overrides, "init=scratch", "trainer=fsdp", f"trainer.accelerator={accelerator}",
+            f"trainer.devices={ranks}", f"trainer.precision={precision}", "trainer.enable_progress_bar=false",
+            f"train.batch_size={batch}",
             f"train.micro_batch_size={micro}", f"train.activation_checkpointing={str(checkpointing).lower()}",
             f"train.tokens={steps * batch * seq_len}", "train.log_every=1", "train.val_every=100000",
             "train.ckpt_every=100000", "train.val_tokens=4096", "train.val_batch_size=4",
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ranks", default="1,2", help="process counts to measure")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: fp32, resident-set growth vs the prediction less the parameter shards; cuda: "
+                             "bf16-mixed, the allocator's peak vs the whole prediction")
     args = parser.parse_args(argv)
 
     from dropup.config import architecture
@@ -72,11 +79,14 @@ def main(argv=None) -> int:
             for checkpointing in (False, True):
                 micro = min(args.micro_batch, args.batch // ranks)
                 measured = run(overrides, ranks, checkpointing, micro, args.steps, args.batch, seq_len,
-                               Path(tmp) / f"r{ranks}-ckpt{int(checkpointing)}")
+                               Path(tmp) / f"r{ranks}-ckpt{int(checkpointing)}", args.device)
                 predicted = predict_memory(model_cfg, moe_cfg, gpus=ranks, micro_batch=micro, seq_len=seq_len,
-                                           checkpointing=checkpointing, precision="32-true")
-                growth = (predicted["peak"] - predicted["components"]["params_sharded"]) / 2**30
-                row = {"ranks": ranks, "checkpointing": checkpointing, "micro_batch": micro, "seq_len": seq_len,
+                                           checkpointing=checkpointing,
+                                           precision="bf16-mixed" if args.device == "cuda" else "32-true")
+                # on a CPU the parameter shards were resident before training started, so they are not measured
+                resident = predicted["components"]["params_sharded"] if args.device == "cpu" else 0
+                growth = (predicted["peak"] - resident) / 2**30
+                row = {"device": args.device, "ranks": ranks, "checkpointing": checkpointing, "micro_batch": micro, "seq_len": seq_len,
                        "measured_gib": round(measured, 3), "predicted_gib": round(growth, 3),
                        "measured_over_predicted": round(measured / growth, 3),
                        "predicted_peak_moment": predicted["peak_moment"],
