@@ -6,9 +6,9 @@ quantity. On a CPU that column is how far the largest rank's resident set grew o
 VmHWM): gradients, optimizer states, gathered parameters, activations and the loss's buffers. The fp32
 parameter shards were resident before, so the prediction compared is the predicted peak less those shards.
 
-    .venv/bin/python benchmarks/step_memory.py               # ~4 min on 2 cores; one JSON line per config
-    .venv/bin/python benchmarks/step_memory.py --override model.n_layers=2 --micro-batch 4
-    .venv/bin/python benchmarks/step_memory.py --device cuda --ranks 1 --override experiment=paper_8x152m \
+    .venv/bin/python benchmarks/step_memory.py               # ~7 min on 2 cores; one JSON line per config
+    .venv/bin/python benchmarks/step_memory.py --override model=small --override model.n_layers=2 --micro-batch 4
+    .venv/bin/python benchmarks/step_memory.py --device cuda --ranks 1 --override model=152m \
         --batch 8 --micro-batch 2        # on a GPU: bf16-mixed, the allocator's peak against the whole prediction
 
 The process's allocator and Python objects are included in what is measured and not in the prediction, so the
@@ -56,7 +56,7 @@ def run(overrides: list[str], ranks: int, checkpointing: bool, micro: int, steps
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--override", action="append", default=[], help="a Hydra override of the model (repeat)")
+    parser.add_argument("--override", action="append", default=[], help="a Hydra override (repeat); any replace the default model (MODEL)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward on each rank")
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
     parser.add_argument("--steps", type=int, default=3)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from dropup.config import architecture
     from dropup.scaling import compose, predict_memory
 
-    overrides = [*MODEL, *args.override]
+    overrides = args.override or MODEL  # your overrides replace the default model
     cfg = compose(overrides)
     model_cfg, moe_cfg = architecture(cfg)
     seq_len = int(cfg.data.seq_len)

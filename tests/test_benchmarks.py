@@ -49,3 +49,14 @@ def test_the_layer_benchmark_checks_every_fallback_against_grouped():
         assert result[f"ours_{backend}_max_abs_diff"] < 1e-5
         assert result[f"ours_{backend}_ms"] > 0
     assert result["tokens_per_expert_max_over_mean"] > 1.2  # the skew made loads uneven
+
+
+def test_the_step_memory_benchmark_measures_and_predicts(tmp_path):
+    overrides = ["model=tiny", "model.vocab_size=512", "data=fixture", f"paths.data_dir={tmp_path / 'data'}",
+                 f"paths.seed_store={tmp_path / 'seeds'}"]
+    lines = run_json_lines("benchmarks/step_memory.py", "--ranks", "1", "--steps", "1", "--batch", "4",
+                           "--micro-batch", "2", *[arg for o in overrides for arg in ("--override", o)])
+    assert [(line["ranks"], line["checkpointing"]) for line in lines] == [(1, False), (1, True)]
+    for line in lines:
+        assert line["measured_gib"] > 0 and line["predicted_gib"] > 0 and line["micro_batch"] == 2
+        assert line["predicted_total_gib"] > line["predicted_gib"]  # the parameter shards were resident already
