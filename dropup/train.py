@@ -2,7 +2,9 @@
 
 The run directory holds `.hydra/` (Hydra's), `metrics.csv`, `results.json` (written as "running" first, replaced
 atomically with "completed" or "failed"), `routing.json` for MoE runs, `model.safetensors` (final weights, our
-naming) and `checkpoints/last.ckpt` for `resume=true`.
+naming) and `checkpoints/last.ckpt` for `resume=true` (a directory of per-rank shards under trainer=fsdp:
+`dropup/fsdp.py`). Several ranks (trainer.devices > 1) are started by us on one node, or by SLURM / torchrun
+(`dropup/ddp.py`); rank 0 alone writes the run's files.
 """
 
 from __future__ import annotations
