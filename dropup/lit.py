@@ -46,6 +46,8 @@ class LitLM(L.LightningModule):
         self.model = Transformer(model_cfg, moe_cfg)
         if initial_state is not None:
             self.model.load_state_dict(self.model.complete_state(initial_state), strict=True)
+            # consumed: the caller's dict would otherwise keep a second copy of the weights alive all run long
+            initial_state.clear()
         self.model.set_activation_checkpointing(bool(train_cfg.get("activation_checkpointing", False)))
         self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
         self.completes_step = True  # whether the last training_step was its optimizer step's last micro-batch
