@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,21 +76,26 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def consolidate(checkpoint: Path, out: Path) -> Path:
     """A sharded checkpoint directory's model weights as one safetensors file (our names, no optimizer state),
-    written under a temporary name and renamed when complete."""
+    written under a temporary name and renamed when complete. Only the weights are read: the optimizer states,
+    twice their size in fp32, stay on disk."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / ".metadata").is_file():
         raise ValueError(f"{checkpoint} is not a sharded checkpoint (no .metadata inside): pass the run's "
                          "checkpoints/last.ckpt directory of a trainer=fsdp run")
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = Path(tmp) / "whole.pt"
-        dcp_to_torch_save(checkpoint, whole)
-        state = torch.load(whole, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {name.removeprefix("model."): tensor.contiguous() for name, tensor in state.items()}
+    reader = FileSystemReader(checkpoint)
+    prefix = "state_dict."  # Lightning saves {"state_dict": <LitLM's>, "optimizer_0": ...}, flattened by DCP
+    weights = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load({"state_dict": weights}, storage_reader=reader, no_dist=True)
     partial = out.with_name(out.name + ".partial")
-    save_file(weights, str(partial))
+    save_file({name.removeprefix("model."): tensor for name, tensor in weights.items()}, str(partial))
     partial.replace(out)
     return out
 
