@@ -72,15 +72,9 @@ def scale_spec(scale: str) -> dict:
 def compose(overrides: tuple[str, ...]):
     """The config run.py would compose from `overrides` (composed once per process: `--status` plans the same
     run for every artefact that lists it; callers only read it)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from dropup.stages import compose as compose_config
 
-    from dropup.stages import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @dataclass

@@ -96,6 +96,7 @@ from typing import Any
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
 from dropup.flops import forward_flops_per_sequence, human_count, param_counts, train_flops
+from dropup.stages import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "scaling.md"
@@ -209,10 +210,7 @@ def _storage(t) -> tuple[int, int]:
 def saved_bytes(model, batch: int, seq_len: int, checkpointing: bool = False) -> int:
     """Bytes autograd saves in one forward pass + loss of `model` (a `build_model`): each storage once, parameters
     excluded; with `checkpointing`, through the model's own per-block activation checkpointing."""
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(checkpointing)
-    elif checkpointing:  # pragma: no cover - an older model.py
-        raise ConfigError("this dropup.model has no activation checkpointing to measure")
+    model.set_activation_checkpointing(checkpointing)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -231,8 +229,7 @@ def saved_bytes_both(model, batch: int, seq_len: int) -> tuple[int, int]:
     is what autograd saves outside the blocks plus each block's tensor inputs, which is what non-reentrant
     checkpointing keeps (it saves the inputs of the region it wraps and nothing inside it). The tests check it
     against `saved_bytes(..., checkpointing=True)` byte for byte."""
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(False)
+    model.set_activation_checkpointing(False)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     inside, outside, inputs, depth = {}, {}, {}, [0]
     alive = []  # the block inputs, held as a checkpoint holds them (else their memory is reused and addresses clash)
@@ -352,7 +349,7 @@ def _measure(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: str) 
         return extrapolate(values).combine(slope, lambda a, b: a + b * (model_cfg.vocab_size - v1))
 
     return ActivationProfile(extrapolate(layers), extrapolate(layers_ckpt), full_vocab(roots), full_vocab(roots_ckpt),
-                             model_cfg.n_layers, 2 if precision == "bf16" else 4)
+                             model_cfg.n_layers, compute_bytes(precision))
 
 
 def measure_activations(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, precision: str = "bf16-mixed"):
@@ -374,6 +371,11 @@ def _precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not modelled; use bf16-mixed or 32-true")
     return PRECISIONS[precision]
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes of the compute (and gathered parameter) dtype: bf16 under bf16-mixed, fp32 under 32-true."""
+    return 2 if _precision(precision) == "bf16" else 4
 
 
 # --- memory ----------------------------------------------------------------------------------------------------------
@@ -404,7 +406,7 @@ def predict_memory(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, *, gpus: i
     profile = profile or measure_activations(model_cfg, moe_cfg, kind)
     split = parameter_split(model_cfg, moe_cfg)
     P, N = split["total"], gpus
-    w = 2 if kind == "bf16" else 4  # parameter (compute) dtype bytes
+    w = compute_bytes(kind)
     grad_copy = 4 if kind == "bf16" else 0  # the fp32 copy of unsharded bf16 gradients for the reduce-scatter
     tokens = micro_batch * seq_len
     c = {
@@ -466,7 +468,7 @@ def comm_bytes_per_micro_batch(split: dict, gpus: int, precision: str) -> float:
     """Bytes each GPU sends per micro-batch: blocks gathered twice, the root once, gradients reduce-scattered."""
     if gpus == 1:
         return 0.0
-    w = 2 if _precision(precision) == "bf16" else 4
+    w = compute_bytes(precision)
     blocks = split["total"] - split["root"]
     return (gpus - 1) / gpus * (w * (split["root"] + 2 * blocks) + 4 * split["total"])
 
@@ -484,7 +486,7 @@ def recompute_flops_per_sequence(model_cfg: ModelConfig, moe_cfg: MoEConfig | No
 
 def ep_bytes(model_cfg, moe_cfg, *, gpus, micro_batch, seq_len, n_micro, checkpointing, precision) -> dict:
     """Per GPU per step: bytes expert parallelism's all-to-alls would move vs FSDP's expert-weight traffic."""
-    w = 2 if _precision(precision) == "bf16" else 4
+    w = compute_bytes(precision)
     E, k = moe_cfg.num_experts, moe_cfg.top_k
     e = min(gpus, E)
     a = 6 if checkpointing else 4
@@ -566,14 +568,14 @@ def plan(setup: Setup, knobs: dict) -> dict:
     _check(setup, knobs)
     profile = measure_activations(setup.model, setup.moe, setup.precision)
     options = _options(setup, knobs, gpus, profile)
-    forced_micro = knobs["micro_batch"] or setup.micro_batch_size
+    forced_micro = _forced_micro(setup, knobs)
     mode = knobs["checkpointing"]
     if mode == "auto" and setup.activation_checkpointing:  # the config asks for it
         mode = "true"
     choices = {"auto": (False, True), "true": (True,), "false": (False,)}[mode]
     candidates = []
     for ckpt in choices:
-        micro = forced_micro or options[ckpt]["micro_batch"]
+        micro = options[ckpt]["micro_batch"] if forced_micro is None else forced_micro
         if micro:
             fits = micro <= options[ckpt]["max_micro_batch"]
             candidates.append((not fits, _timing(setup, knobs, gpus, micro, ckpt)["step_s"], ckpt, micro))
@@ -619,13 +621,15 @@ def plan(setup: Setup, knobs: dict) -> dict:
 
 def _ep_point(setup: Setup, knobs: dict, ckpt: bool) -> int | None:
     """The smallest GPU count (dividing the batch) at which EP's all-to-alls move fewer bytes than FSDP's experts."""
+    profile = measure_activations(setup.model, setup.moe, setup.precision)
+    forced_micro = _forced_micro(setup, knobs)
     for gpus in range(2, setup.batch_size + 1):
         if setup.batch_size % gpus:
             continue
-        profile = measure_activations(setup.model, setup.moe, setup.precision)
-        micro = _options(setup, {**knobs, "gpus": gpus}, gpus, profile)[ckpt]["micro_batch"]
-        if knobs["micro_batch"] or setup.micro_batch_size:
-            micro = min(knobs["micro_batch"] or setup.micro_batch_size, setup.batch_size // gpus)
+        if forced_micro is None:
+            micro = _options(setup, {**knobs, "gpus": gpus}, gpus, profile)[ckpt]["micro_batch"]
+        else:
+            micro = min(forced_micro, setup.batch_size // gpus)
         if not micro:
             continue
         ep = ep_bytes(setup.model, setup.moe, gpus=gpus, micro_batch=micro, seq_len=setup.seq_len,
@@ -633,6 +637,11 @@ def _ep_point(setup: Setup, knobs: dict, ckpt: bool) -> int | None:
         if ep["pays"]:
             return gpus
     return None
+
+
+def _forced_micro(setup: Setup, knobs: dict) -> int | None:
+    """The micro-batch the user fixed (the micro_batch knob, else train.micro_batch_size); None: the plan picks."""
+    return knobs["micro_batch"] if knobs["micro_batch"] is not None else setup.micro_batch_size
 
 
 def _check(setup: Setup, knobs: dict) -> None:
@@ -653,7 +662,7 @@ def _check(setup: Setup, knobs: dict) -> None:
         raise ConfigError(f"tokens_per_s={knobs['tokens_per_s']:g} must be positive (one GPU's measured rate)")
     if knobs["checkpointing"] not in ("auto", "true", "false"):
         raise ConfigError(f"checkpointing={knobs['checkpointing']!r}: use auto, true or false")
-    micro = knobs["micro_batch"] or setup.micro_batch_size
+    micro = _forced_micro(setup, knobs)
     per_gpu = setup.batch_size // gpus
     if micro is not None and (micro < 1 or per_gpu % micro):
         raise ConfigError(f"micro_batch={micro} does not divide the {per_gpu} sequences each GPU takes per step "
@@ -778,16 +787,6 @@ def rewrite_docs(path: Path = DOCS, check: bool = False) -> bool:
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from dropup.stages import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
     """(scaling knobs, Hydra overrides). A top-level key that is neither a knob nor a config key or group is an

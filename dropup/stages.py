@@ -145,6 +145,20 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
+def compose(overrides) -> DictConfig:
+    """The config `run.py <overrides>` composes, for code outside a Hydra app (the sweeps, the scaling plan,
+    benchmarks, the data build)."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def _choice(group: str, default: str) -> str:
     return HydraConfig.get().runtime.choices.get(group, default) if HydraConfig.initialized() else default
 

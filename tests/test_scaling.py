@@ -14,6 +14,7 @@ from dropup import scaling
 from dropup.config import ModelConfig, MoEConfig
 from dropup.flops import param_counts
 from dropup.model import Block, ChunkedCrossEntropy
+from dropup.stages import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths divisible by 4: measured at /4 and /2, extrapolated to full width, compared with full width measured
@@ -22,7 +23,7 @@ SMALL_MOE = MoEConfig(enabled=True, num_experts=4, top_k=2)
 
 
 def preset(name):
-    return scaling.setup_from_config(scaling.compose([f"experiment={name}"]), name)
+    return scaling.setup_from_config(compose([f"experiment={name}"]), name)
 
 
 @pytest.mark.parametrize("moe, precision", [(None, "bf16-mixed"), (SMALL_MOE, "bf16-mixed"), (SMALL_MOE, "32-true")],
@@ -173,6 +174,7 @@ def test_command_prints_a_table_and_json_last(capsys):
     (["gpus=abc"], ["gpus='abc'", "int"]),
     (["experiment=paper_8x3.7b", "gpus=48"], ["gpus=48", "divides the batch"]),
     (["experiment=paper_8x3.7b", "gpus=64", "micro_batch=3"], ["micro_batch=3", "divisor of 16"]),
+    (["experiment=paper_8x3.7b", "gpus=64", "micro_batch=0"], ["micro_batch=0", "divisor of 16"]),
     (["train.batch_sise=3"], ["batch_sise"]),
 ])
 def test_bad_arguments_are_one_error_line(args, words, capsys):
