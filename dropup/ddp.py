@@ -42,6 +42,21 @@ def needs_launch(devices: int, num_nodes: int) -> bool:
     return devices > 1 and num_nodes == 1 and not started
 
 
+def cluster_environment():
+    """Lightning's view of who started the ranks, said explicitly: left to detect it, Lightning takes any SLURM
+    job for one whose tasks are its ranks, also where we start the ranks ourselves in a single-task allocation."""
+    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment, \
+        TorchElasticEnvironment
+
+    launch = external_launch() or ""
+    if launch.startswith("torchrun") or ("TORCHELASTIC_RUN_ID" in os.environ and "SLURM_NTASKS" not in os.environ):
+        return TorchElasticEnvironment()
+    if launch.startswith("slurm") or ("SLURM_NTASKS" in os.environ and "LOCAL_RANK" not in os.environ):
+        # requeueing is submitit's job (hydra/launcher=slurm, max_num_timeout); Lightning's own would be a second one
+        return SLURMEnvironment(auto_requeue=False)
+    return LightningEnvironment()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

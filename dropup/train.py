@@ -82,7 +82,7 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
         warmup = max(1, int(warmup * schedule_steps))
     stream = train.get("stream") or ("moe" if cfg.moe.enabled else "dense")
     per_rank = batch // world_size
-    micro = int(train.get("micro_batch_size") or per_rank)
+    micro = per_rank if train.get("micro_batch_size") is None else int(train["micro_batch_size"])
     if micro < 1 or per_rank % micro:
         raise ConfigError(f"train.micro_batch_size={micro} does not divide the {per_rank} sequences each of the "
                           f"{world_size} ranks takes per step (train.batch_size={batch}): choose a divisor of "
@@ -191,14 +191,15 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
         return _train_worker(cfg, run_dir)
     launch = ddp.external_launch()
     try:
-        return _train_rank_zero(cfg, run_dir, log, names, explicit_model)
+        return _train_rank_zero(cfg, run_dir, log, names, explicit_model, launch)
     except BaseException as err:
         if launch and not ddp.announced(run_dir, launch):  # the other ranks wait to hear what to train: nothing
             ddp.announce(run_dir, launch, error=f"{type(err).__name__}: {err}")
         raise
 
 
-def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None) -> dict:
+def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None,
+                     launch: str | None) -> dict:
     from dropup import ddp
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,6 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
     write_json_atomic(results_path, results)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
     started = time.perf_counter()
-    launch = ddp.external_launch()
     try:
         data = load_data(cfg, settings["seq_len"], log)
         if data.vocab_size > model_cfg.vocab_size:
@@ -307,7 +307,9 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))
-    plugins = [_cluster_environment()]
+    from dropup.ddp import cluster_environment
+
+    plugins = [cluster_environment()]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs["strategy"] == "fsdp":
         from dropup.fsdp import sharded_strategy
@@ -338,23 +340,6 @@ def last_checkpoint(run_dir: Path) -> Path:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     old = ckpt.with_name(ckpt.name + ".old")
     return old if not ckpt.exists() and old.exists() else ckpt
-
-
-def _cluster_environment():
-    """Who started the ranks, said explicitly: Lightning would otherwise take any SLURM job for one whose tasks
-    are its ranks, also where we start the ranks ourselves inside a single-task allocation."""
-    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment, \
-        TorchElasticEnvironment
-
-    from dropup import ddp
-
-    launch = ddp.external_launch() or ""
-    if launch.startswith("torchrun") or ("TORCHELASTIC_RUN_ID" in os.environ and "SLURM_NTASKS" not in os.environ):
-        return TorchElasticEnvironment()
-    if launch.startswith("slurm") or ("SLURM_NTASKS" in os.environ and "LOCAL_RANK" not in os.environ):
-        # requeueing is submitit's job (hydra/launcher=slurm, max_num_timeout); Lightning's own would be a second one
-        return SLURMEnvironment(auto_requeue=False)
-    return LightningEnvironment()
 
 
 def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:

@@ -7,6 +7,7 @@ so they agree to rounding: losses to 1e-5 relative, weights after 20 AdamW steps
 design; these comparisons train with `moe.lb_coef=0` and compare `lm_loss`.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def test_micro_batches_give_the_whole_batch_step(tmp_path, store):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.micro_batch_size=3"], "train.micro_batch_size=3 does not divide the 8 sequences"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0 does not divide the 8 sequences"),  # not "null"
     (["trainer.devices=2", "train.micro_batch_size=8"], "does not divide the 4 sequences each of the 2 ranks"),
 ])
 def test_micro_batch_size_must_divide_each_ranks_share(tmp_path, overrides, message):
@@ -103,8 +105,6 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_kill(tmp_path, st
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
     resumed = _run_py(*sharded, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    import json
 
     results = json.loads((tmp_path / "fsdp" / "results.json").read_text())
     assert results["status"] == "completed" and results["provenance"]["resumed_from_step"] == 10
