@@ -194,15 +194,16 @@ def grad_norm(module: torch.nn.Module) -> float:
     grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
     if not grads:
         return float("nan")
-    sharded = [g.to_local().float().pow(2).sum() for g in grads if is_sharded(g)]
-    whole = [g.float().pow(2).sum() for g in grads if not is_sharded(g)]
-    total = torch.zeros((), device=grads[0].device if not sharded else sharded[0].device)
+    sharded = [g.to_local().float().square().sum() for g in grads if is_sharded(g)]
+    whole = [g.float().square().sum() for g in grads if not is_sharded(g)]
+    total = 0.0
     if sharded:
-        total = torch.stack(sharded).sum()
-        torch.distributed.all_reduce(total)
+        shards = torch.stack(sharded).sum()
+        torch.distributed.all_reduce(shards)
+        total += shards.item()
     if whole:
-        total = total + torch.stack(whole).sum()
-    return total.sqrt().item()
+        total += torch.stack(whole).sum().item()
+    return math.sqrt(total)
 
 
 class RunRecorder(L.Callback):

@@ -10,7 +10,6 @@ jobs of 2 tasks run as 1 node x 2 tasks and as 2 nodes x 1 task. Where slurmd la
 has one node and the 2-node case skips, saying so.
 """
 
-import csv
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 from dropup import cluster
 from dropup.lit import MEASURED
+from test_train import rows
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -91,11 +91,6 @@ def test_sweep_on_slurm_and_a_requeued_job_resumes(slurm_env, tmp_path):
 DDP = ["trainer=ddp", "trainer.precision=32-true", "init=scratch", "train.tokens=10240", *TINY]
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def local_ddp(slurm_env, tmp_path_factory):
     """The reference: trainer=ddp on this machine with our own launcher, no SLURM in the environment."""
@@ -141,7 +136,7 @@ def test_ddp_job_of_slurm_tasks_matches_a_local_ddp_run(slurm_env, local_ddp, tm
     # the same training as the local run: every metrics.csv row, and the final validation loss
     reference = json.loads((local_ddp / "results.json").read_text())
     assert results["metrics"]["val_loss"] == pytest.approx(reference["metrics"]["val_loss"], abs=1e-5)
-    ours, theirs = _rows(run_dir), _rows(local_ddp)
+    ours, theirs = rows(run_dir), rows(local_ddp)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
     compared = [c for c in theirs[0] if c not in MEASURED]
     for mine, ref in zip(ours, theirs):
