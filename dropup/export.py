@@ -79,6 +79,9 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
         ids = {k: tokenizer.eos_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
     config = hf_config(model_cfg, moe_cfg, **ids)
+    note = balance_note(moe_cfg, config.model_type)
+    if note:
+        log.warning(note)
     model = AutoModelForCausalLM.from_config(config)
     state = load_file(str(weights))
     biases = {k: state.pop(k) for k in [k for k in state if k.endswith("ffn.expert_bias")]}
@@ -100,6 +103,20 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
+
+
+def balance_note(moe_cfg, model_type: str) -> str | None:
+    """What a fine-tune of the export in transformers would do differently from the run's load balancing."""
+    if moe_cfg is None:
+        return None
+    if moe_cfg.lb_mode == "per_layer":
+        return (f"this run's balance loss was the mean of per-layer losses (moe.lb_mode=per_layer); {model_type}'s "
+                "router_aux_loss_coef applies transformers' loss pooled over all layers' tokens, so a fine-tune of "
+                "the export balances another statistic")
+    if moe_cfg.lb_mode == "aux_free":
+        return (f"router_aux_loss_coef is written as 0: this run balanced with aux_free's routing bias and trained "
+                f"no balance loss, which {model_type} would otherwise add when fine-tuned")
+    return None
 
 
 def _warn_routing_bias(state: dict, biases: dict, model_cfg, moe_cfg) -> float:

@@ -94,8 +94,14 @@ class LitLM(L.LightningModule):
         self._sharded = True
 
     def optimizer_step(self, *args, **kwargs):
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16's gradient scaler, if any
+        scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(*args, **kwargs)
         if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
+            # a scaler that found inf/NaN gradients skipped the update and lowered its scale: the step did not
+            # happen, so neither does the bias step
+            if scaler is not None and scaler.get_scale() < scale:
+                return
             # inside the step, before on_train_batch_end (where ModelCheckpoint saves): its checkpoint holds the new bias
             load_LE = self.trainer.strategy.reduce(self._step_load.float(), reduce_op="sum")
             self.model.update_expert_bias(load_LE)
@@ -273,7 +279,8 @@ class RunRecorder(L.Callback):
         self._clock = (time.perf_counter(), step)
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        if (trainer.global_step + 1) % self.cfg["log_every"] == 0:
+        step = trainer.global_step + 1  # the step this update completes: the one on_train_batch_end may log
+        if step % self.cfg["log_every"] == 0 or step == self.cfg["steps"]:
             module._grad_norm = grad_norm(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -288,7 +295,7 @@ class RunRecorder(L.Callback):
             losses = {k: trainer.strategy.reduce(v, reduce_op="mean").item() for k, v in module.last_losses.items()}
             row = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": losses["loss"],
                    "lm_loss": losses["lm_loss"], "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                   "grad_norm": getattr(module, "_grad_norm", ""),
+                   "grad_norm": module.__dict__.pop("_grad_norm", ""),  # this step's, never an earlier one
                    "tokens_per_s": (step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
                    "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
             peak = self._memory.peak_bytes()

@@ -48,6 +48,11 @@ KEY_NEUTRAL_AT_DEFAULT = ("family", "tie_embeddings", "rope_scaling", "attn_bias
 EXECUTION_ONLY = ("micro_batch_size", "activation_checkpointing")
 
 
+# the seed trains in the run's trainer.precision; keyed only away from this default, at which seeds were first
+# keyed (they stay found)
+PRECISION_KEY_NEUTRAL = "bf16-mixed"
+
+
 def seed_key(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -56,10 +61,14 @@ def seed_key(cfg: DictConfig) -> str:
     for field_name in KEY_NEUTRAL_AT_DEFAULT:
         if field_name in model and model[field_name] == getattr(defaults, field_name):
             del model[field_name]
-    return _hash({"model": model, "data": {**preparation_identity(data), **{k: data.get(k) for k in DATA_USE}},
-                  "recipe": {k: v for k, v in OmegaConf.to_container(cfg.seed_recipe.train, resolve=True).items()
-                             if k not in EXECUTION_ONLY},
-                  "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION})
+    fields = {"model": model, "data": {**preparation_identity(data), **{k: data.get(k) for k in DATA_USE}},
+              "recipe": {k: v for k, v in OmegaConf.to_container(cfg.seed_recipe.train, resolve=True).items()
+                         if k not in EXECUTION_ONLY},
+              "seed": int(cfg.seed_recipe.seed), "data_stream": DATA_STREAM_VERSION}
+    precision = str(cfg.trainer.precision)
+    if precision != PRECISION_KEY_NEUTRAL:
+        fields["precision"] = precision
+    return _hash(fields)
 
 
 def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dict, weights=None, seed_model=None):

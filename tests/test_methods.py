@@ -257,6 +257,40 @@ def test_aux_free_trains_on_lm_loss_alone_and_logs_the_balance_loss():
     assert not torch.equal(pooled.losses(pooled(x), x)["loss"], pooled.losses(pooled(x), x)["lm_loss"])
 
 
+@pytest.mark.parametrize("skipped", [True, False], ids=["inf-gradient-skipped", "finite-control"])
+def test_an_optimizer_step_the_fp16_scaler_skips_leaves_the_routing_bias(skipped, monkeypatch):
+    """Under fp16 a GradScaler skips the update when a gradient is inf/NaN (and lowers its scale): that step did
+    not happen, so aux_free's bias must not move either. Lightning refuses fp16 on the CPU, so the plugin's
+    step (scaler.step, then scaler.update) is stood in for around LitLM.optimizer_step."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from dropup.lit import LitLM
+
+    moe = MoEConfig(enabled=True, num_experts=8, top_k=2, lb_mode="aux_free", bias_update_rate=0.1)
+    module = LitLM(MODEL, moe, {}, data=None, data_seed=0)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+
+    def fp16_plugin_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        scaler.step(optimizer)
+        scaler.update()
+
+    monkeypatch.setattr(L.LightningModule, "optimizer_step", fp16_plugin_step)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler),
+                                      strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    x = tokens()
+    scaler.scale(module.model.losses(module.model(x), x)["loss"]).backward()
+    if skipped:
+        module.model.tok_emb.weight.grad[0, 0] = float("inf")
+    module._step_load = torch.stack([b.ffn.tokens_per_expert for b in module.model.layers]).clone()
+    module.optimizer_step(0, 0, optimizer)
+    bias = module.model.layers[0].ffn.expert_bias
+    assert (scaler.get_scale() < 2.0 ** 8) == skipped
+    assert bool(bias.abs().max() == 0) == skipped
+
+
 # --- expert similarity -----------------------------------------------------------------------------------------
 
 ZERO_MEAN = ModelConfig(name="z", vocab_size=60, n_layers=2, d_model=64, d_ff=512, n_heads=4, n_kv_heads=2)
@@ -365,7 +399,22 @@ def test_aux_free_run_resumes_exactly_and_export_says_it_routes_without_the_bias
     out = export(tmp_path / "ref", tmp_path / "hf", data_dir)
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "routes without them" in message and "differ from the run's by up to" in message
-    assert (out / "config.json").is_file()
+    # the run trained no balance loss: a fine-tune of the export must not add one
+    assert json.loads((out / "config.json").read_text())["router_aux_loss_coef"] == 0.0
+    assert "router_aux_loss_coef is written as 0" in message
+
+
+@pytest.mark.parametrize("mode,coef,note", [("pooled", 0.02, None), ("global_batch", 0.02, None),
+                                            ("per_layer", 0.02, "pooled over all layers"),
+                                            ("aux_free", 0.0, "written as 0")])
+def test_the_exported_balance_loss_is_the_one_the_run_trained(mode, coef, note):
+    from dropup.export import balance_note
+    from dropup.hf import hf_config_dict
+
+    moe = MoEConfig(enabled=True, num_experts=8, top_k=2, lb_mode=mode)
+    assert hf_config_dict(MODEL, moe)["router_aux_loss_coef"] == coef
+    said = balance_note(moe, "mixtral")
+    assert (said is None) if note is None else (note in said)
 
 
 def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_path, store):

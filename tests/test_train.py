@@ -153,6 +153,9 @@ def test_seed_key_is_kept_by_model_fields_at_their_defaults_and_changed_by_other
     assert seeds.seed_key(config(tmp_path, *store, "model.tie_embeddings=true")) != base
     assert seeds.seed_key(config(tmp_path, *store, "model.rope_theta=500000")) != base
     assert seeds.seed_key(config(tmp_path, *store, "data.tokenizer_sample_chars=1000")) != base
+    # a seed trained in fp32 is another seed than the bf16 one (at the bf16-mixed default the key is as it was)
+    assert seeds.seed_key(config(tmp_path, *store, "trainer.precision=32-true")) != base
+    assert seeds.seed_key(config(tmp_path, *store, "trainer.precision=bf16-mixed")) == base
 
 
 def test_streams_per_kind_of_run(tmp_path, store):

@@ -140,7 +140,10 @@ class Family:
             fields["max_position_embeddings"] = max(
                 4 * int(model.rope_scaling["original_max_position_embeddings"]), 2048)
         if moe is not None:
-            fields.update(router_aux_loss_coef=moe.lb_coef, output_router_logits=True)
+            # aux_free trained no balance loss (its bias balanced the load): a fine-tune of the export must not
+            # start training one the run never used
+            coef = 0.0 if moe.lb_mode == "aux_free" else moe.lb_coef
+            fields.update(router_aux_loss_coef=coef, output_router_logits=True)
         return fields
 
     def check(self, model: ModelConfig) -> None:
