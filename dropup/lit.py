@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from dropup.config import ModelConfig, MoEConfig
 from dropup.data import TokenData
 from dropup.model import Transformer
+from dropup.moe import StepLoads
 
 
 def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float, final_constant: int = 0) -> float:
@@ -51,6 +52,7 @@ class LitLM(L.LightningModule):
         self.model.set_activation_checkpointing(bool(train_cfg.get("activation_checkpointing", False)))
         self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
         self.completes_step = True  # whether the last training_step was its optimizer step's last micro-batch
+        self._step_loads = StepLoads()  # global_batch balancing: expert loads over the step's micro-batches
         self.last_losses: dict[str, float] = {}
         self.last_similarity: list[float] | None = None  # per layer, at the last validation (MoE)
 
@@ -65,7 +67,9 @@ class LitLM(L.LightningModule):
         first = rank * (cfg["batch_size"] // world) + k * micro
         x, y = self.data.train_batch(self.global_step, cfg["batch_size"], self.data_seed, cfg["stream"],
                                      rows=slice(first, first + micro))
-        losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device))
+        if k == 0:
+            self._step_loads.reset()
+        losses = self.model.losses(self.model(x.to(self.device)), y.to(self.device), self._step_loads)
         # what the step reports: the mean over its micro-batches (equal sizes: the whole batch's mean lm_loss)
         shares = {name: value.detach() / accumulate for name, value in losses.items()}
         self.last_losses = shares if k == 0 else {n: self.last_losses[n] + v for n, v in shares.items()}

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dropup.config import ModelConfig, MoEConfig, check_pair
-from dropup.moe import BalanceStats, MoELayer, SwiGLU, expert_similarity, load_balancing_loss, router_z_loss
+from dropup.moe import (BalanceStats, MoELayer, StepLoads, SwiGLU, expert_similarity, load_balancing_loss,
+                        router_z_loss)
 
 
 class RMSNorm(nn.Module):
@@ -231,14 +232,16 @@ class Transformer(nn.Module):
         logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
         return ModelOutput(logits_BSV, router_logits, router_experts, router_balance)
 
-    def losses(self, out: ModelOutput, targets_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, out: ModelOutput, targets_BS: torch.Tensor, step_loads: StepLoads | None = None
+               ) -> dict[str, torch.Tensor]:
         """Next-token loss plus the weighted MoE auxiliary losses. `lb_loss` is reported unweighted, and in
-        `aux_free` mode only reported (its bias balances the load instead)."""
+        `aux_free` mode only reported (its bias balances the load instead). `step_loads`: global_batch's counts
+        over the optimizer step's micro-batches so far (`dropup.moe.load_balancing_loss`)."""
         lm_loss = cross_entropy(out.logits, targets_BS)
         result = {"lm_loss": lm_loss, "loss": lm_loss}
         if self.moe is not None:
             lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode, out.router_experts,
-                                     out.router_balance)
+                                     out.router_balance, step_loads)
             result["lb_loss"] = lb
             if self.moe.lb_mode != "aux_free":
                 result["loss"] = lm_loss + self.moe.lb_coef * lb

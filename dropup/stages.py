@@ -46,7 +46,8 @@ class TrainSchema:
     schedule_tokens: Optional[int] = None
     batch_size: int = 16  # sequences per optimizer step, over all ranks
     # sequences per forward/backward pass on each rank: the rank's share of batch_size is accumulated in
-    # micro-batches of this many (null: all at once). Balance losses are formed per micro-batch.
+    # micro-batches of this many (null: all at once). pooled/per_layer balance losses are formed per micro-batch;
+    # global_batch counts expert loads over the step's micro-batches so far (dropup.moe.load_balancing_loss).
     micro_batch_size: Optional[int] = None
     # per block, keep only its input and recompute its activations in the backward (less memory, ~1/3 more compute)
     activation_checkpointing: bool = False

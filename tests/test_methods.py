@@ -18,7 +18,7 @@ from dropup.init.naive import NaiveUpcycling
 from dropup.init.noise import NoiseUpcycling
 from dropup.init.scratch import Scratch
 from dropup.model import Transformer
-from dropup.moe import MoELayer, load_balancing_loss, route
+from dropup.moe import MoELayer, StepLoads, load_balancing_loss, route
 
 from test_init import structured_dense
 
@@ -180,8 +180,26 @@ def _global_batch_rank(rank: int, port: int, router_weight, x_TD, out_dir: str):
     logits = model(mine)
     loss = load_balancing_loss([logits, logits * 0.5], 2, "global_batch")
     loss.backward()
-    torch.save({"loss": loss.detach(), "grad": router.weight.grad}, f"{out_dir}/rank{rank}.pt")
+    # the same step in two micro-batches per rank: each one's loss, with the step's running loads
+    step_loads, micro = StepLoads(), []
+    for part in mine.chunk(2):
+        part_logits = router(part).detach()
+        micro.append(load_balancing_loss([part_logits, part_logits * 0.5], 2, "global_batch", step_loads=step_loads))
+    single = load_balancing_loss([logits.detach(), logits.detach() * 0.5], 2, "global_batch", step_loads=StepLoads())
+    torch.save({"loss": loss.detach(), "grad": router.weight.grad, "micro": torch.stack(micro),
+                "one_micro_batch": single}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _switch_loss(frequency_logits: list, probability_logits: list, top_k: int = 2) -> torch.Tensor:
+    """E * sum_e f_e P_e with f from the first list's tokens and P from the second's, pooled over layers."""
+    def share(logits, fn):
+        return sum(fn(torch.softmax(l.float(), -1)) for l in logits) / sum(l.shape[0] for l in logits)
+
+    f = share(frequency_logits, lambda p: torch.zeros_like(p[0]).index_add_(
+        0, p.topk(top_k, -1).indices.flatten(), torch.ones(p.shape[0] * top_k)))
+    P = share(probability_logits, lambda p: p.sum(0))
+    return frequency_logits[0].shape[-1] * (f * P).sum()
 
 
 def test_global_batch_on_two_ranks_equals_pooled_on_the_whole_batch(tmp_path):
@@ -201,6 +219,41 @@ def test_global_batch_on_two_ranks_equals_pooled_on_the_whole_batch(tmp_path):
     # pooled per rank (the plausible wrong variant) differs on these halves
     per_rank = [load_balancing_loss([router(h), router(h) * 0.5], 2, "pooled") for h in (x[:32], x[32:])]
     assert all(abs(p.item() - want.item()) > 1e-3 for p in per_rank)
+    # micro-batches: rank r's micro-batch k is x[32r + 16k : +16]. At the last one (k = 1) the frequencies are the
+    # whole step's (all 64 tokens), the probabilities the last micro-batches' of both ranks; at k = 0 both are the
+    # first micro-batches'. One micro-batch per step is the loss above.
+    with torch.no_grad():
+        whole, firsts, lasts = router(x), router(torch.cat([x[:16], x[32:48]])), router(torch.cat([x[16:32], x[48:]]))
+    layers = lambda l: [l, l * 0.5]  # noqa: E731  (the two "layers" each rank pooled)
+    want_micro = torch.stack([_switch_loss(layers(firsts), layers(firsts)), _switch_loss(layers(whole), layers(lasts))])
+    per_micro_batch = _switch_loss(layers(lasts), layers(lasts))  # the wrong variant: the last micro-batch alone
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(got["micro"], want_micro)
+        assert abs(got["micro"][1].item() - per_micro_batch.item()) > 1e-3
+        assert_close(got["one_micro_batch"], want.detach())
+
+
+def test_global_batch_over_micro_batches_uses_the_step_frequencies_on_one_process():
+    """Four micro-batches of one step: the last one's balance loss has the frequencies of all four (the whole
+    step's) and its own probabilities; a step of one micro-batch is today's pooled loss."""
+    model = Transformer(MODEL, MoEConfig(enabled=True, num_experts=8, top_k=2, lb_mode="global_batch"))
+    x = torch.randint(0, MODEL.vocab_size, (8, 24), generator=torch.Generator().manual_seed(2))
+    x[:4] %= 7  # the micro-batches route differently
+    with torch.no_grad():
+        for block in model.layers:
+            block.ffn.router.weight.mul_(30.0)  # a router with preferences, so the frequencies matter
+    step_loads = StepLoads()
+    with torch.no_grad():
+        lb = [model.losses(model(part), part, step_loads)["lb_loss"] for part in x.chunk(4)]
+        whole, last = model(x), model(x[6:])
+    assert_close(lb[-1], _switch_loss(whole.router_logits, last.router_logits))
+    assert abs(lb[-1].item() - _switch_loss(last.router_logits, last.router_logits).item()) > 1e-3
+    assert_close(lb[0], _switch_loss(model(x[:2]).router_logits, model(x[:2]).router_logits))
+    step_loads.reset()
+    one = model.losses(whole, x, step_loads)["lb_loss"]
+    assert_close(one, model.losses(whole, x)["lb_loss"])
+    assert_close(one, load_balancing_loss(whole.router_logits, 2, "pooled"))
 
 
 def test_global_batch_on_one_process_is_pooled():
