@@ -22,7 +22,7 @@ import torch
 
 from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.families.base import HF_LAYER, LAYER, LAYER_NAMES, TOP_NAMES
+from dropup.families.base import HF_LAYER, LAYER, LAYER_NAMES, TOP_NAMES, resolve
 
 LAYOUTS = ("fused", "per-expert")
 _FUSED_EXPERTS = ("ffn.w_gate_up", "ffn.w_down")
@@ -169,6 +169,7 @@ def hf_config_dict(model: ModelConfig, moe: MoEConfig | None = None) -> dict:
     moe = moe if moe is not None and moe.enabled else None
     if moe is not None:
         adapter.check_moe(moe)
+        adapter.check_moe_window(model)
     return {"model_type": adapter.moe_type if moe else adapter.dense_type, **adapter.write_fields(model, moe)}
 
 
@@ -183,11 +184,12 @@ def hf_config(model: ModelConfig, moe: MoEConfig | None = None, **extra):
 def configs_from_hf(config: Mapping) -> tuple[ModelConfig, MoEConfig]:
     """Our configs from a `config.json` (as a dict) of a supported family, refusing what we cannot represent."""
     adapter, is_moe = families.of_model_type(config.get("model_type"))
-    fields = adapter.read_fields(config)
+    hf = resolve(config)  # as transformers reads it: the class's defaults, not the raw keys
+    fields = adapter.read_fields(hf)
     moe = MoEConfig(enabled=False)
     if is_moe:
-        moe = adapter.read_moe(config)
-        fields["d_ff"] = adapter.moe_d_ff(config)
+        moe = adapter.read_moe(hf)
+        fields["d_ff"] = adapter.moe_d_ff(hf)
     model = ModelConfig(name=config.get("_name_or_path") or config["model_type"], family=adapter.dense_type,
                         **fields)
     return model, moe

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
@@ -218,6 +219,8 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
     if moe_cfg is not None and hasattr(strategy, "check_moe"):
         strategy.check_moe(moe_cfg)
+    if moe_cfg is not None:  # what its MoE family could not carry fails now, not at export after training
+        families.family(model_cfg.family).check_moe_window(model_cfg)
     if moe_cfg is not None and moe_cfg.lb_mode == "aux_free" and str(cfg.trainer.precision).endswith("-true") \
             and not str(cfg.trainer.precision).startswith("32"):
         raise ConfigError(f"moe.lb_mode=aux_free keeps a routing bias that trainer.precision={cfg.trainer.precision} "

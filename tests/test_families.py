@@ -213,3 +213,87 @@ def test_a_config_without_head_dim_gets_the_width_transformers_gives_it(model_ty
     saved = {k: v for k, v in config.to_dict().items() if k != "head_dim"}
     expected = AutoConfig.for_model(model_type, **{k: v for k, v in saved.items() if k != "model_type"}).head_dim
     assert configs_from_hf(saved)[0].d_head == (expected or BASE["hidden_size"] // BASE["num_attention_heads"])
+
+
+# --- config.json read as transformers reads it ------------------------------------------------------------------
+# Each case is a config.json (raw keys) whose raw reading differs from transformers' class: the reference model is
+# built by transformers from the same keys, ours from configs_from_hf, and the logits must agree.
+SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+             rms_norm_eps=1e-5)
+QWEN_MOE = dict(moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+RAW_CASES = {
+    # MistralConfig defaults sliding_window to 4096: a config.json without the key slides at 4096 tokens
+    "mistral-without-sliding_window": ("mistral", dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                                       num_key_value_heads=1, intermediate_size=16), 4160),
+    # LlamaAttention has no window: a stray sliding_window key is ignored
+    "llama-with-stray-sliding_window": ("llama", dict(num_hidden_layers=2, sliding_window=4), 24),
+    # Mistral ignores layer_types (with a warning) and slides on every layer
+    "mistral-with-layer_types": ("mistral", dict(num_hidden_layers=2, sliding_window=5,
+                                                 layer_types=["full_attention", "sliding_attention"]), 24),
+    # Qwen2-MoE derives layer_types from use_sliding_window its own way (even layers below max_window_layers)
+    "qwen2_moe-derived-layer_types": ("qwen2_moe", dict(num_hidden_layers=1, use_sliding_window=True,
+                                                        sliding_window=5, max_window_layers=1,
+                                                        shared_expert_intermediate_size=16, **QWEN_MOE), 24),
+    # Qwen3MoeConfig holds no head_dim: Qwen3MoeAttention uses hidden / heads, not Qwen3's 128
+    "qwen3_moe-without-head_dim": ("qwen3_moe", dict(num_hidden_layers=2, **QWEN_MOE), 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_a_config_json_is_read_as_transformers_reads_it(case):
+    kind, raw, seq = RAW_CASES[case]
+    config = {"model_type": kind, **SMALL, **raw}
+    torch.manual_seed(0)
+    theirs = randomized(AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**SMALL, **raw})).eval())
+    model_cfg, moe_cfg = configs_from_hf(config)
+    ours = Transformer(model_cfg, moe_cfg if moe_cfg.enabled else None).eval()
+    ours.load_state_dict(from_hf(theirs.state_dict(), model_cfg.family), strict=True)
+    x = tokens(model_cfg.vocab_size, seq)[:1]
+    with torch.no_grad():
+        assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_transformers_derives_and_dropup_cannot_hold_are_one_error():
+    """Two Qwen2-MoE layers with use_sliding_window derive [sliding, full]: not a window from one layer on."""
+    config = {"model_type": "qwen2_moe", **SMALL, **QWEN_MOE, "num_hidden_layers": 2, "use_sliding_window": True,
+              "sliding_window": 5, "max_window_layers": 2, "shared_expert_intermediate_size": 16}
+    with pytest.raises(ConfigError, match=r"slides its attention window on layers \[0\]"):
+        configs_from_hf(config)
+
+
+@pytest.mark.parametrize("bad,message", [({"hidden_size": "big"}, "expected int, got str"),
+                                         ({"num_hidden_layers": 2, "layer_types": ["x", "y"]}, "layer_types")])
+def test_a_config_transformers_rejects_is_one_error_line(bad, message):
+    with pytest.raises(ConfigError, match="LlamaConfig rejects this llama config") as err:
+        configs_from_hf({"model_type": "llama", **SMALL, **bad})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+QWEN3_LATE_WINDOW = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, head_dim=8)
+
+
+def test_a_window_its_moe_family_cannot_carry_is_refused_by_the_converter(tmp_path, capsys):
+    """A Qwen3 sliding from layer 1 on would become a Qwen3-MoE sliding on every layer: another function. The
+    converter refuses it in one line, exit 2, and writes nothing; the dense model itself reads fine."""
+    from dropup import upcycle
+    from dropup.hf import hf_config_dict
+
+    dense = hf_dense("qwen3", **QWEN3_LATE_WINDOW)
+    dense.save_pretrained(tmp_path / "dense")
+    cfg, _ = configs_from_hf(dense.config.to_dict())
+    assert (cfg.sliding_window, cfg.sliding_window_from_layer) == (5, 1)
+    capsys.readouterr()
+    code = upcycle.main(["--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), "--init", "naive",
+                         "--experts", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "slides its attention window only from layer 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "moe").exists() and not list(tmp_path.glob("moe*"))
+    with pytest.raises(ConfigError, match="cannot become a qwen3_moe"):  # and every export path
+        hf_config_dict(cfg, MOE)
+    mixtral_late = configs_from_hf({"model_type": "qwen2", **SMALL, "num_hidden_layers": 2,
+                                    "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1})[0]
+    hf_config_dict(mixtral_late, MOE)  # Qwen2-MoE writes layer_types and honours them: fine
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="cannot become a mixtral"):
+        hf_config_dict(replace(mixtral_late, family="llama", attn_bias=False), MOE)

@@ -135,3 +135,15 @@ def test_sharded_seed_is_read_through_its_index(tmp_path, store):
     state = seeds._hf_state(seed, model_cfg)
     expected = from_hf(dense.state_dict(), "mistral")
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_seed_whose_window_its_moe_family_cannot_carry_is_refused_before_any_work(tmp_path, store):
+    """A Qwen3 sliding from layer 1 on: upcycling it (run.py adopts the seed) is refused at start, before the
+    corpus or any file of the run; a dense run of the same seed is fine (its export stays a Qwen3)."""
+    from tests.test_families import QWEN3_LATE_WINDOW
+
+    seed, _ = save_seed(tmp_path, store, "qwen3", **QWEN3_LATE_WINDOW)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="slides its attention window only from layer 1 on.*qwen3_moe"):
+        train(config(run, "model=hf", f"seed_model={seed}", "init=naive", *store))
+    assert not (run / "results.json").exists()

@@ -1,6 +1,10 @@
 """What every family adapter shares: reading a config.json into our configs, writing one back, and the tensor
 names, which all four dense families (and the Llama part of their MoE families) spell the same way.
 
+A config.json is read as transformers reads it (`resolve`: the family's own config class, its defaults and
+`__post_init__`), and each field the way that family's modeling code reads it, not by raw keys: a key the
+class ignores is ignored here too.
+
 An adapter (one file per family) states only what its family adds: the HF config fields it reads and writes, the
 MoE family it becomes (`moe_type`), and how that MoE family names its experts when saved per expert.
 """
@@ -45,11 +49,28 @@ LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def rope_fields(config: Mapping) -> tuple[float, dict | None]:
-    """(theta, scaling) from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-    rope = dict(config.get("rope_parameters") or {})
-    rope.update(config.get("rope_scaling") or {})
-    theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+def resolve(config: Mapping):
+    """A config.json as transformers reads it: its model_type's config class, with the class's defaults and its
+    `__post_init__` applied (a Mistral without `sliding_window` has 4096, a Qwen2-MoE derives its `layer_types`),
+    which is what the modeling code is given. What the strict class rejects is one ConfigError."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    cls = CONFIG_MAPPING[model_type]
+    try:
+        return cls.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    except (StrictDataclassError, KeyError, TypeError, ValueError) as err:
+        reason = [line.strip() for line in str(err).strip().splitlines() if line.strip()][-1:] or [type(err).__name__]
+        raise ConfigError(f"transformers' {cls.__name__} rejects this {model_type} config: {reason[0].strip(chr(34))}"
+                          ) from None
+
+
+def rope_fields(hf) -> tuple[float, dict | None]:
+    """(theta, scaling) from a resolved config's `rope_parameters` (transformers 5 folds the older `rope_theta` +
+    `rope_scaling` into it)."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    theta = float(rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if kind == "default":
         return theta, None
@@ -63,21 +84,26 @@ def rope_fields(config: Mapping) -> tuple[float, dict | None]:
     return theta, {"rope_type": kind, **{k: rope[k] for k in keep}}
 
 
-def window_fields(config: Mapping, n_layers: int) -> dict:
-    """Our sliding_window / sliding_window_from_layer from HF's (`layer_types` where given)."""
-    window = config.get("sliding_window")
-    if window is None or config.get("use_sliding_window") is False:
+# How a model type's attention reads its window, as its transformers modeling code does: `none` (no sliding
+# window whatever the config says), `all` (config.sliding_window on every layer; layer_types ignored), or
+# `layer_types` (config.sliding_window on the layers whose layer_types entry is sliding_attention).
+WINDOW_RULES = ("none", "all", "layer_types")
+
+
+def window_fields(hf, rule: str) -> dict:
+    """Our sliding_window / sliding_window_from_layer from a resolved config, by its model type's rule."""
+    n_layers, window = hf.num_hidden_layers, getattr(hf, "sliding_window", None)
+    if rule == "none" or not window:  # Qwen2-MoE writes 0 for "no window"
         return {"sliding_window": None}
-    types = config.get("layer_types")
-    if not types:
-        first = int(config.get("max_window_layers", 0)) if "use_sliding_window" in config else 0
-        return {"sliding_window": int(window), "sliding_window_from_layer": first}
-    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if rule == "all":
+        return {"sliding_window": int(window), "sliding_window_from_layer": 0}
+    sliding = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
     if not sliding:
         return {"sliding_window": None}
     if sliding != list(range(sliding[0], n_layers)):
-        raise ConfigError(f"config field layer_types slides on layers {sliding}: dropup supports a window on every "
-                          "layer from one layer on")
+        raise ConfigError(f"this {hf.model_type} slides its attention window on layers {sliding} (config field "
+                          "layer_types, or as transformers derives it from use_sliding_window and max_window_layers): "
+                          "dropup supports a window on every layer from one layer on")
     return {"sliding_window": int(window), "sliding_window_from_layer": sliding[0]}
 
 
@@ -90,38 +116,37 @@ class Family:
     # how the MoE family names one expert when saved per expert (under "model.layers.{L}."), and its router
     expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) patterns with {e}
     expert_router: ClassVar[str]
-    # the head width a config.json without `head_dim` has in transformers (None: hidden / heads)
-    default_head_dim: ClassVar[int | None] = None
     # whether the MoE family has a (gated) shared expert beside the routed ones
     holds_shared_expert: ClassVar[bool] = False
+    # WINDOW_RULES of the dense and the MoE model type, as their attention reads the window
+    dense_window_rule: ClassVar[str] = "none"
+    moe_window_rule: ClassVar[str] = "all"
 
     # --- config.json -> ours ---------------------------------------------------------------------------------
-    def read_fields(self, config: Mapping) -> dict:
-        """ModelConfig fields from a config.json of this family (dense or MoE)."""
-        if config.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config field hidden_act={config['hidden_act']!r}: SwiGLU needs silu")
-        if config.get("mlp_bias"):
-            raise ConfigError("config field mlp_bias=true: Mixtral-style experts have no biases")
-        theta, scaling = rope_fields(config)
-        n_heads, d_model = config["num_attention_heads"], config["hidden_size"]
-        head_dim = config.get("head_dim", self.default_head_dim)
+    def read_fields(self, hf) -> dict:
+        """ModelConfig fields from a resolved config (`resolve`) of this family's dense or MoE type, read as the
+        family's modeling code reads them."""
+        if hf.hidden_act != "silu":
+            raise ConfigError(f"config field hidden_act={hf.hidden_act!r}: SwiGLU needs silu")
+        theta, scaling = rope_fields(hf)
+        n_heads, d_model = hf.num_attention_heads, hf.hidden_size
+        head_dim = getattr(hf, "head_dim", None) or d_model // n_heads  # as every family's attention reads it
+        rule = self.moe_window_rule if hf.model_type == self.moe_type else self.dense_window_rule
         return dict(
-            vocab_size=config["vocab_size"], n_layers=config["num_hidden_layers"], d_model=d_model,
-            d_ff=config["intermediate_size"], n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads, rope_theta=theta, rope_scaling=scaling,
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)), init_std=float(config.get("initializer_range", 0.02)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            head_dim=None if head_dim in (None, d_model // n_heads) else int(head_dim),
-            **window_fields(config, config["num_hidden_layers"]),
+            vocab_size=hf.vocab_size, n_layers=hf.num_hidden_layers, d_model=d_model,
+            d_ff=hf.intermediate_size, n_heads=n_heads, n_kv_heads=hf.num_key_value_heads or n_heads,
+            rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.rms_norm_eps),
+            init_std=float(hf.initializer_range), tie_embeddings=bool(hf.tie_word_embeddings),
+            head_dim=None if head_dim == d_model // n_heads else int(head_dim), **window_fields(hf, rule),
         )
 
-    def read_moe(self, config: Mapping) -> MoEConfig:
-        """MoEConfig from a config.json of this family's MoE type."""
+    def read_moe(self, hf) -> MoEConfig:
+        """MoEConfig from a resolved config of this family's MoE type."""
         raise NotImplementedError
 
-    def moe_d_ff(self, config: Mapping) -> int:
-        """The expert width of an MoE config.json (Mixtral calls it intermediate_size)."""
-        return config["intermediate_size"]
+    def moe_d_ff(self, hf) -> int:
+        """The expert width of a resolved MoE config (Mixtral calls it intermediate_size)."""
+        return hf.intermediate_size
 
     # --- ours -> config.json ---------------------------------------------------------------------------------
     def write_fields(self, model: ModelConfig, moe: MoEConfig | None) -> dict:
@@ -159,6 +184,16 @@ class Family:
         if moe.shared_expert_d_ff and not moe.shared_expert_gate:
             raise ConfigError(f"a {self.moe_type}'s shared expert always has a sigmoid gate: set "
                               "moe.shared_expert_gate=true to write this MoE as a Hugging Face model")
+
+    def check_moe_window(self, model: ModelConfig) -> None:
+        """Refuse a dense model whose attention window the MoE family cannot carry: Mixtral and Qwen3-MoE slide on
+        every layer or none, so a window that starts at a later layer would change the function when upcycled."""
+        if self.moe_window_rule == "all" and model.sliding_window is not None and model.sliding_window_from_layer:
+            raise ConfigError(
+                f"this {model.family} model slides its attention window only from layer "
+                f"{model.sliding_window_from_layer} on, and a {self.moe_type} slides on every layer or none: "
+                f"upcycled into one it would compute another function, so it cannot become a {self.moe_type} "
+                "(train or export it as a dense model instead)")
 
     # --- tensors beyond ours ---------------------------------------------------------------------------------
     def extra_moe_tensors(self, layer: int, model: ModelConfig, moe: MoEConfig, dtype) -> dict:

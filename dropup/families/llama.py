@@ -8,8 +8,6 @@ Mixtral saves each expert as `block_sparse_moe.experts.{e}.w1/w3/w2` (gate/up/do
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.families.base import Family
 
@@ -20,16 +18,20 @@ class Llama(Family):
     expert_names = ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
                     "block_sparse_moe.experts.{e}.w2.weight")
     expert_router = "block_sparse_moe.gate.weight"
+    dense_window_rule = "none"  # LlamaAttention has no window: a stray sliding_window key is ignored
+    moe_window_rule = "all"  # Mixtral: config.sliding_window on every layer
 
-    def read_fields(self, config: Mapping) -> dict:
-        if config.get("attention_bias"):
+    def read_fields(self, hf) -> dict:
+        if hf.model_type == "llama" and hf.attention_bias:  # LlamaAttention's q/k/v/o biases
             raise ConfigError("config field attention_bias=true: this Llama has an o_proj bias, which Mixtral "
                               "cannot hold, so it cannot be upcycled")
-        return super().read_fields(config)
+        if hf.model_type == "llama" and hf.mlp_bias:
+            raise ConfigError("config field mlp_bias=true: Mixtral-style experts have no biases")
+        return super().read_fields(hf)
 
-    def read_moe(self, config: Mapping) -> MoEConfig:
-        return MoEConfig(enabled=True, num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
-                         lb_coef=config.get("router_aux_loss_coef", 0.02))
+    def read_moe(self, hf) -> MoEConfig:
+        return MoEConfig(enabled=True, num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         lb_coef=hf.router_aux_loss_coef)
 
     def check(self, model: ModelConfig) -> None:
         if model.attn_bias or model.qk_norm:

@@ -10,6 +10,7 @@ from dropup.families.llama import Llama
 
 class Mistral(Llama):
     dense_type = "mistral"
+    dense_window_rule = "all"  # MistralConfig.sliding_window (default 4096) on every layer; layer_types ignored
 
     def dense_window(self, model: ModelConfig) -> dict:
         if model.sliding_window is not None and model.sliding_window_from_layer != 0:

@@ -12,8 +12,6 @@ tensors are dropped on reading). Saved per expert: `mlp.experts.{e}.gate_proj/up
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
@@ -28,23 +26,27 @@ class Qwen2(Family):
     expert_router = "mlp.gate.weight"
     holds_shared_expert = True
 
-    def read_fields(self, config: Mapping) -> dict:
-        return {**super().read_fields(config), "attn_bias": bool(config.get("qkv_bias", True))}
+    dense_window_rule = "layer_types"  # the window on the layers layer_types names (derived from max_window_layers)
+    moe_window_rule = "layer_types"  # Qwen2-MoE derives its layer_types another way (its config class)
 
-    def moe_d_ff(self, config: Mapping) -> int:
-        return config["moe_intermediate_size"]
+    def read_fields(self, hf) -> dict:
+        # Qwen2Attention always has q/k/v biases; Qwen2-MoE's follow its qkv_bias field
+        bias = True if hf.model_type == "qwen2" else bool(getattr(hf, "qkv_bias", False))
+        return {**super().read_fields(hf), "attn_bias": bias}
 
-    def read_moe(self, config: Mapping) -> MoEConfig:
-        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
-            raise ConfigError(f"this {config['model_type']} keeps dense FFNs on some layers (decoder_sparse_step / "
+    def moe_d_ff(self, hf) -> int:
+        return hf.moe_intermediate_size
+
+    def read_moe(self, hf) -> MoEConfig:
+        if hf.decoder_sparse_step != 1 or hf.mlp_only_layers:
+            raise ConfigError(f"this {hf.model_type} keeps dense FFNs on some layers (decoder_sparse_step / "
                               "mlp_only_layers): dropup models an MoE on every layer")
-        if not config.get("norm_topk_prob", False):
-            raise ConfigError(f"config field norm_topk_prob=false: this {config['model_type']} does not renormalize "
+        if not hf.norm_topk_prob:
+            raise ConfigError(f"config field norm_topk_prob=false: this {hf.model_type} does not renormalize "
                               "its top-k weights, and dropup's router does (paper eq. 3)")
-        experts = config.get("num_experts", config.get("num_local_experts"))  # Qwen3-MoE saves the latter
-        shared = int(config.get("shared_expert_intermediate_size", 0)) if self.holds_shared_expert else 0
-        return MoEConfig(enabled=True, num_experts=experts, top_k=config["num_experts_per_tok"],
-                         lb_coef=config.get("router_aux_loss_coef", 0.02), shared_expert_d_ff=shared)
+        shared = int(hf.shared_expert_intermediate_size) if self.holds_shared_expert else 0
+        return MoEConfig(enabled=True, num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         lb_coef=hf.router_aux_loss_coef, shared_expert_d_ff=shared)
 
     def check(self, model: ModelConfig) -> None:
         if model.qk_norm:

@@ -102,6 +102,7 @@ def plan_job(args: argparse.Namespace) -> Job:
                         shared_expert_d_ff=shared_d_ff)
         check_pair(model, moe)
         families.family(model.family).check_moe(moe)
+        families.family(model.family).check_moe_window(model)
     except ConfigError as err:  # say it in the CLI's words
         message = str(err)
         for field_name, flag in (("moe.num_experts", "--experts"), ("moe.top_k", "--top-k"),
