@@ -19,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from dropup import liveness
+
 _BASE_LABEL = re.compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|NU|Pretrained")
 
-STATUS_ORDER = ("completed", "running", "failed", "incomplete")
+STATUS_ORDER = ("completed", "running", "died", "failed", "incomplete")
 SHARED_SUFFIX = " + shared"
 # how a load-balancing mode other than the paper's (pooled over one process's tokens) shows in a label
 LB_LABELS = {"per_layer": "per-layer LB", "global_batch": "global-batch LB", "aux_free": "aux-free",
@@ -93,7 +95,7 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     except json.JSONDecodeError:
         results = {}
-    status = results.get("status", "incomplete")
+    status = liveness.state(results, results_path) if results else "incomplete"  # "died": killed mid-run
     init = results.get("init") or _init_name(cfg)
     moe_enabled = bool((cfg.get("moe") or {}).get("enabled", results.get("moe", "none") != "none"))
     ratio = results.get("ratio", (cfg.get("init") or {}).get("ratio"))

@@ -88,13 +88,20 @@ class Run:
     train_flops: float
     tokens_per_step: int
     status: str = "missing"
+    key: dict | None = None  # the resume key run.py will compute (None where the config cannot be planned)
 
 
 def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float) -> Run:
     """Compose the run to place its budget on its schedule: the schedule (and the run directory) are the same
     whichever artefact asks, only how far the run goes differs, so a longer budget extends the same run."""
-    from dropup.config import architecture
+    import copy
+
+    from omegaconf import open_dict
+
+    from dropup.config import ConfigError, architecture
     from dropup.flops import train_flops
+    from dropup.stages import model_overridden, recipe_choices
+    from dropup.train import plan_run as resolve_run
 
     cfg = compose(tuple(base))
     schedule = int(cfg.train.schedule_tokens or cfg.train.tokens)
@@ -106,7 +113,14 @@ def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float
         extra.append(f"train.eval_tokens=[{','.join(map(str, points))}]")
     model, moe = architecture(cfg)
     flops = train_flops(model, moe, tokens, int(cfg.data.seq_len))
-    return Run(name, seed, run_dir, [*base, *extra], tokens, schedule, flops, per_step)
+    resolved = copy.deepcopy(cfg)  # the composed config is cached and shared: resolve a copy as run.py would
+    with open_dict(resolved):
+        resolved.train.schedule_tokens, resolved.train.tokens = schedule, max(tokens, per_step)
+    try:
+        key = resolve_run(resolved, model_overridden(base), recipe_choices(base)).key
+    except ConfigError:
+        key = None  # the run itself will say what is wrong
+    return Run(name, seed, run_dir, [*base, *extra], tokens, schedule, flops, per_step, key=key)
 
 
 def planned_runs(artefact: str, scale: str, results: Path, extra: list[str] = ()) -> list[Run]:
@@ -124,21 +138,28 @@ def planned_runs(artefact: str, scale: str, results: Path, extra: list[str] = ()
 
 def status_of(run_dir: Path, run: Run | None = None) -> str:
     """completed (as far as `run` needs) | short (completed, but to fewer tokens: extend it) | stale (another
-    data-stream version or schedule: rerun from scratch, never mix in) | running | failed | missing."""
+    data-stream version, or a resume key that differs from the planned run's: rerun from scratch, never mix in)
+    | running | died (its process is gone: resume it) | failed | missing."""
+    from dropup import liveness, resume
     from dropup.data import DATA_STREAM_VERSION
 
+    path = run_dir / "results.json"
     try:
-        results = json.loads((run_dir / "results.json").read_text())
-        status = results["status"]
+        results = json.loads(path.read_text())
+        status = liveness.state(results, path)
     except (OSError, ValueError, KeyError):
         return "missing"
     if results.get("provenance", {}).get("data_stream") != DATA_STREAM_VERSION:
         return "stale"
     if run is not None:
-        # compared in steps: a schedule is its horizon in optimizer steps, however its tokens were written down
-        recorded = int(results.get("schedule_tokens") or results.get("tokens") or 0)
-        if recorded // run.tokens_per_step != run.schedule_tokens // run.tokens_per_step:
-            return "stale"
+        recorded = results.get("resume_key")
+        if recorded is not None and run.key is not None:  # exactly what `resume=true` would refuse
+            if resume.conflicts(recorded, run.key):
+                return "stale"
+        else:  # a run recorded before resume keys: its schedule, compared in optimizer steps
+            scheduled = int(results.get("schedule_tokens") or results.get("tokens") or 0)
+            if scheduled // run.tokens_per_step != run.schedule_tokens // run.tokens_per_step:
+                return "stale"
         if status == "completed" and int(results.get("tokens") or 0) < run.tokens:
             return "short"
     return status
@@ -153,7 +174,8 @@ def set_aside(run_dir: Path) -> Path:
     while target.exists():
         target, n = stale / f"{run_dir.name}.{n}", n + 1
     run_dir.rename(target)
-    print(f"[sweep] {run_dir.name}: stale (other data stream or schedule), moved to {target}", flush=True)
+    print(f"[sweep] {run_dir.name}: stale (another data stream, or settings its resume key does not match), moved "
+          f"to {target}", flush=True)
     return target
 
 
@@ -197,7 +219,7 @@ def print_status(scale: str, results: Path) -> None:
         plan = planned_runs(artefact, scale, results)
         states = {run.run_dir.name: run.status for run in plan}
         counts = {s: sum(1 for v in states.values() if v == s)
-                  for s in ("completed", "short", "stale", "failed", "running", "missing")}
+                  for s in ("completed", "short", "stale", "failed", "running", "died", "missing")}
         print(f"{artefact:8s} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
         for name, state in states.items():
             if state != "completed":
@@ -242,7 +264,11 @@ def main(argv=None) -> int:
         return 0
     failed = []
     if not args.render_only:
-        todo = [run for run in plan if run.status != "completed" and (not args.only or run.name in args.only)]
+        for run in plan:
+            if run.status == "running":  # alive (its process, or a fresh heartbeat): never a second writer
+                print(f"[sweep] {run.run_dir.name}: running elsewhere, left alone", flush=True)
+        todo = [run for run in plan if run.status not in ("completed", "running")
+                and (not args.only or run.name in args.only)]
         for run in todo:
             if run.status == "stale":
                 set_aside(run.run_dir)

@@ -91,11 +91,17 @@ def _announcement(run_dir: Path, launch: str) -> Path:
     return Path(run_dir) / f".ranks-{launch}.json"
 
 
-def announce(run_dir: Path, launch: str, resume: bool | None = None, error: str | None = None) -> None:
-    """Rank 0, externally launched: tell the other ranks to start (resuming or from initial.safetensors), or
-    that the run failed before training and they should stop."""
+def announce(run_dir: Path, launch: str, resume: bool | None = None, error: str | None = None,
+             config: dict | None = None) -> None:
+    """Rank 0, externally launched: tell the other ranks to start (resuming or from initial.safetensors) on its
+    resolved `config`, or that the run failed before training and they should stop."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(_announcement(run_dir, launch), {"resume": resume, "error": error})
+    write_json_atomic(_announcement(run_dir, launch), {"resume": resume, "error": error, "config": config})
+
+
+def announced_config(run_dir: Path, launch: str) -> dict:
+    """The resolved config rank 0 announced (after `await_announcement`)."""
+    return json.loads(_announcement(run_dir, launch).read_text())["config"]
 
 
 def announced(run_dir: Path, launch: str) -> bool:

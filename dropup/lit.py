@@ -22,6 +22,7 @@ from dropup.config import ModelConfig, MoEConfig
 from dropup.data import TokenData
 from dropup.model import Transformer
 from dropup.moe import StepLoads
+from dropup.resume import CHECKPOINT_FIELD
 
 
 def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float, final_constant: int = 0) -> float:
@@ -42,8 +43,9 @@ class StepTicks(IterableDataset):
 
 class LitLM(L.LightningModule):
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, train_cfg: dict, data: TokenData,
-                 data_seed: int, initial_state: dict | None = None):
+                 data_seed: int, initial_state: dict | None = None, resume_key: dict | None = None):
         super().__init__()
+        self.resume_key = resume_key  # written into every checkpoint (dropup.resume)
         self.model = Transformer(model_cfg, moe_cfg)
         if initial_state is not None:
             self.model.load_state_dict(self.model.complete_state(initial_state), strict=True)
@@ -87,6 +89,10 @@ class LitLM(L.LightningModule):
         else:
             self._micro_k += 1
         return self._micro_k
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.resume_key is not None:
+            checkpoint[CHECKPOINT_FIELD] = self.resume_key
 
     def configure_model(self):
         """Under `trainer=fsdp` (Lightning's ModelParallelStrategy gives us a device mesh): shard the model."""
@@ -220,7 +226,7 @@ class RunRecorder(L.Callback):
     """Writes metrics.csv (one row per logged step; append-only, flushed per row) and routing counts,
     evaluates on schedule, and measures throughput. On resume it drops rows past the restored step."""
 
-    def __init__(self, run_dir: Path, domains: list[str], is_moe: bool, train_cfg: dict, on_eval=None):
+    def __init__(self, run_dir: Path, domains: list[str], is_moe: bool, train_cfg: dict, on_eval=None, on_log=None):
         self.path = Path(run_dir) / "metrics.csv"
         self.columns = ["step", "tokens", "train_loss", "lm_loss", "lr", "grad_norm"]
         self.columns += ["lb_loss", "z_loss"] if is_moe else []
@@ -228,7 +234,7 @@ class RunRecorder(L.Callback):
         self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization",
                          "expert_similarity"] if is_moe else []
         self.columns += list(MEASURED)
-        self.cfg, self.on_eval = train_cfg, on_eval
+        self.cfg, self.on_eval, self.on_log = train_cfg, on_eval, on_log  # on_log: each logged row (the heartbeat)
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
         # validations beyond every val_every steps: the points an artefact reads off a longer run's curve
         self.extra_val_steps = {int(t) // self.tokens_per_step for t in train_cfg.get("eval_tokens") or ()}
@@ -248,6 +254,8 @@ class RunRecorder(L.Callback):
                 csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
             for logger in trainer.loggers:  # e.g. wandb: the same numbers as the CSV
                 logger.log_metrics({k: v for k, v in row.items() if k != "step" and v != ""}, step=row["step"])
+            if self.on_log is not None:
+                self.on_log()
 
     def _evaluate(self, trainer, module) -> None:
         from dropup.routing import summarize

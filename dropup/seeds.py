@@ -71,6 +71,15 @@ def seed_key(cfg: DictConfig) -> str:
     return _hash(fields)
 
 
+def seed_identity(cfg: DictConfig, strategy) -> str | None:
+    """What a run's weights start from, for its resume key: the dense seed's store key (seed_model=auto), the
+    seed_model path as given, or None for an init that reads no model."""
+    if strategy.max_sources == 0:
+        return None
+    seed = cfg.get("seed_model")
+    return f"auto:{seed_key(cfg)}" if seed in (None, "auto") else str(seed)
+
+
 def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dict, weights=None, seed_model=None):
     dense = OmegaConf.to_container(cfg, resolve=True)
     dense.update(stage="train", seed=seed, seed_model=seed_model, resume=True, run_dir=str(run_dir), train=train,
@@ -167,17 +176,18 @@ def hf_seed_dir(cfg: DictConfig) -> Path | None:
     return where if (where / "config.json").is_file() else None
 
 
-def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
+def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> bool:
     """With seed_model=<HF dir> the architecture is the seed's config.json (model=hf). A model preset or model.*
     override the user gave explicitly must agree with it field by field: a silently different rope_theta or
-    rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work."""
+    rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work.
+    Returns whether `cfg.model` is now the seed's (model=hf, by hand or automatically)."""
     from dropup.flops import human_count, param_counts
 
     where = hf_seed_dir(cfg)
     if where is None:
         if cfg.model.name == "hf":
             raise ConfigError("model=hf reads the architecture from seed_model=<Hugging Face directory>: set it")
-        return cfg
+        return False
     _, found, _ = read_hf_config(where)
     if cfg.model.name == "hf" or not explicit_model:
         adopted = {**asdict(found), "init_std": float(cfg.model.init_std)}
@@ -185,14 +195,14 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> DictConfig:
         with open_dict(cfg):
             for key, value in adopted.items():
                 cfg.model[key] = value
-        return cfg
+        return True
     wanted = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     diff = [f"{f}={getattr(found, f)!r} (model={wanted.name} has {getattr(wanted, f)!r})"
             for f in ARCHITECTURE_FIELDS if getattr(found, f) != getattr(wanted, f)]
     if diff:
         raise ConfigError(f"seed_model={where} is a {found.family} model with {', '.join(diff)}: drop the model= / "
                           "model.* overrides (the seed's own config.json is then used: model=hf)")
-    return cfg
+    return False
 
 
 def _check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: Path) -> None:

@@ -164,12 +164,14 @@ def _choice(group: str, default: str) -> str:
     return HydraConfig.get().runtime.choices.get(group, default) if HydraConfig.initialized() else default
 
 
-def _model_overridden() -> bool:
-    """Whether the user named a model preset or a model.* field (then it must agree with an HF seed's config)."""
-    if not HydraConfig.initialized():
-        return True
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+def model_overridden(overrides) -> bool:
+    """Whether `overrides` name a model preset or a model.* field (then it must agree with an HF seed's config)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     return any(k == "model" or k.startswith("model.") for k in keys)
+
+
+def _model_overridden() -> bool:
+    return model_overridden(HydraConfig.get().overrides.task) if HydraConfig.initialized() else True
 
 
 def _model_name(cfg: DictConfig) -> str:
@@ -203,6 +205,43 @@ def info(cfg: DictConfig) -> dict:
     return report
 
 
+RECIPE_FIELDS = ("lr", "min_lr_ratio")  # what a run from an HF seed takes from the paper unless chosen
+
+
+def recipe_choices(overrides) -> dict[str, str]:
+    """Which of train.lr / train.min_lr_ratio the user chose, and where: on the command line (the field, or a
+    train= preset), in an experiment preset, or in conf/local/default.yaml. The others are the train preset's
+    defaults, which a run from a pretrained seed replaces (`dropup.train.PRETRAINED_RECIPE`)."""
+    import yaml
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    chosen: dict[str, str] = {}
+
+    def sets(path: Path, field: str) -> bool:
+        if not path.is_file():
+            return False
+        spec = yaml.safe_load(path.read_text()) or {}
+        overrides_train = any(isinstance(d, dict) and any(str(k).endswith("/train") for k in d)
+                              for d in spec.get("defaults", []))
+        return overrides_train or (spec.get("train") or {}).get(field) is not None
+
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        for field in RECIPE_FIELDS:
+            if key == f"train.{field}":
+                chosen[field] = f"{override} on the command line"
+            elif key == "train":
+                chosen.setdefault(field, f"train={value} on the command line")
+            elif key == "experiment" and value not in ("", "null") and sets(conf / "experiment" / f"{value}.yaml", field):
+                chosen.setdefault(field, f"experiment={value}")
+    for field in RECIPE_FIELDS:
+        if field not in chosen and sets(conf / "local" / "default.yaml", field):
+            chosen[field] = "conf/local/default.yaml"
+    return chosen
+
+
 def train(cfg: DictConfig) -> dict:
     from dropup.train import train as train_run
 
@@ -211,7 +250,9 @@ def train(cfg: DictConfig) -> dict:
     # an HF seed's architecture is named by the run once adopted (family-size), not by the model preset
     groups = ("moe", "init") if hf_seed_dir(cfg) is not None else ("model", "moe", "init")
     names = {g: _choice(g, "") for g in groups}
-    return train_run(cfg, names={k: v for k, v in names.items() if v}, explicit_model=_model_overridden())
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return train_run(cfg, names={k: v for k, v in names.items() if v}, explicit_model=_model_overridden(),
+                     recipe_from=recipe_choices(overrides))
 
 
 def _export_paths(cfg: DictConfig):

@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 import traceback
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from dropup import families
+from dropup import families, liveness, resume
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
 from dropup.data.corpus import DataError
@@ -178,43 +179,32 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model: bool | None = None) -> dict:
-    """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
-    option names to record (Hydra's choices for a top-level run). `explicit_model`: whether the user chose the
-    model preset or fields (run.py knows from Hydra's overrides; by default, unless it is model=hf), which an HF
-    seed's config must then agree with (`seeds.adopt_hf_seed`)."""
-    names = names or {}
-    from dropup import ddp, moe
-
-    moe.announce_backends_again()  # each run's log names the MoE backend it runs (a multirun is one process)
-    run_dir = run_dir_of(cfg)
-    if not ddp.is_rank_zero():
-        return _train_worker(cfg, run_dir)
-    launch = ddp.external_launch()
-    try:
-        return _train_rank_zero(cfg, run_dir, log, names, explicit_model, launch)
-    except BaseException as err:
-        if launch and not ddp.announced(run_dir, launch):  # the other ranks wait to hear what to train: nothing
-            ddp.announce(run_dir, launch, error=f"{type(err).__name__}: {err}")
-        raise
+# paper A.4: the MoE runs' peak lr and floor, the defaults for a run from a pretrained (Hugging Face) seed, whose
+# weights the toy presets' peak (tuned for 3 M-parameter models trained from scratch) would wreck
+PRETRAINED_RECIPE = {"lr": 2e-4, "min_lr_ratio": 0.1}
 
 
-def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None,
-                     launch: str | None) -> dict:
-    from dropup import ddp
+@dataclass
+class RunPlan:
+    """A run resolved from its config before any work: what `train` trains and what the sweep compares."""
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results_path = run_dir / "results.json"
-    # a SLURM job that was requeued (preempted, timed out, `scontrol requeue`) continues from its checkpoint
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-    resume = bool(cfg.get("resume", False)) or requeued
-    if results_path.exists() and not resume:
-        status = json.loads(results_path.read_text()).get("status")
-        raise ConfigError(f"{run_dir} already holds a {status} run: pass resume=true to continue it, or choose "
-                          "another run directory")
+    model: ModelConfig
+    moe: MoEConfig | None
+    strategy: object
+    settings: dict
+    key: dict  # the resume key (dropup.resume), without the data hashes
+    lr_note: str  # where the peak lr came from, for the log
+
+
+def plan_run(cfg: DictConfig, explicit_model: bool | None = None, recipe_from: dict | None = None) -> RunPlan:
+    """Resolve `cfg` in place as a run would (an HF seed's architecture adopted, the pretrained-seed recipe
+    applied), check it, and return the plan. Reads configs only, writes nothing. `recipe_from`: train.lr /
+    train.min_lr_ratio the user chose, and where (`dropup.stages.recipe_choices`)."""
     from dropup import seeds
 
-    seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None else explicit_model)
+    adopted = seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None
+                                  else explicit_model)
+    lr_note = _apply_recipe_defaults(cfg, adopted, recipe_from)
     model_cfg, moe_cfg = architecture(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
     if moe_cfg is not None and hasattr(strategy, "check_moe"):
@@ -225,17 +215,83 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
             and not str(cfg.trainer.precision).startswith("32"):
         raise ConfigError(f"moe.lb_mode=aux_free keeps a routing bias that trainer.precision={cfg.trainer.precision} "
                           "would store in half precision, rounding its small steps away: use bf16-mixed or 32-true")
-    _check_tokenizer_fits(cfg, model_cfg)
-    strategy_name = strategy.name
-    ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
+    key = resume.resume_key(cfg, settings, strategy, model_cfg, moe_cfg, seeds.seed_identity(cfg, strategy))
+    return RunPlan(model_cfg, moe_cfg, strategy, settings, key, lr_note)
+
+
+def _apply_recipe_defaults(cfg: DictConfig, adopted_hf_seed: bool, chosen: dict | None) -> str:
+    """From a pretrained HF seed (model=hf), train.lr and train.min_lr_ratio default to `PRETRAINED_RECIPE`
+    unless the user chose them (command line, a train= preset, an experiment preset). `chosen` None: the caller
+    cannot tell (a config built in code), so the config is taken as it is. Returns the log line."""
+    sources = {}
+    for field, value in PRETRAINED_RECIPE.items():
+        if chosen is None:
+            sources[field] = "as configured"
+        elif field in chosen:
+            sources[field] = chosen[field]
+        elif adopted_hf_seed:
+            cfg.train[field] = value
+            sources[field] = "model=hf: the paper's MoE recipe (A.4) for a pretrained seed"
+        else:
+            sources[field] = "the train preset"
+    return (f"peak lr {float(cfg.train.lr):g} ({sources['lr']}), decaying to {float(cfg.train.min_lr_ratio):g} x "
+            f"peak ({sources['min_lr_ratio']})")
+
+
+def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model: bool | None = None,
+          recipe_from: dict | None = None) -> dict:
+    """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
+    option names to record (Hydra's choices for a top-level run). `explicit_model`: whether the user chose the
+    model preset or fields (run.py knows from Hydra's overrides; by default, unless it is model=hf), which an HF
+    seed's config must then agree with (`seeds.adopt_hf_seed`). `recipe_from`: the train.lr / min_lr_ratio the
+    user chose and where (`dropup.stages.recipe_choices`; run.py passes it), the others taking the defaults for
+    a pretrained seed (`plan_run`); None takes the config as it is."""
+    names = names or {}
+    from dropup import ddp, moe
+
+    moe.announce_backends_again()  # each run's log names the MoE backend it runs (a multirun is one process)
+    run_dir = run_dir_of(cfg)
+    if not ddp.is_rank_zero():
+        return _train_worker(cfg, run_dir)
+    launch = ddp.external_launch()
+    try:
+        return _train_rank_zero(cfg, run_dir, log, names, explicit_model, recipe_from, launch)
+    except BaseException as err:
+        if launch and not ddp.announced(run_dir, launch):  # the other ranks wait to hear what to train: nothing
+            ddp.announce(run_dir, launch, error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None,
+                     recipe_from: dict | None, launch: str | None) -> dict:
+    from dropup import ddp
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    # a SLURM job that was requeued (preempted, timed out, `scontrol requeue`) continues from its checkpoint
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    resume_run = bool(cfg.get("resume", False)) or requeued
+    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if previous and not resume_run:
+        raise ConfigError(f"{run_dir} already holds a {liveness.state(previous, results_path)} run: pass resume=true "
+                          "to continue it, or choose another run directory")
+    writer = liveness.alive_elsewhere(previous) if not requeued else None
+    if writer:
+        raise ConfigError(f"{run_dir} is being trained right now ({writer}): wait for it, or stop that process first")
+    plan = plan_run(cfg, explicit_model, recipe_from)
+    model_cfg, moe_cfg, strategy, settings = plan.model, plan.moe, plan.strategy, plan.settings
+    resume.check(previous, plan.key, run_dir)  # before anything is written
+    logging.getLogger(__name__).info(plan.lr_note)
+    _check_tokenizer_fits(cfg, model_cfg)
+    ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
     counts = param_counts(model_cfg, moe_cfg)
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
     results = {
         "status": "running", "stage": "train", "model": names.get("model", model_cfg.name),
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "shared_expert_d_ff": moe_cfg.shared_expert_d_ff if moe_cfg is not None else 0,
-        "init": strategy_name, "ratio": ratio,
+        "init": strategy.name, "ratio": ratio,
         "virtual_groups": bool(moe_cfg is not None and getattr(strategy, "uses_virtual_groups", lambda m: False)(moe_cfg)),
         "lb_mode": moe_cfg.lb_mode if moe_cfg is not None else None, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
         "schedule_tokens": settings["schedule_tokens"],
@@ -244,43 +300,46 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
         "provenance": {"git_sha": git_sha(), "versions": versions(), "corpus_hash": None, "tokenizer_hash": None,
                        "seed_model": None, "wall_time_s": None,
                        "data_stream": DATA_STREAM_VERSION, "stream": settings["stream"]},
-        "error": None,
+        "resume_key": plan.key, "error": None,
     }
-    # a resumed run keeps what its first start recorded (the seed it was upcycled from); read it before overwriting
-    previous = json.loads(results_path.read_text()) if resume and results_path.exists() else {}
-    per_step = settings["batch_size"] * settings["seq_len"]
-    if previous.get("schedule_tokens") is not None and int(previous["schedule_tokens"]) // per_step != \
-            settings["schedule_steps"]:
-        raise ConfigError(f"{run_dir} runs on a schedule of {previous['schedule_tokens']} tokens, this config on "
-                          f"one of {results['schedule_tokens']}: to continue it pass train.schedule_tokens="
-                          f"{previous['schedule_tokens']} (a different schedule is a new run: another directory)")
-    write_json_atomic(results_path, results)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
+    heartbeat = liveness.Heartbeat(results_path)
+    # a fresh run says "running" at once; a resumed one rewrites nothing until its data passed the key check too
+    opened = not previous
+    if opened:
+        _open_run(heartbeat, results, run_dir, cfg)
+    heartbeat.start()
     started = time.perf_counter()
     try:
         data = load_data(cfg, settings["seq_len"], log)
         if data.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size="
                               f"{model_cfg.vocab_size}: raise model.vocab_size or data.vocab_size must match")
+        results["resume_key"] = resume.with_data(plan.key, data.manifest)
+        resume.check(previous, results["resume_key"], run_dir)
         results["provenance"].update(corpus_hash=data.manifest["corpus_hash"],
                                      tokenizer_hash=data.manifest["tokenizer_hash"])
         ckpt = last_checkpoint(run_dir)
-        resuming = resume and ckpt.exists()
+        resuming = resume_run and ckpt.exists()
+        if resuming:  # the checkpoint records its key too (results.json could have been replaced)
+            resume.check({"resume_key": resume.checkpoint_key(ckpt)}, results["resume_key"], ckpt)
+        if not opened:
+            opened = True
+            _open_run(heartbeat, results, run_dir, cfg)
         state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, strategy, model_cfg, moe_cfg, log)
         if resuming:
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
         results["provenance"].update(provenance)
-        write_json_atomic(results_path, results)
+        heartbeat.write(results)
         workers = []
         we_launch = ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
         if (we_launch or launch) and state is not None:  # every rank must start from these exact weights
             save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "initial.safetensors"))
         if launch:
-            ddp.announce(run_dir, launch, resume=resuming)
+            ddp.announce(run_dir, launch, resume=resuming, config=OmegaConf.to_container(cfg, resolve=True))
         if we_launch:
             workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming)
         module, trainer, recorder, final_state = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
-                                                      ckpt if resuming else None)
+                                                      ckpt if resuming else None, results["resume_key"], heartbeat)
         ddp.wait_workers(workers)
         if trainer.is_global_zero:
             save_file({k: v.detach().contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors"))
@@ -293,23 +352,32 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
         raise
     except BaseException as err:
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        if opened:
+            (run_dir / "error.txt").write_text(traceback.format_exc())
         raise
     finally:
+        heartbeat.stop()
         results["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 2)
-        write_json_atomic(results_path, results)
+        if opened:  # a resume refused by its key leaves the run's files as they were
+            heartbeat.write(results)
     return results
 
 
-def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt):
+def _open_run(heartbeat, results: dict, run_dir: Path, cfg: DictConfig) -> None:
+    heartbeat.write(results)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # resolved, for export and analysis
+
+
+def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None, heartbeat=None):
     _quiet_lightning()
     if cfg.trainer.get("accelerator") == "cpu":
         from dropup.cpu import prepare_cpu_process
 
         prepare_cpu_process(cfg.trainer.precision)
-    module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state)
+    module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state, resume_key=key)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
-                           on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity))
+                           on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity),
+                           on_log=heartbeat.beat if heartbeat is not None else None)
     from dropup.ddp import cluster_environment
 
     plugins = [cluster_environment()]
@@ -351,6 +419,8 @@ def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
 
     launch = ddp.external_launch()
     resume = ddp.await_announcement(run_dir, launch) if launch else bool(cfg.get("resume"))
+    if launch:  # every rank trains rank 0's resolved config (an HF seed adopted, the recipe's defaults applied)
+        cfg = OmegaConf.create(ddp.announced_config(run_dir, launch))
     model_cfg, moe_cfg = architecture(cfg)
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     data = load_data(cfg, settings["seq_len"], log=lambda *_: None)
