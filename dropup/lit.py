@@ -8,8 +8,9 @@ each domain, at step 0 (before any update), every `train.val_every` steps and at
 from __future__ import annotations
 
 import csv
-import os
 import itertools
+import os
+import signal
 import math
 import time
 from pathlib import Path
@@ -242,7 +243,8 @@ class RunRecorder(L.Callback):
         self.routing = None
         self.resumed_from: int | None = None
         self._clock = None
-        # Fault injection for resume tests: behave like a job killed right after this step's checkpoint.
+        # Fault injection for resume tests: behave like a job killed right after this step's checkpoint (an
+        # exception, or with DROPUP_CRASH_SIGNAL=KILL a SIGKILL).
         self.crash_at_step = int(os.environ.get("DROPUP_CRASH_AT_STEP", -1))
 
     def _validates_at(self, step: int) -> bool:
@@ -300,6 +302,8 @@ class RunRecorder(L.Callback):
             return
         step = trainer.global_step
         if step == self.crash_at_step:
+            if os.environ.get("DROPUP_CRASH_SIGNAL") == "KILL":  # as the OOM killer does: no chance to write
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"DROPUP_CRASH_AT_STEP={step}: simulated crash (tests kill runs this way)")
         if step % self.cfg["log_every"] == 0 or step == self.cfg["steps"]:
             start, start_step = self._clock

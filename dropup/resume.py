@@ -17,7 +17,8 @@ In the key:
   dense seed's store key, or the path it was given), and the architecture (`model.*`, `moe.*`).
 Not in the key (how a step runs, or how far): `train.tokens` (a run may be extended on its schedule), the
 number of ranks and nodes, `train.micro_batch_size`, `train.activation_checkpointing`, `moe.backend`,
-`trainer.precision`, the validation, logging and checkpoint cadence, and the logger.
+`trainer.precision`, the validation, logging and checkpoint cadence, and the logger. (With seed_model=auto a
+change of precision still names another dense seed, since the seed store keys on it: `seed_model` differs.)
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ class DataSchema:
     path: Any = None  # a path, a glob, or a list of them (jsonl)
     domains: list[str] = field(default_factory=lambda: ["ja", "en", "code"])
     # training mixture over domains; null = in proportion to each domain's size
-    weights: Optional[dict[str, float]] = None
+    # (typed Any: omegaconf 2.3 cannot merge a command-line dict into an Optional[dict] that is None; the
+    # loader checks the domains and values)
+    weights: Any = None
     seq_len: int = 256
     vocab_size: int = 8192
     val_fraction: float = 0.05

@@ -97,6 +97,18 @@ def test_mixture_weights(prepared):
     assert not (set(x.flatten().tolist()) & tokenizer_ids_of_b)
     with pytest.raises(DataError, match="unknown domain"):
         TokenData(prepared[0], ["a", "b"], seq_len=16, weights={"c": 1.0})
+    for bad in ({"a": -1.0}, {"a": "much"}, [0.5, 0.5], {"a": 0.0}):
+        with pytest.raises(DataError, match="is not a mixture"):
+            TokenData(prepared[0], ["a", "b"], seq_len=16, weights=bad)
+
+
+def test_mixture_weights_from_the_command_line():
+    """The README's `data.weights='{ja: 0.49, en: 0.46, code: 0.055}'` composes (it failed in omegaconf 2.3's
+    merge into a typed Optional[dict] that was None)."""
+    from dropup.stages import compose
+
+    cfg = compose(["data.weights={ja: 0.49, en: 0.46, code: 0.055}"])
+    assert dict(cfg.data.weights) == {"ja": 0.49, "en": 0.46, "code": 0.055}
 
 
 def test_jsonl_domain_missing(tmp_path):

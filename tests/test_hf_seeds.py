@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from dropup.config import ConfigError
 from dropup.train import train
 from tests.test_families import hf_dense
-from tests.test_train import ROOT, TINY, config
+from tests.test_train import ROOT, TINY, config, rows
 
 FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -139,7 +139,7 @@ def test_sharded_seed_is_read_through_its_index(tmp_path, store):
 
 def test_a_seed_whose_window_its_moe_family_cannot_carry_is_refused_before_any_work(tmp_path, store):
     """A Qwen3 sliding from layer 1 on: upcycling it (run.py adopts the seed) is refused at start, before the
-    corpus or any file of the run; a dense run of the same seed is fine (its export stays a Qwen3)."""
+    corpus or any file of the run."""
     from tests.test_families import QWEN3_LATE_WINDOW
 
     seed, _ = save_seed(tmp_path, store, "qwen3", **QWEN3_LATE_WINDOW)
@@ -147,3 +147,34 @@ def test_a_seed_whose_window_its_moe_family_cannot_carry_is_refused_before_any_w
     with pytest.raises(ConfigError, match="slides its attention window only from layer 1 on.*qwen3_moe"):
         train(config(run, "model=hf", f"seed_model={seed}", "init=naive", *store))
     assert not (run / "results.json").exists()
+
+
+def test_a_pretrained_seed_trains_at_the_papers_lr_unless_one_is_chosen(tmp_path, store, caplog):
+    """Before: seed_model=<HF dir> trained at the toy preset's 2e-3. Now model=hf (by hand or automatically)
+    defaults to the paper's MoE peak 2e-4 and floor 0.1, an lr the user chose stays, and the log says which."""
+    import logging
+
+    from dropup.stages import recipe_choices
+
+    caplog.set_level(logging.INFO, logger="dropup.train")
+    seed, _ = save_seed(tmp_path, store, "llama")
+    short = ["init=naive", f"seed_model={seed}", "train.tokens=1024", "train.min_lr_ratio=0.5", *store]
+    train(config(tmp_path / "auto", *short), explicit_model=False, recipe_from={})
+    used = (tmp_path / "auto" / "config.yaml").read_text()
+    assert "lr: 0.0002" in used and "min_lr_ratio: 0.1" in used
+    assert "peak lr 0.0002 (model=hf: the paper's MoE recipe (A.4) for a pretrained seed)" in caplog.text
+    chosen = ["model=hf", "train.lr=1e-3"]
+    train(config(tmp_path / "chosen", *chosen, *short), recipe_from=recipe_choices(chosen))
+    used = (tmp_path / "chosen" / "config.yaml").read_text()
+    assert "lr: 0.001" in used and "min_lr_ratio: 0.1" in used
+    assert "peak lr 0.001 (train.lr=1e-3 on the command line)" in caplog.text
+    assert max(float(r["lr"]) for r in rows(tmp_path / "chosen") if r["lr"]) <= 1e-3
+
+
+def test_where_the_lr_comes_from():
+    from dropup.stages import recipe_choices
+
+    assert recipe_choices([]) == {} and recipe_choices(["model=hf", "seed=1"]) == {}
+    assert set(recipe_choices(["+train.lr=1"])) == {"lr"}
+    assert recipe_choices(["experiment=mini"]) == {"lr": "experiment=mini"}  # mini.yaml sets train.lr only
+    assert set(recipe_choices(["train=paper_moe"])) == {"lr", "min_lr_ratio"}

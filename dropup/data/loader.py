@@ -67,6 +67,10 @@ class TokenData:
                     )
         sizes = np.array([self.train[d].size for d in self.domains], dtype=np.float64)
         if weights:
+            if not hasattr(weights, "items") or not all(isinstance(v, (int, float)) and v >= 0 for v in weights.values()) \
+                    or not sum(weights.values()) > 0:
+                raise DataError(f"data.weights={weights!r} is not a mixture: give each domain a non-negative weight, "
+                                "e.g. data.weights='{ja: 0.49, en: 0.46, code: 0.055}'")
             unknown = set(weights) - set(self.domains)
             if unknown:
                 raise DataError(f"data.weights names unknown domain(s) {sorted(unknown)}; domains: {self.domains}")
