@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ranks", default="1,2", help="process counts to measure")
+    parser.add_argument("--checkpointing", default="off,on", help="activation checkpointing settings to measure")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: fp32, resident-set growth vs the prediction less the parameter shards; cuda: "
                              "bf16-mixed, the allocator's peak vs the whole prediction")
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in [int(r) for r in args.ranks.split(",")]:
-            for checkpointing in (False, True):
+            for checkpointing in [c.strip() == "on" for c in args.checkpointing.split(",")]:
                 micro = min(args.micro_batch, args.batch // ranks)
                 measured = run(overrides, ranks, checkpointing, micro, args.steps, args.batch, seq_len,
                                Path(tmp) / f"r{ranks}-ckpt{int(checkpointing)}", args.device)

@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--gemm-n", type=int, help="the reference GEMM's size n (n x n x n; default 8192 on a GPU, "
+                        "2048 on a CPU); smaller only to smoke-test the script")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--system-malloc", action="store_true",
                         help="CPU: glibc's default allocator, not the tuning CPU training runs apply (dropup.cpu)")
@@ -233,7 +235,7 @@ def main() -> None:
         precision = "fp32" if bf16_emulated else "bf16"
     autocast = precision == "bf16"
     gemm_dtype = torch.bfloat16 if autocast else torch.float32
-    gemm_n = 8192 if gpu else 2048
+    gemm_n = args.gemm_n or (8192 if gpu else 2048)
     peak = datasheet_peak(device)
     torch.manual_seed(0)
     common = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "precision": precision,

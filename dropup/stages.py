@@ -220,27 +220,27 @@ def recipe_choices(overrides) -> dict[str, str]:
     conf = Path(__file__).resolve().parents[1] / "conf"
     chosen: dict[str, str] = {}
 
-    def sets(path: Path, field: str) -> bool:
+    def sets(path: Path, name: str) -> bool:
         if not path.is_file():
             return False
         spec = yaml.safe_load(path.read_text()) or {}
         overrides_train = any(isinstance(d, dict) and any(str(k).endswith("/train") for k in d)
                               for d in spec.get("defaults", []))
-        return overrides_train or (spec.get("train") or {}).get(field) is not None
+        return overrides_train or (spec.get("train") or {}).get(name) is not None
 
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        for field in RECIPE_FIELDS:
-            if key == f"train.{field}":
-                chosen[field] = f"{override} on the command line"
+        for name in RECIPE_FIELDS:
+            if key == f"train.{name}":
+                chosen[name] = f"{override} on the command line"
             elif key == "train":
-                chosen.setdefault(field, f"train={value} on the command line")
-            elif key == "experiment" and value not in ("", "null") and sets(conf / "experiment" / f"{value}.yaml", field):
-                chosen.setdefault(field, f"experiment={value}")
-    for field in RECIPE_FIELDS:
-        if field not in chosen and sets(conf / "local" / "default.yaml", field):
-            chosen[field] = "conf/local/default.yaml"
+                chosen.setdefault(name, f"train={value} on the command line")
+            elif key == "experiment" and value not in ("", "null") and sets(conf / "experiment" / f"{value}.yaml", name):
+                chosen.setdefault(name, f"experiment={value}")
+    for name in RECIPE_FIELDS:
+        if name not in chosen and sets(conf / "local" / "default.yaml", name):
+            chosen[name] = "conf/local/default.yaml"
     return chosen
 
 

@@ -20,7 +20,8 @@ def run_json_lines(*args) -> list[dict]:
 def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes():
     overrides = [arg for o in TINY for arg in ("--override", o)]
     lines = run_json_lines("benchmarks/train_step.py", "--suite", "gpu", "--device", "cpu", "--precision", "fp32",
-                           "--seq-len", "16", "--batch-size", "2", "--reps", "1", "--warmup", "1", *overrides)
+                           "--seq-len", "16", "--batch-size", "2", "--reps", "1", "--warmup", "1", "--gemm-n", "128",
+                           *overrides)
     configs, summary = lines[:-1], lines[-1]
     assert [c["config"] for c in configs] == ["152m-dense", "8x152m-moe", "1.5b-6L-dense", "8x1.5b-6L-moe"]
     for line in configs:
@@ -37,7 +38,7 @@ def test_the_cpu_step_benchmark_compares_moe_with_dense():
     overrides = [arg for o in TINY for arg in ("--override", o)]
     (result,) = run_json_lines("benchmarks/train_step.py", "--model", "small", "--moe", "mixtral", "--compare-dense",
                                "--precision", "fp32", "--seq-len", "16", "--batch-size", "2", "--reps", "1",
-                               "--warmup", "1", *overrides)
+                               "--warmup", "1", "--gemm-n", "128", *overrides)
     assert result["moe_vs_dense"] == round(result["moe"]["mfu"] / result["dense"]["mfu"], 3)
 
 
@@ -51,12 +52,12 @@ def test_the_layer_benchmark_checks_every_fallback_against_grouped():
     assert result["tokens_per_expert_max_over_mean"] > 1.2  # the skew made loads uneven
 
 
-def test_the_step_memory_benchmark_measures_and_predicts(tmp_path):
-    overrides = ["model=tiny", "model.vocab_size=512", "data=fixture", f"paths.data_dir={tmp_path / 'data'}",
-                 f"paths.seed_store={tmp_path / 'seeds'}"]
-    lines = run_json_lines("benchmarks/step_memory.py", "--ranks", "1", "--steps", "1", "--batch", "4",
-                           "--micro-batch", "2", *[arg for o in overrides for arg in ("--override", o)])
-    assert [(line["ranks"], line["checkpointing"]) for line in lines] == [(1, False), (1, True)]
+def test_the_step_memory_benchmark_measures_and_predicts(store):
+    # one configuration (checkpointing on: the path with more to get wrong) of the default two
+    overrides = ["model=tiny", "model.vocab_size=512", "data=fixture", *store]
+    lines = run_json_lines("benchmarks/step_memory.py", "--ranks", "1", "--checkpointing", "on", "--steps", "1",
+                           "--batch", "4", "--micro-batch", "2", *[arg for o in overrides for arg in ("--override", o)])
+    assert [(line["ranks"], line["checkpointing"]) for line in lines] == [(1, True)]
     for line in lines:
         assert line["measured_gib"] > 0 and line["predicted_gib"] > 0 and line["micro_batch"] == 2
         assert line["predicted_total_gib"] > line["predicted_gib"]  # the parameter shards were resident already

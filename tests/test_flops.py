@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_py_inline
 from dropup.config import ModelConfig, MoEConfig
 from dropup.flops import param_counts, train_flops
 from dropup.model import Transformer
@@ -92,14 +93,17 @@ def test_training_flops_match_table2(name, is_moe, tokens, flops):
     assert abs(got / (flops * 1e22) - 1) < 0.01
 
 
-@pytest.mark.parametrize("model,moe", [("13b", "none"), ("3.7b", "mixtral"), ("tiny", "fine_grained")])
-def test_info_stage_prints_json_last(model, moe, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "run.py", "stage=info", f"model={model}", f"moe={moe}", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("model,moe,process", [("13b", "none", "new"), ("3.7b", "mixtral", "inline"),
+                                               ("tiny", "fine_grained", "inline")])
+def test_info_stage_prints_json_last(model, moe, process, tmp_path):
+    args = ["stage=info", f"model={model}", f"moe={moe}", f"hydra.run.dir={tmp_path}"]
+    if process == "new":  # once through a new interpreter, as the contract's users call it
+        proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, stdout, stderr = run_py_inline(*args)
+    assert code == 0, stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert isinstance(report["total_params"], int) and isinstance(report["active_params"], int)
     assert isinstance(report["train_flops"], float) and report["train_flops"] > 0
     assert (report["model"], report["moe"]) == (model, moe)
@@ -113,10 +117,10 @@ def test_info_reports_the_dense_seed_of_an_upcycled_run(tmp_path):
     """8x3.7B upcycled: the seed is Table 2's row 1 (Dense 3.7B, 1,000B tokens, 2.70e22 FLOPs), stopped on its
     2,072B-token schedule; a scratch MoE has no seed to report."""
     def info(*overrides):
-        proc = subprocess.run([sys.executable, "run.py", "stage=info", "experiment=paper_8x3.7b", *overrides,
-                               f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        code, stdout, stderr = run_py_inline("stage=info", "experiment=paper_8x3.7b", *overrides,
+                                             f"hydra.run.dir={tmp_path}")
+        assert code == 0, stderr
+        return json.loads(stdout.strip().splitlines()[-1])
 
     report = info("init=drop")
     assert (report["seed_tokens"], report["seed_schedule_tokens"]) == (1000 * 10**9, 2072 * 10**9)

@@ -4,8 +4,6 @@ upcycled run exports as the seed family's MoE family with the seed's tokenizer."
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from dropup.config import ConfigError
 from dropup.train import train
 from tests.test_families import hf_dense
-from tests.test_train import ROOT, TINY, config, rows
+from tests.test_train import TINY, config, rows
 
 FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -79,9 +77,14 @@ def test_a_preset_that_disagrees_with_the_seed_is_one_error_not_a_silent_theta(t
     assert results["status"] == "completed" and "rope_theta: 500000.0" in used and "norm_eps: 1.0e-06" in used
 
 
-def run_py(*args, timeout=300):
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+def run_py(*args, timeout=None):
+    """run.py with these arguments, through Hydra's entry point in this process (`conftest.run_py_inline`)."""
+    from types import SimpleNamespace
+
+    from conftest import run_py_inline
+
+    code, stdout, stderr = run_py_inline(*args)
+    return SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
 
 
 def test_info_of_an_hf_seed_reports_the_seed_upcycled(tmp_path, store):
@@ -110,13 +113,15 @@ def test_a_vocabulary_mismatch_fails_before_any_corpus_work(tmp_path, store):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "vocab_size=512" in last and "model=hf" in last
     assert not data_dir.exists()  # no corpus was prepared
-    # and with the seed's own config (no model override) the same command runs
+    # and with the seed's own config (no model override) the same command runs (on the session's prepared data)
     proc = run_py(*[o for o in TINY if not o.startswith("model.")], f"seed_model={seed}", "init=naive",
-                  "train.tokens=1024", f"paths.data_dir={data_dir}", f"paths.seed_store={tmp_path / 'seeds'}",
-                  f"hydra.run.dir={tmp_path / 'run2'}")
+                  "train.tokens=1024", *store, f"hydra.run.dir={tmp_path / 'run2'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     # results.json names the seed's family and size, not the default preset's name
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["model"].startswith("llama-")
+    # adopted automatically through run.py: the paper's lr for a pretrained seed, said in the run's log
+    assert "lr: 0.0002" in (tmp_path / "run2" / "config.yaml").read_text()
+    assert "peak lr 0.0002 (model=hf" in (tmp_path / "run2" / "run.log").read_text()
 
 
 def test_sharded_seed_is_read_through_its_index(tmp_path, store):

@@ -1,11 +1,11 @@
 """The resume key (dropup.resume): every setting that decides what a run computes is in it, each change is one
 error line before anything is written, execution choices are not in it, legacy runs warn; the sweep reads the
-same key. And liveness (dropup.liveness): a run whose process is gone is `died`, and is resumed."""
+same key. And liveness (dropup.liveness): a run whose process is gone is `died` (a SIGKILLed run resuming:
+test_train.test_resume_after_a_kill_ends_bit_identical)."""
 
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +16,8 @@ import pytest
 from dropup import liveness, resume
 from dropup.config import ConfigError
 from dropup.train import plan_run
-from test_train import ROOT, TINY, config, rows
+from conftest import run_py_inline
+from test_train import TINY, config
 
 # (override, the setting the error must name): each changes what the run computes
 IN_KEY = [
@@ -88,11 +89,10 @@ def test_a_resume_that_changes_the_batch_or_the_seed_fails_through_run_py_and_wr
     assert recorded["data.corpus_hash"] and recorded["init"] == "naive"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert resume.checkpoint_key(ckpt) == recorded  # the checkpoint records it too
-    proc = subprocess.run([sys.executable, "run.py", "init=naive", *TINY, *store, "resume=true",
-                           "train.batch_size=4", "seed=1", f"hydra.run.dir={run}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    code, _, stderr = run_py_inline("init=naive", *TINY, *store, "resume=true", "train.batch_size=4", "seed=1",
+                                    f"hydra.run.dir={run}")
+    assert code != 0 and "Traceback" not in stderr
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "train.batch_size=8" in error[0] and "train.batch_size=4" in error[0]
     assert "seed=0" in error[0] and "seed=1" in error[0]
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before}
@@ -160,26 +160,3 @@ def test_the_heartbeat_thread_refreshes_a_running_run_and_never_overwrites_its_e
     time.sleep(0.2)
     beat.stop()
     assert json.loads(path.read_text())["status"] == "completed"
-
-
-def test_a_run_killed_by_sigkill_is_died_and_the_sweep_resumes_it(tmp_path, store):
-    """The OOM killer's way: no "failed" is ever written. The sweep sees `died` and resumes it; the result is
-    the uninterrupted run's."""
-    from analysis.sweep import status_of
-    from dropup.train import train
-
-    reference = train(config(tmp_path / "ref", "init=naive", *store))
-    run = tmp_path / "killed"
-    script = ("import sys; sys.path.insert(0, 'tests'); from test_train import config; from dropup.train import train; "
-              f"train(config({str(run)!r}, 'init=naive', *{store!r}))")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DROPUP_CRASH_AT_STEP": "13", "DROPUP_CRASH_SIGNAL": "KILL"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    results = json.loads((run / "results.json").read_text())
-    assert results["status"] == "running" and results["host"] == socket.gethostname()
-    assert status_of(run) == "died"
-    with pytest.raises(ConfigError, match="holds a died run: pass resume=true"):
-        train(config(run, "init=naive", *store))
-    resumed = train(config(run, "init=naive", "resume=true", *store))
-    assert resumed["status"] == "completed" and resumed["metrics"] == reference["metrics"]
-    assert [r["step"] for r in rows(run)] == [r["step"] for r in rows(tmp_path / "ref")]

@@ -103,6 +103,7 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_kill(tmp_path, st
     ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / ".metadata").is_file()
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+    _assert_experts_and_router_sharded_along_dim_1(ckpt)
     resumed = _run_py(*sharded, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -136,37 +137,20 @@ def test_consolidate_names_a_wrong_path(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def _shard_on_rank(rank: int, port: int, out_dir: str):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from dropup.fsdp import shard_model
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=16, d_ff=32, n_heads=2, n_kv_heads=2)
-    model = Transformer(cfg, MoEConfig(enabled=True, num_experts=4, top_k=2))
-    shard_model(model, init_device_mesh("cpu", (2,)), bf16=False)
-    torch.save({name: (str(p.placements[0]), tuple(p.to_local().shape)) for name, p in model.named_parameters()},
-               f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_fsdp_shards_experts_and_router_along_dim_1(tmp_path):
+def _assert_experts_and_router_sharded_along_dim_1(ckpt):
     """Dim 0 of the stacked experts and the router is the expert index: split across more ranks than experts it
-    would leave ranks empty, so those are sharded along dim 1, everything else along dim 0."""
-    import torch.multiprocessing as mp
+    would leave ranks empty, so those are sharded along dim 1, everything else along dim 0. Read off the sharded
+    checkpoint's metadata: each rank's chunk of each tensor, by its offset."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    from test_methods import _free_port
-
-    mp.spawn(_shard_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        shards = torch.load(tmp_path / f"rank{rank}.pt")
-        assert shards["layers.0.ffn.w_gate_up"] == ("S(1)", (4, 32, 16))  # (E, 2F / 2, D)
-        assert shards["layers.0.ffn.w_down"] == ("S(1)", (4, 8, 32))  # (E, D / 2, F)
-        assert shards["layers.1.ffn.router.weight"] == ("S(1)", (4, 8))
-        assert shards["tok_emb.weight"] == ("S(0)", (32, 16))
-        assert shards["layers.0.attn.wq.weight"] == ("S(0)", (8, 16))
+    metadata = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    for name, tensor in metadata.items():
+        if not name.startswith("state_dict.model.") or name.endswith("tokens_per_expert"):
+            continue
+        split = {d for chunk in tensor.chunks for d, offset in enumerate(chunk.offsets) if offset}
+        expert_dim = name.endswith(("ffn.w_gate_up", "ffn.w_down", "ffn.router.weight"))
+        assert len(tensor.chunks) == 2 and split == ({1} if expert_dim else {0}), (name, tensor.chunks)
+    assert "state_dict.model.layers.0.ffn.w_gate_up" in metadata and "state_dict.model.layers.1.ffn.router.weight" in metadata
 
 
 def test_how_a_step_is_executed_does_not_change_the_seed_key(tmp_path):
