@@ -351,19 +351,19 @@ def test_every_bad_input_is_named_and_nothing_is_left_behind(tmp_path):
         assert not list(tmp_path.glob(f"{name}*")), name
 
 
-def test_the_build_command_reports_bad_input_in_one_line(tmp_path):
+def test_the_build_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    """`python -m dropup.data.build` is `sys.exit(main(argv))`: main's exit code and stderr, in this process."""
+    from dropup.data.build import main
+
     path, _ = _bad_inputs(tmp_path / "in")["not_json"]
-    proc = subprocess.run([sys.executable, "-m", "dropup.data.build", "data=jsonl", f"data.path={path}",
-                           "data.domains=[en]", f"paths.data_dir={tmp_path / 'data'}"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: {path}:6 is not valid JSON (Expecting property name "
-                                                "enclosed in double quotes): write one {\"text\": ..., \"domain\": "
-                                                "...} object per line"]
+    code = main(["data=jsonl", f"data.path={path}", "data.domains=[en]", f"paths.data_dir={tmp_path / 'data'}"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}:6 is not valid JSON (Expecting property name enclosed in double quotes): write one "
+        "{\"text\": ..., \"domain\": ...} object per line"]
     assert not [p for p in (tmp_path / "data").glob("*") if not p.name.endswith(".lock")]
-    typo = subprocess.run([sys.executable, "-m", "dropup.data.build", "data.num_procs=2"], capture_output=True,
-                          text=True, cwd=ROOT)
-    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+    assert main(["data.num_procs=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: Could not override 'data.num_procs'. To append to your config use +data.num_procs=2"]
 
 
