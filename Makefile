@@ -91,8 +91,8 @@ bench-data: install ## corpus preparation on a 2 GB synthetic corpus: tokens/s v
 bench-convert: install ## dropup-upcycle at the 3.7B shape: peak RSS, GB/s vs disk (~50 GB free in BENCH_TMP; LAYERS=N for fewer)
 	$(PY) benchmarks/convert.py --scratch $(BENCH_TMP) $(if $(LAYERS),--layers $(LAYERS))
 
-test: install ## the test suite (fast tests; under 15 minutes on 2 cores)
-	$(PY) -m pytest -q
+test: install ## the test suite (about 4 minutes on 2 cores; prints the 15 slowest tests)
+	$(PY) -m pytest -q --durations=15
 
 slurm-up: install ## install (if missing) and start a single-node SLURM cluster, configs in .slurm/ (root, Debian)
 	$(PY) -m dropup.cluster up
