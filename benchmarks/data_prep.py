@@ -58,13 +58,12 @@ print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "sca
 DEDUP_CHILD = """
 import json, sys, time
 from pathlib import Path
-from dropup.data.corpus import MemoryDocuments
-from dropup.data.prepare import Build, BuildSettings
+from dropup.data.dedup import mark_duplicates
+from dropup.data.prepare import BuildSettings
 folder, n = Path(sys.argv[1]), int(sys.argv[2])
-build = Build(folder / "out", MemoryDocuments({}), BuildSettings(domains=("a", "b", "c"), vocab_size=256,
-                                                                  val_fraction=0.05), None, print)
+settings = BuildSettings(domains=("a", "b", "c"), vocab_size=256, val_fraction=0.05)
 start = time.perf_counter()
-duplicates = build.mark_duplicates(n)
+duplicates = mark_duplicates(folder / "out.partial", n, settings.dedup_bucket_records)
 print(json.dumps({"seconds": time.perf_counter() - start, "duplicates": duplicates}))
 """
 
@@ -72,7 +71,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "duplicates": duplicat
 def dedup_at_scale(n: int, scratch: Path) -> dict:
     """Exact de-duplication alone on n synthetic scan records (random 128-bit hashes, 10% of them copies of an
     earlier record of the same domain), in a child process: time, peak PSS, and whether it finds every copy."""
-    from dropup.data.prepare import SCAN_RECORD
+    from dropup.data.workers import SCAN_RECORD
 
     folder = scratch / "dedup" / "out.partial"
     shutil.rmtree(folder.parent, ignore_errors=True)
