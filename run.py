@@ -3,7 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from dropup.stages import register_configs, run
+from dropup.schema import register_configs
+from dropup.stages import run
 
 register_configs()
 

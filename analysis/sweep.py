@@ -17,12 +17,23 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+import copy
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
+from omegaconf import open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from analysis import figures, tables
+from analysis.collect import at_budget, collect, curves
+from dropup import liveness, resume
+from dropup.config import ConfigError, architecture
+from dropup.data import DATA_STREAM_VERSION
+from dropup.flops import train_flops
+from dropup.paths import ROOT
+from dropup.schema import compose as compose_config, model_overridden, recipe_choices
+from dropup.train import plan_run as resolve_run
+
 SWEEPS = ROOT / "sweeps"
 ARTEFACTS = tuple(sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem != "scales"))
 
@@ -72,8 +83,6 @@ def scale_spec(scale: str) -> dict:
 def compose(overrides: tuple[str, ...]):
     """The config run.py would compose from `overrides` (composed once per process: `--status` plans the same
     run for every artefact that lists it; callers only read it)."""
-    from dropup.stages import compose as compose_config
-
     return compose_config(overrides)
 
 
@@ -94,15 +103,6 @@ class Run:
 def plan_run(name: str, seed: int, run_dir: Path, base: list[str], budget: float) -> Run:
     """Compose the run to place its budget on its schedule: the schedule (and the run directory) are the same
     whichever artefact asks, only how far the run goes differs, so a longer budget extends the same run."""
-    import copy
-
-    from omegaconf import open_dict
-
-    from dropup.config import ConfigError, architecture
-    from dropup.flops import train_flops
-    from dropup.stages import model_overridden, recipe_choices
-    from dropup.train import plan_run as resolve_run
-
     cfg = compose(tuple(base))
     schedule = int(cfg.train.schedule_tokens or cfg.train.tokens)
     per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
@@ -140,9 +140,6 @@ def status_of(run_dir: Path, run: Run | None = None) -> str:
     """completed (as far as `run` needs) | short (completed, but to fewer tokens: extend it) | stale (another
     data-stream version, or a resume key that differs from the planned run's: rerun from scratch, never mix in)
     | running | died (its process is gone: resume it) | failed | missing."""
-    from dropup import liveness, resume
-    from dropup.data import DATA_STREAM_VERSION
-
     path = run_dir / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -198,9 +195,6 @@ def launch(run_dir: Path, overrides: list[str], launcher: str, quiet: bool = Fal
 
 
 def render(artefact: str, scale: str, results: Path) -> list[Path]:
-    from analysis import figures, tables
-    from analysis.collect import at_budget, collect, curves
-
     out = results / scale
     runs = collect([out / "runs"], out / "runs.csv")
     all_curves = curves(runs)

@@ -104,8 +104,8 @@ def bundled_documents() -> tuple[list[tuple[str, str]], Path]:
     from tokenizers import Tokenizer
 
     from dropup.data.loader import TokenStream, split_files
-    from dropup.stages import register_configs
-    from dropup.train import prepared_data_dir
+    from dropup.schema import register_configs
+    from dropup.data import prepared_data_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

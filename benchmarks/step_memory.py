@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from dropup.config import architecture
-    from dropup.scaling import predict_memory
-    from dropup.stages import compose
+    from dropup.tools.scaling import predict_memory
+    from dropup.schema import compose
 
     overrides = args.override or MODEL  # your overrides replace the default model
     cfg = compose(overrides)

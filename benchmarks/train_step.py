@@ -33,7 +33,7 @@ import torch
 
 from dropup.config import architecture
 from dropup.flops import forward_flops_per_sequence, param_counts
-from dropup.stages import register_configs
+from dropup.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s; SXM parts)

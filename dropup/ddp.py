@@ -2,7 +2,7 @@
 
 Lightning's own launcher restarts the script with its original arguments, which under a Hydra multirun would
 start the whole sweep again in every rank. Instead, on one node, rank 0 saves the resolved config and starts
-ranks 1..N-1 as `python -m dropup.ddp <config>` with the torch.distributed environment set; Lightning then sees
+ranks 1..N-1 as `python -m dropup.train <config>` with the torch.distributed environment set; Lightning then sees
 processes created externally (LOCAL_RANK set) and only joins them.
 
 Under SLURM (a job of several tasks: `hydra/launcher=slurm` sets tasks_per_node to trainer.devices and nodes to
@@ -72,7 +72,7 @@ def launch_workers(cfg: DictConfig, run_dir: Path, devices: int, resume: bool) -
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(devices),
            "NODE_RANK": "0"}
     os.environ.update(env, LOCAL_RANK="0", RANK="0")
-    return [subprocess.Popen([sys.executable, "-m", "dropup.ddp", str(config_path)],
+    return [subprocess.Popen([sys.executable, "-m", "dropup.train", str(config_path)],
                              env={**os.environ, **env, "LOCAL_RANK": str(rank), "RANK": str(rank)})
             for rank in range(1, devices)]
 
@@ -120,9 +120,3 @@ def await_announcement(run_dir: Path, launch: str, timeout_s: float = 24 * 3600)
     if said.get("error"):
         raise RuntimeError(f"rank 0 stopped before training: {said['error']}")
     return bool(said["resume"])
-
-
-if __name__ == "__main__":
-    from dropup.train import train
-
-    train(OmegaConf.load(sys.argv[1]), log=lambda *_: None)

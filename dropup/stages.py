@@ -1,175 +1,28 @@
-"""What `run.py` does for each `stage=`: the functions tests call directly with a composed config."""
+"""What `run.py` does for each `stage=`: the functions tests call directly with a composed config. The typed
+config itself is `dropup.schema`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
-from dropup.data.prepare import BuildSettings
+from dropup import dense_seeds, export as exporting, train as training
+from dropup.config import ConfigError, architecture
+from dropup.data.corpus import DataError
+from dropup.data.sources import SourceError
 from dropup.flops import param_counts, train_flops
 from dropup.init import make_strategy
+from dropup.paths import project_path
+from dropup.schema import model_overridden, recipe_choices
 
 STAGES = ("info", "train", "export", "eval")
 
 
-@dataclass
-class DataSchema:
-    name: str = "default"
-    # packages (the bundled ja/en/code corpus) | jsonl | hf_disk | tokens (a prepared token folder)
-    source: str = "packages"
-    path: Any = None  # a path, a glob, or a list of them (jsonl)
-    domains: list[str] = field(default_factory=lambda: ["ja", "en", "code"])
-    # training mixture over domains; null = in proportion to each domain's size
-    # (typed Any: omegaconf 2.3 cannot merge a command-line dict into an Optional[dict] that is None; the
-    # loader checks the domains and values)
-    weights: Any = None
-    seq_len: int = 256
-    vocab_size: int = 8192
-    val_fraction: float = 0.05
-    max_chars_per_domain: Optional[int] = None
-    # preparation (dropup/data/prepare.py): BPE sample, worker processes (null: all cores), work and shard sizes
-    tokenizer_sample_chars: Optional[int] = BuildSettings.tokenizer_sample_chars
-    num_proc: Optional[int] = None
-    chunk_chars: int = BuildSettings.chunk_chars
-    shard_chars: int = BuildSettings.shard_chars
-
-
-@dataclass
-class TrainSchema:
-    # the run stops after `tokens`; the lr schedule (warmup fraction, cosine, constant tail) spans `schedule_tokens`
-    # (null: = tokens), so a run can stop mid-schedule and `resume=true train.tokens=<more>` continues it
-    tokens: int = 2_000_000
-    schedule_tokens: Optional[int] = None
-    batch_size: int = 16  # sequences per optimizer step, over all ranks
-    # sequences per forward/backward pass on each rank: the rank's share of batch_size is accumulated in
-    # micro-batches of this many (null: all at once). pooled/per_layer balance losses are formed per micro-batch;
-    # global_batch counts expert loads over the step's micro-batches so far (dropup.moe.load_balancing_loss).
-    micro_batch_size: Optional[int] = None
-    # per block, keep only its input and recompute its activations in the backward (less memory, ~1/3 more compute)
-    activation_checkpointing: bool = False
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: Any = 0.05  # steps (int) or a fraction of the run (float)
-    final_constant_steps: int = 0
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    log_every: int = 10
-    val_every: int = 100
-    val_tokens: int = 32768
-    val_batch_size: int = 16
-    ckpt_every: int = 100
-    # extra validations at these token counts (the points artefacts read off a longer run's curve)
-    eval_tokens: list[int] = field(default_factory=list)
-    # which data stream the run reads (dropup.data.STREAMS); null: "moe" for an MoE, "dense" for a dense model
-    stream: Optional[str] = None
-
-
-@dataclass
-class SeedRecipeSchema:
-    """How the dense seed (and BTX's branches) are trained when seed_model=auto."""
-
-    train: TrainSchema = field(default_factory=TrainSchema)
-    seed: int = 0
-    branch_tokens: float = 0.2  # each BTX branch: this x the MoE token budget (paper: 100B vs 500B)
-
-
-@dataclass
-class TrainerSchema:
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "bf16-mixed"
-    enable_progress_bar: bool = True
-
-
-@dataclass
-class LoggerSchema:
-    kind: str = "csv"
-    project: str = "dropup"
-    mode: str = "offline"
-
-
-@dataclass
-class PathsSchema:
-    root: str = "."
-    data_dir: str = "data"
-    seed_store: str = "artifacts/seeds"
-
-
-@dataclass
-class ExportSchema:
-    run: Optional[str] = None  # the run directory to export / evaluate
-    out: Optional[str] = None  # the Hugging Face directory to write (default: <run>/hf)
-
-
-@dataclass
-class EvalSchema:
-    kind: str = "none"  # none | lm_eval
-    tasks: list[str] = field(default_factory=list)
-    include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
-    num_fewshot: Optional[int] = None
-    limit: Optional[int] = None
-    batch_size: int = 8
-
-
-@dataclass
-class Config:
-    """The typed top level: a misspelt key or a wrong type fails at composition, naming the key."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    init: Any = None
-    data: DataSchema = field(default_factory=DataSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
-    seed_recipe: SeedRecipeSchema = field(default_factory=SeedRecipeSchema)
-    trainer: TrainerSchema = field(default_factory=TrainerSchema)
-    logger: LoggerSchema = field(default_factory=LoggerSchema)
-    paths: PathsSchema = field(default_factory=PathsSchema)
-    export: ExportSchema = field(default_factory=ExportSchema)
-    eval: EvalSchema = field(default_factory=EvalSchema)
-    stage: str = "train"
-    ratio: float = 0.5
-    seed: int = 0
-    seed_model: Optional[str] = "auto"
-    resume: bool = False
-    run_dir: Optional[str] = None  # set by tests and nested seed runs; normally Hydra's output directory
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
-
-
-def compose(overrides) -> DictConfig:
-    """The config `run.py <overrides>` composes, for code outside a Hydra app (the sweeps, the scaling plan,
-    benchmarks, the data build)."""
-    from pathlib import Path
-
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
 def _choice(group: str, default: str) -> str:
     return HydraConfig.get().runtime.choices.get(group, default) if HydraConfig.initialized() else default
-
-
-def model_overridden(overrides) -> bool:
-    """Whether `overrides` name a model preset or a model.* field (then it must agree with an HF seed's config)."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    return any(k == "model" or k.startswith("model.") for k in keys)
 
 
 def _model_overridden() -> bool:
@@ -177,21 +30,18 @@ def _model_overridden() -> bool:
 
 
 def _model_name(cfg: DictConfig) -> str:
-    from dropup.seeds import hf_seed_dir
-
-    return cfg.model.name if hf_seed_dir(cfg) is not None else _choice("model", cfg.model.name)
+    return cfg.model.name if dense_seeds.hf_seed_dir(cfg) is not None else _choice("model", cfg.model.name)
 
 
 def info(cfg: DictConfig) -> dict:
     """Contract 1: total/active parameters and training FLOPs, counted from the config alone."""
-    from dropup.seeds import adopt_hf_seed
-
-    adopt_hf_seed(cfg, explicit_model=_model_overridden())
+    dense_seeds.adopt_hf_seed(cfg, explicit_model=_model_overridden())
     model, moe = architecture(cfg)
     report = {
         "model": _model_name(cfg),
         "moe": _choice("moe", "mixtral" if moe else "none"),
         **param_counts(model, moe),
+        "features": model.features(),  # what the counts include beyond the paper's Llama (post-norms, q/k norms, ...)
         "tokens": int(cfg.train.tokens),
         "seq_len": int(cfg.data.seq_len),
         "schedule_tokens": int(cfg.train.schedule_tokens or cfg.train.tokens),
@@ -207,61 +57,16 @@ def info(cfg: DictConfig) -> dict:
     return report
 
 
-RECIPE_FIELDS = ("lr", "min_lr_ratio")  # what a run from an HF seed takes from the paper unless chosen
-
-
-def recipe_choices(overrides) -> dict[str, str]:
-    """Which of train.lr / train.min_lr_ratio the user chose, and where: on the command line (the field, or a
-    train= preset), in an experiment preset, or in conf/local/default.yaml. The others are the train preset's
-    defaults, which a run from a pretrained seed replaces (`dropup.train.PRETRAINED_RECIPE`)."""
-    import yaml
-    from pathlib import Path
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    chosen: dict[str, str] = {}
-
-    def sets(path: Path, name: str) -> bool:
-        if not path.is_file():
-            return False
-        spec = yaml.safe_load(path.read_text()) or {}
-        overrides_train = any(isinstance(d, dict) and any(str(k).endswith("/train") for k in d)
-                              for d in spec.get("defaults", []))
-        return overrides_train or (spec.get("train") or {}).get(name) is not None
-
-    for override in overrides:
-        key, _, value = override.partition("=")
-        key = key.lstrip("+~")
-        for name in RECIPE_FIELDS:
-            if key == f"train.{name}":
-                chosen[name] = f"{override} on the command line"
-            elif key == "train":
-                chosen.setdefault(name, f"train={value} on the command line")
-            elif key == "experiment" and value not in ("", "null") and sets(conf / "experiment" / f"{value}.yaml", name):
-                chosen.setdefault(name, f"experiment={value}")
-    for name in RECIPE_FIELDS:
-        if name not in chosen and sets(conf / "local" / "default.yaml", name):
-            chosen[name] = "conf/local/default.yaml"
-    return chosen
-
-
 def train(cfg: DictConfig) -> dict:
-    from dropup.train import train as train_run
-
-    from dropup.seeds import hf_seed_dir
-
     # an HF seed's architecture is named by the run once adopted (family-size), not by the model preset
-    groups = ("moe", "init") if hf_seed_dir(cfg) is not None else ("model", "moe", "init")
+    groups = ("moe", "init") if dense_seeds.hf_seed_dir(cfg) is not None else ("model", "moe", "init")
     names = {g: _choice(g, "") for g in groups}
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return train_run(cfg, names={k: v for k, v in names.items() if v}, explicit_model=_model_overridden(),
+    return training.train(cfg, names={k: v for k, v in names.items() if v}, explicit_model=_model_overridden(),
                      recipe_from=recipe_choices(overrides))
 
 
 def _export_paths(cfg: DictConfig):
-    from pathlib import Path
-
-    from dropup.train import project_path
-
     if not cfg.export.run:
         raise ConfigError(f"stage={cfg.stage} needs export.run=<run directory>")
     run_dir = project_path(cfg.export.run)
@@ -269,32 +74,24 @@ def _export_paths(cfg: DictConfig):
 
 
 def export(cfg: DictConfig):
-    from dropup.export import export as export_run
-    from dropup.train import project_path
-
     run_dir, out = _export_paths(cfg)
-    path = export_run(run_dir, out, project_path(cfg.paths.data_dir))
+    path = exporting.export(run_dir, out, project_path(cfg.paths.data_dir))
     print(json.dumps({"exported": str(path)}))
     return path
 
 
 def evaluate(cfg: DictConfig):
-    from dropup.export import evaluate as evaluate_run
-
     if cfg.eval.kind != "lm_eval":
         raise ConfigError("stage=eval needs eval=lm_eval (and eval.tasks)")
     run_dir, out = _export_paths(cfg)
     if not (out / "config.json").is_file():
         export(cfg)
-    scores = evaluate_run(run_dir, out, OmegaConf.to_container(cfg.eval, resolve=True))
+    scores = exporting.evaluate(run_dir, out, OmegaConf.to_container(cfg.eval, resolve=True))
     print(json.dumps(scores))
     return scores
 
 
 def run(cfg: DictConfig):
-    from dropup.data.corpus import DataError
-    from dropup.data.sources import SourceError
-
     try:
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage!r} is not available; choose one of {STAGES}")

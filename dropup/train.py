@@ -12,54 +12,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
-from dropup import families, liveness, resume
+from dropup import ddp, dense_seeds, families, liveness, moe, resume
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
-from dropup.data import DATA_STREAM_VERSION, TokenData, ensure_prepared
+from dropup.cpu import prepare_cpu_process
+from dropup.data import DATA_STREAM_VERSION, TokenData, prepared_data_dir, seed_tokenizer
 from dropup.data.corpus import DataError
 from dropup.files import write_json_atomic
 from dropup.flops import param_counts, train_flops
+from dropup.fsdp import full_state_dict, sharded_strategy
 from dropup.init import build_moe_state, dense_state, make_strategy
 from dropup.init.base import step0_ffn_error
 from dropup.lit import LitLM, RunRecorder
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def project_path(path) -> Path:
-    """Relative paths in configs are relative to the project root, wherever run.py is launched from."""
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "lightning", "hydra-core", "transformers", "tokenizers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+from dropup.paths import git_sha, versions
 
 
 def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
@@ -94,19 +72,6 @@ def train_settings(cfg: DictConfig, world_size: int = 1) -> dict:
             "micro_batch_size": micro, "accumulate": per_rank // micro}
 
 
-def prepared_data_dir(cfg: DictConfig, log) -> Path:
-    """The prepared dataset `cfg` names, built on first use (an HF seed model's tokenizer tokenizes the corpus)."""
-    from dropup import seeds
-
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    if isinstance(data_cfg.get("path"), list):
-        data_cfg["path"] = [str(project_path(p)) for p in data_cfg["path"]]
-    elif data_cfg.get("path"):
-        data_cfg["path"] = str(project_path(data_cfg["path"]))
-    tokenizer = seeds.hf_tokenizer(cfg.get("seed_model"))
-    return ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), tokenizer, log=log)
-
-
 def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     return TokenData(prepared_data_dir(cfg, log), data_cfg["domains"], seq_len, data_cfg.get("weights"))
@@ -114,16 +79,14 @@ def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
 
 def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
     """Weights to start from, and provenance of the dense models they came from."""
-    from dropup import seeds
-
     if getattr(strategy, "name", None) == "pretrained":
-        state, where = seeds.load_pretrained(cfg.seed_model, model, moe)
+        state, where = dense_seeds.load_pretrained(cfg.seed_model, model, moe)
         return state, {"seed_model": where}
     if moe is None:
         if strategy.name != "scratch":
             raise ConfigError(f"init={strategy.name} builds an MoE from dense models: for a dense run use init=scratch")
         return dense_state(model, int(cfg.seed)), {"seed_model": None}
-    sources, where = seeds.dense_sources(cfg, strategy, log)
+    sources, where = dense_seeds.dense_sources(cfg, strategy, log, train_seed=_train_dense_seed)
     state = build_moe_state(strategy, sources, model, moe, int(cfg.seed))
     provenance = {"seed_model": where}
     if len(sources) == 1:
@@ -147,11 +110,7 @@ def step0_message(strategy, moe: MoEConfig, error: float) -> str:
 def _check_tokenizer_fits(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """An HF seed's tokenizer tokenizes the corpus: its vocabulary must fit the model's, checked before any corpus
     work (not after tokenizing it)."""
-    from tokenizers import Tokenizer
-
-    from dropup import seeds
-
-    path = seeds.hf_tokenizer(cfg.get("seed_model"))
+    path = seed_tokenizer(cfg.get("seed_model"))
     if path is not None:
         size = Tokenizer.from_file(str(path)).get_vocab_size()
         if size > model_cfg.vocab_size:
@@ -174,8 +133,6 @@ def _quiet_lightning() -> None:
 def run_dir_of(cfg: DictConfig) -> Path:
     if cfg.get("run_dir"):
         return Path(cfg.run_dir)
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -199,10 +156,8 @@ class RunPlan:
 def plan_run(cfg: DictConfig, explicit_model: bool | None = None, recipe_from: dict | None = None) -> RunPlan:
     """Resolve `cfg` in place as a run would (an HF seed's architecture adopted, the pretrained-seed recipe
     applied), check it, and return the plan. Reads configs only, writes nothing. `recipe_from`: train.lr /
-    train.min_lr_ratio the user chose, and where (`dropup.stages.recipe_choices`)."""
-    from dropup import seeds
-
-    adopted = seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None
+    train.min_lr_ratio the user chose, and where (`dropup.schema.recipe_choices`)."""
+    adopted = dense_seeds.adopt_hf_seed(cfg, explicit_model=cfg.model.name != "hf" if explicit_model is None
                                   else explicit_model)
     lr_note = _apply_recipe_defaults(cfg, adopted, recipe_from)
     model_cfg, moe_cfg = architecture(cfg)
@@ -216,7 +171,7 @@ def plan_run(cfg: DictConfig, explicit_model: bool | None = None, recipe_from: d
         raise ConfigError(f"moe.lb_mode=aux_free keeps a routing bias that trainer.precision={cfg.trainer.precision} "
                           "would store in half precision, rounding its small steps away: use bf16-mixed or 32-true")
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
-    key = resume.resume_key(cfg, settings, strategy, model_cfg, moe_cfg, seeds.seed_identity(cfg, strategy))
+    key = resume.resume_key(cfg, settings, strategy, model_cfg, moe_cfg, dense_seeds.seed_identity(cfg, strategy))
     return RunPlan(model_cfg, moe_cfg, strategy, settings, key, lr_note)
 
 
@@ -244,12 +199,10 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
     """Train one model as `cfg` says; returns the final results.json content. `names` are the config groups'
     option names to record (Hydra's choices for a top-level run). `explicit_model`: whether the user chose the
     model preset or fields (run.py knows from Hydra's overrides; by default, unless it is model=hf), which an HF
-    seed's config must then agree with (`seeds.adopt_hf_seed`). `recipe_from`: the train.lr / min_lr_ratio the
-    user chose and where (`dropup.stages.recipe_choices`; run.py passes it), the others taking the defaults for
+    seed's config must then agree with (`dense_seeds.adopt_hf_seed`). `recipe_from`: the train.lr / min_lr_ratio the
+    user chose and where (`dropup.schema.recipe_choices`; run.py passes it), the others taking the defaults for
     a pretrained seed (`plan_run`); None takes the config as it is."""
     names = names or {}
-    from dropup import ddp, moe
-
     moe.announce_backends_again()  # each run's log names the MoE backend it runs (a multirun is one process)
     run_dir = run_dir_of(cfg)
     if not ddp.is_rank_zero():
@@ -265,8 +218,6 @@ def train(cfg: DictConfig, log=print, names: dict | None = None, explicit_model:
 
 def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_model: bool | None,
                      recipe_from: dict | None, launch: str | None) -> dict:
-    from dropup import ddp
-
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
     # a SLURM job that was requeued (preempted, timed out, `scontrol requeue`) continues from its checkpoint
@@ -371,20 +322,14 @@ def _open_run(heartbeat, results: dict, run_dir: Path, cfg: DictConfig) -> None:
 def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None, heartbeat=None):
     _quiet_lightning()
     if cfg.trainer.get("accelerator") == "cpu":
-        from dropup.cpu import prepare_cpu_process
-
         prepare_cpu_process(cfg.trainer.precision)
     module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state, resume_key=key)
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity),
                            on_log=heartbeat.beat if heartbeat is not None else None)
-    from dropup.ddp import cluster_environment
-
-    plugins = [cluster_environment()]
+    plugins = [ddp.cluster_environment()]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs["strategy"] == "fsdp":
-        from dropup.fsdp import sharded_strategy
-
         trainer_kwargs["strategy"] = sharded_strategy(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
     trainer = L.Trainer(
         **trainer_kwargs, plugins=plugins,
@@ -400,8 +345,6 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
     # a checkpoint at the last step, whatever ckpt_every: `resume=true train.tokens=<more>` extends the run from it
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    from dropup.fsdp import full_state_dict
-
     state = full_state_dict(module.model)  # gathered from every rank under trainer=fsdp
     return module, trainer, recorder, state
 
@@ -415,8 +358,6 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     """Ranks other than 0: the same model, data and steps; rank 0 alone writes the run's files."""
-    from dropup import ddp
-
     launch = ddp.external_launch()
     resume = ddp.await_announcement(run_dir, launch) if launch else bool(cfg.get("resume"))
     if launch:  # every rank trains rank 0's resolved config (an HF seed adopted, the recipe's defaults applied)
@@ -429,6 +370,11 @@ def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, load_file(str(run_dir / "initial.safetensors")), None)
     return {}
+
+
+def _train_dense_seed(cfg: DictConfig, names: dict, log) -> None:
+    """How the dense-seed store trains a seed (or a BTX branch) it lacks: a run of its own, in this process."""
+    train(cfg, log=log, names=names)
 
 
 def _save_routing(run_dir: Path, step: int, routing, similarity: list[float] | None = None) -> None:
@@ -449,3 +395,7 @@ def _loggers(cfg: DictConfig, run_dir: Path):
         return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), name=run_dir.name,
                            config=OmegaConf.to_container(cfg, resolve=True), offline=cfg.logger.mode != "online")
     raise ConfigError(f"logger.kind={kind!r} is unknown; use csv or wandb")
+
+
+if __name__ == "__main__":  # a rank that dropup.ddp.launch_workers started: train its saved config
+    train(OmegaConf.load(sys.argv[1]), log=lambda *_: None)

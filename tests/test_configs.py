@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 from conftest import run_py_inline
 from dropup.init import STRATEGIES
-from dropup.stages import architecture, register_configs
+from dropup.config import architecture
+from dropup.schema import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -129,7 +129,7 @@ def test_sharded_seed_is_read_through_its_index(tmp_path, store):
     silently replaced weights."""
     from safetensors.torch import save_file
 
-    from dropup import seeds
+    from dropup import dense_seeds as seeds
     from dropup.hf import configs_from_hf, from_hf
 
     seed, dense = save_seed(tmp_path, store, "mistral")
@@ -159,7 +159,7 @@ def test_a_pretrained_seed_trains_at_the_papers_lr_unless_one_is_chosen(tmp_path
     defaults to the paper's MoE peak 2e-4 and floor 0.1, an lr the user chose stays, and the log says which."""
     import logging
 
-    from dropup.stages import recipe_choices
+    from dropup.schema import recipe_choices
 
     caplog.set_level(logging.INFO, logger="dropup.train")
     seed, _ = save_seed(tmp_path, store, "llama")
@@ -177,7 +177,7 @@ def test_a_pretrained_seed_trains_at_the_papers_lr_unless_one_is_chosen(tmp_path
 
 
 def test_where_the_lr_comes_from():
-    from dropup.stages import recipe_choices
+    from dropup.schema import recipe_choices
 
     assert recipe_choices([]) == {} and recipe_choices(["model=hf", "seed=1"]) == {}
     assert set(recipe_choices(["+train.lr=1"])) == {"lr"}

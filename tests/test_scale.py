@@ -155,7 +155,7 @@ def _assert_experts_and_router_sharded_along_dim_1(ckpt):
 
 def test_how_a_step_is_executed_does_not_change_the_seed_key(tmp_path):
     """A dense seed trained with micro-batches or checkpointing is the same model: found, not retrained."""
-    from dropup.seeds import seed_key
+    from dropup.dense_seeds import seed_key
 
     key = seed_key(config(tmp_path))
     assert seed_key(config(tmp_path, "seed_recipe.train.micro_batch_size=2",

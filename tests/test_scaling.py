@@ -1,4 +1,4 @@
-"""The scaling plan (dropup/scaling.py): measured activations, the memory model's relations, the command and its
+"""The scaling plan (dropup/tools/scaling/): measured activations, the memory model's relations, the command and its
 generated docs."""
 
 import dataclasses
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dropup import scaling
+from dropup.tools import scaling
 from dropup.config import ModelConfig, MoEConfig
 from dropup.flops import param_counts
 from dropup.model import Block, ChunkedCrossEntropy
-from dropup.stages import compose
+from dropup.schema import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths divisible by 4: measured at /4 and /2, extrapolated to full width, compared with full width measured

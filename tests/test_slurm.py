@@ -4,7 +4,7 @@ data-parallel jobs whose ranks are SLURM's tasks (Lightning's SLURMEnvironment, 
 Run by `make test-slurm` (brings the cluster up and down); kept out of `make test`. Skips, with the reason, where
 a local cluster cannot run (not root, not Debian).
 
-The cluster (`dropup.cluster`) is this one machine. Debian's slurmd is built with --enable-multiple-slurmd
+The cluster (`dropup.tools.slurm_cluster`) is this one machine. Debian's slurmd is built with --enable-multiple-slurmd
 (`scontrol show config`: MULTIPLE_SLURMD = Yes), so it presents two nodes, each its own slurmd on its own port: the
 jobs of 2 tasks run as 1 node x 2 tasks and as 2 nodes x 1 task. Where slurmd lacks that build option the cluster
 has one node and the 2-node case skips, saying so.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dropup import cluster
+from dropup.tools import slurm_cluster as cluster
 from dropup.lit import MEASURED
 from test_train import rows
 

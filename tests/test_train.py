@@ -15,7 +15,7 @@ from dropup.config import ConfigError
 from dropup.data import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
 from dropup.lit import MEASURED
-from dropup.stages import register_configs
+from dropup.schema import register_configs
 from dropup.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_a_run_stopped_mid_schedule_extends_bit_identical(tmp_path, store):
 def test_seed_key_is_kept_by_model_fields_at_their_defaults_and_changed_by_others(tmp_path, store):
     """Seeds trained before the HF-family fields existed are still found; a field that changes the model, or
     another data-stream version, makes another key."""
-    from dropup import seeds
+    from dropup import dense_seeds as seeds
 
     base = seeds.seed_key(config(tmp_path, *store))
     from omegaconf import OmegaConf

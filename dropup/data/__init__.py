@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 
 from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
 
 from dropup.data.corpus import DataError, HFDiskDocuments, JsonlDocuments, PackageDocuments
-from dropup.data.prepare import DEFAULT_TOKENIZER_SAMPLE_CHARS, BuildSettings
+from dropup.data.prepare import BuildSettings, prepare as build_dataset  # (not `prepare`: the module's name)
+from dropup.paths import project_path
+from dropup.schema import DEFAULT_TOKENIZER_SAMPLE_CHARS
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
 # Version of the map (stream, seed, step) -> training windows. Runs and dense seeds of another version read other
@@ -68,8 +71,6 @@ def documents_of(data_cfg: dict, data_root: Path, log=print):
 
 def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None = None, log=print) -> Path:
     """The prepared dataset folder for `data_cfg`, built on first use (cached by a hash of its settings)."""
-    from dropup.data.prepare import prepare  # the function; `dropup.data.prepare` stays the module
-
     source = data_cfg["source"]
     if source not in SOURCES:
         raise DataError(f"data.source={source!r} is unknown; choose one of {SOURCES}")
@@ -90,9 +91,28 @@ def ensure_prepared(data_cfg: dict, data_root: Path, tokenizer_path: Path | None
         if (out / "manifest.json").is_file():
             return out
         documents = documents_of(data_cfg, data_root, log)
-        prepare(out, documents, build_settings(data_cfg), tokenizer_path, log=lambda m: log(f"[data] {m}"))
+        build_dataset(out, documents, build_settings(data_cfg), tokenizer_path, log=lambda m: log(f"[data] {m}"))
         log(f"[data] prepared {out}")
     return out
+
+
+def seed_tokenizer(seed_model) -> Path | None:
+    """A Hugging Face seed model's tokenizer.json, which then tokenizes the corpus (None: train a BPE)."""
+    if seed_model in (None, "auto"):
+        return None
+    path = Path(seed_model) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def prepared_data_dir(cfg: DictConfig, log) -> Path:
+    """The prepared dataset a run config names, built on first use (an HF seed model's tokenizer tokenizes the
+    corpus); relative paths are the project's."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if isinstance(data_cfg.get("path"), list):
+        data_cfg["path"] = [str(project_path(p)) for p in data_cfg["path"]]
+    elif data_cfg.get("path"):
+        data_cfg["path"] = str(project_path(data_cfg["path"]))
+    return ensure_prepared(data_cfg, project_path(cfg.paths.data_dir), seed_tokenizer(cfg.get("seed_model")), log=log)
 
 
 def __getattr__(name: str):

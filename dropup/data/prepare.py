@@ -56,12 +56,10 @@ from dropup.data.dedup import mark_duplicates
 from dropup.data.workers import SCAN_RECORD, TOO_SHORT, TRAIN, VAL, Meter, chunked, ordered_map, scan_chunk, \
     tokenize_chunk, tokenizers_parallelism
 from dropup.files import read_json, write_json_atomic
+from dropup.schema import DEFAULT_CHUNK_CHARS, DEFAULT_SHARD_CHARS, DEFAULT_TOKENIZER_SAMPLE_CHARS
 
 FORMAT = 2
 SIDES = ("train", "val")
-# The BPE's sample: enough for a vocabulary of tens of thousands, under 1 GB of trainer memory on the bundled
-# text; the bundled corpus (28 M training characters) is smaller, so its tokenizer sees all of it.
-DEFAULT_TOKENIZER_SAMPLE_CHARS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,8 @@ class BuildSettings:
     val_fraction: float
     max_chars_per_domain: int | None = None
     tokenizer_sample_chars: int | None = DEFAULT_TOKENIZER_SAMPLE_CHARS
-    chunk_chars: int = 4_000_000
-    shard_chars: int = 256_000_000
+    chunk_chars: int = DEFAULT_CHUNK_CHARS
+    shard_chars: int = DEFAULT_SHARD_CHARS
     dedup_bucket_records: int = 1_000_000
     num_proc: int | None = None
 

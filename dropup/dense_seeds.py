@@ -22,7 +22,10 @@ from safetensors.torch import load_file
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.data import DATA_STREAM_VERSION, preparation_identity
+from dropup.ddp import external_launch
+from dropup.flops import human_count, param_counts
 from dropup.hf import from_hf, read_hf_config
+from dropup.paths import project_path
 
 # what the seed's training saw: the prepared data plus how it was cut and mixed
 DATA_USE = ("seq_len", "weights")
@@ -33,8 +36,6 @@ def _hash(obj) -> str:
 
 
 def _store(cfg: DictConfig) -> Path:
-    from dropup.train import project_path
-
     return project_path(cfg.paths.seed_store)
 
 
@@ -90,15 +91,13 @@ def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dic
     return OmegaConf.create(dense)
 
 
-def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
-    from dropup.train import train
-
+def _find_or_train(run_dir: Path, make_cfg, names: dict, log, train_seed) -> Path:
+    """The finished dense run in `run_dir`, trained first (under a lock: one trainer per seed) when missing by
+    `train_seed(cfg, names, log)`, the trainer's own entry point, which the trainer hands in (the store is below it)."""
     done = lambda: (run_dir / "model.safetensors").is_file() and json.loads(  # noqa: E731
         (run_dir / "results.json").read_text()).get("status") == "completed"
     if run_dir.exists() and (run_dir / "results.json").exists() and done():
         return run_dir
-    from dropup.ddp import external_launch
-
     if external_launch():
         raise ConfigError(f"{names['what']} is not trained yet ({run_dir}), and a job whose ranks SLURM or torchrun "
                           "started cannot train it on the side: train it once in a single-task job (or with "
@@ -109,21 +108,21 @@ def _find_or_train(run_dir: Path, make_cfg, names: dict, log) -> Path:
             return run_dir
         log(f"[seed] training {names['what']} into {run_dir}")
         cfg = make_cfg()
-        train(cfg, log=log, names={"model": names["model"], "moe": "none", "init": names["init"]})
+        train_seed(cfg, {"model": names["model"], "moe": "none", "init": names["init"]}, log)
     return run_dir
 
 
-def seed_dir(cfg: DictConfig, log=print) -> Path:
+def seed_dir(cfg: DictConfig, train_seed, log=print) -> Path:
     run_dir = _store(cfg) / f"seed-{seed_key(cfg)}"
     train = {**OmegaConf.to_container(cfg.seed_recipe.train, resolve=True), "stream": "seed"}
     return _find_or_train(
         run_dir,
         lambda: _dense_cfg(cfg, run_dir, train, int(cfg.seed_recipe.seed), {"_target_": "dropup.init.scratch.Scratch"}),
-        {"what": "the dense seed model", "model": cfg.model.name, "init": "scratch"}, log,
+        {"what": "the dense seed model", "model": cfg.model.name, "init": "scratch"}, log, train_seed,
     )
 
 
-def branch_dirs(cfg: DictConfig, parent: Path, log=print) -> list[Path]:
+def branch_dirs(cfg: DictConfig, parent: Path, train_seed, log=print) -> list[Path]:
     """One dense branch per domain, each the seed trained further on that domain only (BTX)."""
     recipe = OmegaConf.to_container(cfg.seed_recipe.train, resolve=True)
     recipe.update(tokens=int(float(cfg.seed_recipe.branch_tokens) * int(cfg.train.tokens)), schedule_tokens=None)
@@ -138,6 +137,7 @@ def branch_dirs(cfg: DictConfig, parent: Path, log=print) -> list[Path]:
                                                     {"_target_": "dropup.init.pretrained.Pretrained"},
                                                     weights={d: 1.0}, seed_model=str(parent)),
             {"what": f"the BTX branch for domain {domain!r}", "model": cfg.model.name, "init": "pretrained"}, log,
+            train_seed,
         ))
     return dirs
 
@@ -181,8 +181,6 @@ def adopt_hf_seed(cfg: DictConfig, explicit_model: bool) -> bool:
     override the user gave explicitly must agree with it field by field: a silently different rope_theta or
     rms_norm_eps would no longer compute the checkpoint's function. Runs before any corpus or weight work.
     Returns whether `cfg.model` is now the seed's (model=hf, by hand or automatically)."""
-    from dropup.flops import human_count, param_counts
-
     where = hf_seed_dir(cfg)
     if where is None:
         if cfg.model.name == "hf":
@@ -250,16 +248,9 @@ def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
     return load_run_state(where), str(where)
 
 
-def hf_tokenizer(seed_model) -> Path | None:
-    """An HF seed model's tokenizer.json, which then tokenizes the corpus."""
-    if seed_model in (None, "auto"):
-        return None
-    path = Path(seed_model) / "tokenizer.json"
-    return path if path.is_file() else None
-
-
-def dense_sources(cfg: DictConfig, strategy, log=print) -> tuple[list[dict], str | list[str] | None]:
-    """The dense state dicts `strategy` builds from, found or trained as needed, and where they came from."""
+def dense_sources(cfg: DictConfig, strategy, log=print, train_seed=None) -> tuple[list[dict], str | list[str] | None]:
+    """The dense state dicts `strategy` builds from, found or trained as needed (by `train_seed`, see
+    `_find_or_train`), and where they came from."""
     if strategy.max_sources == 0:
         return [], None
     model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
@@ -267,9 +258,9 @@ def dense_sources(cfg: DictConfig, strategy, log=print) -> tuple[list[dict], str
         seed = Path(cfg.seed_model)
         state = load_dense(seed, model)
     else:
-        seed = seed_dir(cfg, log)
+        seed = seed_dir(cfg, train_seed, log)
         state = load_run_state(seed)
     if strategy.name != "btx":
         return [state], str(seed)
-    branches = branch_dirs(cfg, seed, log)
+    branches = branch_dirs(cfg, seed, train_seed, log)
     return [state] + [load_run_state(b) for b in branches], [str(seed)] + [str(b) for b in branches]
