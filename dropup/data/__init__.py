@@ -17,17 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dropup.data.corpus import DataError, HFDiskDocuments, JsonlDocuments, PackageDocuments
 from dropup.data.prepare import BuildSettings, prepare as build_dataset  # (not `prepare`: the module's name)
+from dropup.data.streams import DATA_STREAM_VERSION, STREAMS
 from dropup.paths import project_path
 from dropup.schema import DEFAULT_TOKENIZER_SAMPLE_CHARS
 
 SOURCES = ("packages", "jsonl", "hf_disk", "tokens")
-# Version of the map (stream, seed, step) -> training windows. Runs and dense seeds of another version read other
-# data: the seed store keys on it and the sweep reruns such runs instead of mixing them in.
-# 1: keyed on (seed, step) only, so a seed-0 MoE replayed its dense seed's batches. 2: keyed on the stream too.
-DATA_STREAM_VERSION = 2
-# Each kind of run reads its own stream; MoE runs of one seed share theirs, so paired comparisons see equal data.
-STREAMS = ("moe", "dense", "seed", "branch-<domain>")
-
 # The data settings that determine the prepared token files (and so key their cache folder and the seed store).
 PREPARATION_FIELDS = ("source", "path", "domains", "vocab_size", "val_fraction", "max_chars_per_domain",
                       "tokenizer_sample_chars")
@@ -121,3 +115,7 @@ def __getattr__(name: str):
 
         return TokenData
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DATA_STREAM_VERSION", "SOURCES", "STREAMS", "TokenData", "documents_of", "ensure_prepared",
+           "prepared_data_dir", "preparation_identity", "seed_tokenizer"]

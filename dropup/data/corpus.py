@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
+from dropup.data.sources import DEFAULT_SOURCES, SourceError
+
 EOT = "<|endoftext|>"
 MIN_DOC_CHARS = 64
 
@@ -240,8 +242,6 @@ class PackageDocuments:
     description = "the bundled package sources"
 
     def __init__(self, cache: Path, domains: list[str], sources=None, log=None):
-        from dropup.data.sources import DEFAULT_SOURCES, SourceError
-
         sources = DEFAULT_SOURCES if sources is None else sources
         missing = set(domains) - {s.domain for s in sources}
         if missing:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropup.data import DATA_STREAM_VERSION
+from dropup.data.streams import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
 from dropup.init.rng import generator
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dropup.data.corpus import EOT, MIN_DOC_CHARS, DataError, clean, sha256_file
+from dropup.data.corpus import EOT, MIN_DOC_CHARS, DataError, clean, sha256_file, train_tokenizer
 from dropup.data.dedup import mark_duplicates
 from dropup.data.workers import SCAN_RECORD, TOO_SHORT, TRAIN, VAL, Meter, chunked, ordered_map, scan_chunk, \
     tokenize_chunk, tokenizers_parallelism
@@ -264,8 +264,6 @@ class Build:
     def train_bpe(self, chunk_docs: list[int], plan: dict) -> None:
         """BPE on the training documents whose content hash falls below fraction * 2**64 (all of them when the
         split is smaller than tokenizer_sample_chars): a sample independent of order and chunking."""
-        from dropup.data.corpus import train_tokenizer
-
         train_chars = sum(plan["streams"][f"{d}.train"]["characters"] for d in self.domains)
         budget = self.settings.tokenizer_sample_chars
         fraction = 1.0 if budget is None or budget >= train_chars else budget / train_chars
