@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.collect import split_label  # noqa: E402
 from analysis.tables import BALANCING_ROWS, GRANULAR_ROWS, SHARED_ROWS, TABLE1_ROWS, method_order  # noqa: E402
+from dropup.routing import shares  # noqa: E402
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
                      "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
@@ -179,8 +180,6 @@ def _routing(run_path: str) -> dict | None:
 
 def routing_grid(runs: pd.DataFrame, layers: list[int] | None, out_dir: Path, name: str, title: str) -> list[Path]:
     """Rows: layers; columns: methods; bars: share of each domain's tokens sent to each expert."""
-    from dropup.routing import shares
-
     done = runs[(runs["role"] == "run") & (runs["status"] == "completed") & (runs["moe"] != "none")]
     done = done[~done["label"].map(paper_less)]
     methods = []
