@@ -19,15 +19,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dropup import liveness
-
-_BASE_LABEL = re.compile(r"(DU|RNU) \(r=[0-9.e-]+\)|Dense|FS|BTX|NU|Pretrained")
+from dropup import balancing, liveness
+from dropup.init.registry import STRATEGIES, name_of_target
+from dropup.routing import summarize
 
 STATUS_ORDER = ("completed", "running", "died", "failed", "incomplete")
+DENSE_LABEL = "Dense"
 SHARED_SUFFIX = " + shared"
-# how a load-balancing mode other than the paper's (pooled over one process's tokens) shows in a label
-LB_LABELS = {"per_layer": "per-layer LB", "global_batch": "global-batch LB", "aux_free": "aux-free",
-             "pooled": "per-rank LB"}
+# the paper's method names at the start of a label: Dense, and each init's (with its ratio where it has one)
+_BASE_LABEL = re.compile("|".join(
+    [rf"{re.escape(cls.label)} \(r=[0-9.e-]+\)" for cls in STRATEGIES.values() if cls.labels_ratio]
+    + [re.escape(DENSE_LABEL)] + [re.escape(cls.label) for cls in STRATEGIES.values() if not cls.labels_ratio]))
 
 
 def _flatten(prefix: str, obj, out: dict) -> None:
@@ -40,28 +42,22 @@ def _flatten(prefix: str, obj, out: dict) -> None:
 
 def label(init: str | None, ratio, moe_enabled: bool, shared_expert: bool = False, granularity: int = 1,
           virtual_groups: bool = False, lb_mode: str | None = None, ranks: int = 1) -> str:
-    """The paper's method names: Dense, FS, NU (naive, or drop at r = 0), DU (r=...), BTX, RNU (r=...). What the
-    paper does not have makes a method of its own in every table, named by suffixes: " + shared" (a shared
-    expert), ", G=4" or ", G=4 VG" (fine-grained experts, in virtual groups), ", aux-free" etc. (a load-balancing
-    mode other than pooled in one process: ", per-rank LB" is pooled on each of several data-parallel ranks)."""
+    """The paper's method names (each init's `table_label`): Dense, FS, NU (naive, or drop at r = 0), DU (r=...),
+    BTX, RNU (r=...). What the paper does not have makes a method of its own in every table, named by suffixes:
+    " + shared" (a shared expert), ", G=4" or ", G=4 VG" (fine-grained experts, in virtual groups), ", aux-free"
+    etc. (a load-balancing mode other than pooled in one process: ", per-rank LB" is pooled on each of several
+    data-parallel ranks; `dropup.balancing`)."""
     if not moe_enabled:
-        return "Dense"
+        return DENSE_LABEL
     variant = SHARED_SUFFIX if shared_expert else ""
     if granularity > 1:
         variant += f", G={granularity}" + (" VG" if virtual_groups else "")
-    if lb_mode not in (None, "pooled") or (lb_mode == "pooled" and ranks > 1):
-        variant += f", {LB_LABELS.get(lb_mode, lb_mode)}"
-    if variant:
-        return label(init, ratio, moe_enabled) + variant
-    if init == "scratch":
-        return "FS"
-    if init == "naive" or (init == "drop" and ratio is not None and float(ratio) == 0.0):
-        return "NU"
-    if init == "drop":
-        return f"DU (r={float(ratio):g})"
-    if init == "noise":
-        return f"RNU (r={float(ratio):g})"
-    return {"btx": "BTX", "pretrained": "Pretrained"}.get(init, str(init))
+    if lb_mode is not None:
+        spec = balancing.MODES.get(lb_mode)
+        variant += spec.table_suffix(ranks) if spec is not None else f", {lb_mode}"
+    cls = STRATEGIES.get(init) if isinstance(init, str) else None
+    base = cls.table_label(ratio) if cls is not None else str(init)
+    return base + variant
 
 
 def split_label(label: str) -> tuple[str, str]:
@@ -79,12 +75,12 @@ def _config(run_dir: Path) -> dict:
 
 def _init_name(cfg: dict) -> str | None:
     """The init's name from its `_target_` (for runs that died before writing results.json)."""
-    from dropup.init import STRATEGIES
-    from dropup.init.pretrained import Pretrained
+    return name_of_target(str((cfg.get("init") or {}).get("_target_", "")))
 
-    target = str((cfg.get("init") or {}).get("_target_", "")).rsplit(".", 1)[-1]
-    by_class = {cls.__name__: name for name, cls in {**STRATEGIES, "pretrained": Pretrained}.items()}
-    return by_class.get(target)
+
+def _takes_ratio(init: str | None) -> bool:
+    cls = STRATEGIES.get(init) if isinstance(init, str) else None
+    return cls is not None and cls.option("ratio") is not None
 
 
 def read_run(run_dir: Path, role: str = "run") -> dict:
@@ -110,7 +106,7 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     row = {
         "run_id": run_dir.name if role == "run" else f"{role}:{run_dir.name}",
         "path": str(run_dir.resolve()), "role": role, "status": status,
-        "label": label(init, ratio, moe_enabled, shared_d_ff > 0, granularity, virtual_groups, lb_mode, ranks), "init": init, "ratio": ratio if init in ("drop", "noise") else None,
+        "label": label(init, ratio, moe_enabled, shared_d_ff > 0, granularity, virtual_groups, lb_mode, ranks), "init": init, "ratio": ratio if _takes_ratio(init) else None,
         "seed": results.get("seed", cfg.get("seed")), "model": results.get("model", (cfg.get("model") or {}).get("name")),
         "moe": results.get("moe", "mixtral" if moe_enabled else "none"),
         "router": (cfg.get("init") or {}).get("router"), "shared_expert_d_ff": shared_d_ff,
@@ -131,8 +127,6 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
         row["metrics.lb_loss"] = last_lb
     routing = run_dir / "routing.json"
     if routing.is_file() and "metrics.routing/specialization" not in row:  # runs from before the summaries
-        from dropup.routing import summarize
-
         counts = json.loads(routing.read_text())["tokens_per_expert"]
         row.update({f"metrics.{k}": v for k, v in summarize(counts).items()})
     flat: dict = {}

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.collect import SHARED_SUFFIX, split_label
+from analysis.collect import DENSE_LABEL, SHARED_SUFFIX, split_label
+from dropup.init.registry import STRATEGIES
+from dropup.init.router import TABLE8
 
 TABLE1_ROWS = ("Dense", "FS", "BTX", "NU", "DU (r=0.5)", "DU (r=1)")
 SHARED_ROWS = ("NU", "NU" + SHARED_SUFFIX, "DU (r=0.5)", "DU (r=0.5)" + SHARED_SUFFIX)
@@ -22,15 +24,18 @@ BALANCING_ROWS = ("NU", "NU, per-rank LB", "NU, global-batch LB", "NU, aux-free"
                   "DU (r=0.5), per-rank LB", "DU (r=0.5), global-batch LB", "DU (r=0.5), aux-free")
 
 
+UNKNOWN_RANK = 5  # a label no init gives: after the paper's methods
+
+
 def method_order(label: str) -> tuple:
-    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order; a variant (a shared expert, fine-grained
-    experts, another balancing mode) right after the same method without it."""
+    """Dense, FS, BTX, NU, then DU and RNU by ratio: the paper's row order (each init's `table_rank`); a variant (a
+    shared expert, fine-grained experts, another balancing mode) right after the same method without it."""
     label, variant = split_label(label)
-    head = {"Dense": 0, "FS": 1, "BTX": 2, "NU": 3}
-    if label in head:
-        return (head[label], 0.0, variant)
+    if label == DENSE_LABEL:
+        return (0, 0.0, variant)
     kind, _, rest = label.partition(" (r=")
-    return (4 if kind == "DU" else 5, float(rest.rstrip(")")) if rest else 0.0, variant)
+    rank = next((cls.table_rank for cls in STRATEGIES.values() if cls.label == kind), UNKNOWN_RANK)
+    return (rank, float(rest.rstrip(")")) if rest else 0.0, variant)
 
 
 @dataclass
@@ -192,8 +197,6 @@ def table2(runs: pd.DataFrame) -> Table:
 
 def table8(runs: pd.DataFrame) -> Table:
     """Naive Upcycling with each router initialization of Table 8."""
-    from dropup.init.router import TABLE8
-
     runs = runs[(runs["role"] == "run") & (runs["label"] == "NU")]
     columns = [(f"val {d}", f"metrics.val_loss/{d}", True) for d in _domains(runs)]
     columns.append(("val avg", "metrics.val_loss", True))

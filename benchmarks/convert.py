@@ -30,7 +30,7 @@ import torch
 
 from dropup.config import ModelConfig
 from dropup.hf import hf_config, to_hf
-from dropup.init.base import dense_shapes
+from dropup.init.shapes import dense_shapes
 from dropup.shards import PlannedTensor, ShardWriter
 
 PAPER_3_7B = {"vocab_size": 99574, "d_model": 3072, "d_ff": 8192, "n_heads": 24, "n_kv_heads": 24}

@@ -22,7 +22,8 @@ from torch import nn
 
 from dropup.config import ModelConfig, MoEConfig
 from dropup.hf import hf_config
-from dropup.moe import SORTED_GEMMS, MoELayer, swiglu
+from dropup.moe.backends import SORTED_GEMMS, swiglu
+from dropup.moe.layer import MoELayer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

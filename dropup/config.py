@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from dropup import balancing
+
 BACKENDS = ("grouped", "loop", "sliced", "padded", "megablocks")
-LB_MODES = ("pooled", "per_layer", "global_batch", "aux_free")
+LB_MODES = balancing.NAMES  # one entry per mode, with what it does: dropup.balancing
 
 
 class ConfigError(ValueError):
@@ -24,6 +26,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 ROPE_SCALINGS = ("linear", "llama3")
+QK_NORM_WIDTHS = ("head", "full")
 
 
 @dataclass
@@ -37,6 +40,15 @@ class ModelConfig:
     (Qwen3), a head width other than d_model / n_heads (Qwen3), and a sliding attention window of
     `sliding_window` tokens (the query's own included) on layers >= `sliding_window_from_layer` (Mistral v0.1: all
     layers; Qwen2: from `max_window_layers`).
+
+    OLMo-2 and Granite add (`dropup.model.Block` states the math):
+    - `post_norm`: each branch's output is RMS-normalized before its residual add, h = x + norm(f(x)), and the
+      branch input is not normalized (OLMo-2); the two norms keep the names attn_norm / ffn_norm;
+    - `qk_norm_width`: with `qk_norm`, `head` normalizes each head's q and k (Qwen3), `full` the whole q
+      projection (H*K wide) and k projection (G*K) before they are split into heads (OLMo-2);
+    - Granite's multipliers: `embedding_multiplier` scales the embeddings, `residual_multiplier` each branch's
+      output before its residual add, `attention_multiplier` is the softmax scale (null: 1/sqrt(head width)),
+      and the logits are divided by `logits_scaling`.
     """
 
     name: str = "custom"
@@ -59,6 +71,12 @@ class ModelConfig:
     head_dim: Optional[int] = None  # null: d_model / n_heads
     sliding_window: Optional[int] = None
     sliding_window_from_layer: int = 0
+    post_norm: bool = False
+    qk_norm_width: str = "head"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: Optional[float] = None  # null: 1 / sqrt(d_head)
+    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads"):
@@ -78,6 +96,15 @@ class ModelConfig:
                      f"of {ROPE_SCALINGS} or set model.rope_scaling=null")
         if self.sliding_window is not None:
             _require(self.sliding_window > 0, f"model.sliding_window={self.sliding_window} must be positive or null")
+        _require(self.qk_norm_width in QK_NORM_WIDTHS, f"model.qk_norm_width={self.qk_norm_width!r} is unknown; "
+                 f"choose one of {QK_NORM_WIDTHS}")
+        _require(self.qk_norm or self.qk_norm_width == "head", f"model.qk_norm_width={self.qk_norm_width!r} needs "
+                 "model.qk_norm=true (or leave qk_norm_width at 'head')")
+        for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            _require(getattr(self, field) > 0, f"model.{field} must be positive (1: none), got {getattr(self, field)}")
+        _require(self.attention_multiplier is None or self.attention_multiplier > 0,
+                 f"model.attention_multiplier must be positive or null (1/sqrt(head width)), got "
+                 f"{self.attention_multiplier}")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} (grouped-query "
@@ -92,6 +119,17 @@ class ModelConfig:
     def window_of(self, layer: int) -> int | None:
         """The sliding window in effect on `layer`, or None for full causal attention."""
         return self.sliding_window if layer >= self.sliding_window_from_layer else None
+
+    def features(self) -> dict[str, Any]:
+        """The HF families' features this model switches on: the FEATURES fields away from their defaults."""
+        defaults = ModelConfig()
+        return {f: getattr(self, f) for f in FEATURES if getattr(self, f) != getattr(defaults, f)}
+
+
+# the ModelConfig fields that switch on what the HF families add to the paper's Llama (all off by default)
+FEATURES = ("tie_embeddings", "rope_scaling", "attn_bias", "qk_norm", "head_dim", "sliding_window",
+            "sliding_window_from_layer", "post_norm", "qk_norm_width", "embedding_multiplier", "residual_multiplier",
+            "attention_multiplier", "logits_scaling")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Dense models that MoE inits start from (DESIGN contract 3).
+"""Dense models that MoE inits start from (docs/design.md, contract 3).
 
 `seed_model=auto`: the dense seed is the run in `paths.seed_store/<key>` whose key hashes its configuration (model,
 data, the `seed_recipe` training recipe and its random seed). If it is not there it is trained first, once, under
@@ -20,12 +20,13 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.config import FEATURES, ConfigError, ModelConfig, MoEConfig
 from dropup.data import DATA_STREAM_VERSION, preparation_identity
 from dropup.ddp import external_launch
 from dropup.flops import human_count, param_counts
 from dropup.hf import from_hf, read_hf_config
 from dropup.paths import project_path
+from dropup.shards import CheckpointReader, scan_hf_dir
 
 # what the seed's training saw: the prepared data plus how it was cut and mixed
 DATA_USE = ("seq_len", "weights")
@@ -41,8 +42,7 @@ def _store(cfg: DictConfig) -> Path:
 
 # ModelConfig fields added after seed keys were first defined (the HF families' extensions): at their defaults
 # they leave the key as it was, so a seed trained before they existed is still found
-KEY_NEUTRAL_AT_DEFAULT = ("family", "tie_embeddings", "rope_scaling", "attn_bias", "qk_norm", "head_dim",
-                          "sliding_window", "sliding_window_from_layer")
+KEY_NEUTRAL_AT_DEFAULT = ("family", *FEATURES)
 
 
 # how a step is executed, not what it computes (a dense model's gradient does not depend on them): not in the key
@@ -152,12 +152,9 @@ def load_run_state(run_dir: Path) -> dict[str, torch.Tensor]:
 def _hf_state(hf_dir: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory under our names, read through its index (`scan_hf_dir`): a stray
     consolidated copy or adapter file beside the shards is never merged in."""
-    from dropup.shards import CheckpointReader
-    from dropup.upcycle.inputs import scan_hf_dir
-
     stored = scan_hf_dir(hf_dir)
     reader = CheckpointReader(stored)
-    return from_hf({name: reader[name] for name in stored}, model.family, tied=model.tie_embeddings)
+    return from_hf({name: reader[name] for name in stored}, model.family, tied=model.tie_embeddings, model=model)
 
 
 # what an architecture is (the rest, name and init_std, only labels or initializes it)
@@ -260,7 +257,7 @@ def dense_sources(cfg: DictConfig, strategy, log=print, train_seed=None) -> tupl
     else:
         seed = seed_dir(cfg, train_seed, log)
         state = load_run_state(seed)
-    if strategy.name != "btx":
+    if strategy.max_sources == 1:  # one dense model; BTX also reads its domain branches
         return [state], str(seed)
     branches = branch_dirs(cfg, seed, train_seed, log)
     return [state] + [load_run_state(b) for b in branches], [str(seed)] + [str(b) for b in branches]

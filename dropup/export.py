@@ -16,12 +16,18 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from dropup import balancing
 from dropup.config import ConfigError, architecture
 from dropup.data.corpus import EOT
+from dropup.files import write_json_atomic
+from dropup.hf import hf_config, hf_config_dict, to_hf_model
+from dropup.model import Transformer
+from dropup.upcycle.common import CARRIED_FILES
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,6 @@ def _hf_seed(run_dir: Path) -> Path | None:
 def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from dropup.hf import hf_config, hf_config_dict, to_hf_model
-    from dropup.upcycle.common import CARRIED_FILES
 
     run_dir, out = Path(run_dir), Path(out)
     weights = run_dir / "model.safetensors"
@@ -109,23 +113,13 @@ def balance_note(moe_cfg, model_type: str) -> str | None:
     """What a fine-tune of the export in transformers would do differently from the run's load balancing."""
     if moe_cfg is None:
         return None
-    if moe_cfg.lb_mode == "per_layer":
-        return (f"this run's balance loss was the mean of per-layer losses (moe.lb_mode=per_layer); {model_type}'s "
-                "router_aux_loss_coef applies transformers' loss pooled over all layers' tokens, so a fine-tune of "
-                "the export balances another statistic")
-    if moe_cfg.lb_mode == "aux_free":
-        return (f"router_aux_loss_coef is written as 0: this run balanced with aux_free's routing bias and trained "
-                f"no balance loss, which {model_type} would otherwise add when fine-tuned")
-    return None
+    note = balancing.mode(moe_cfg.lb_mode).export_note
+    return note.format(model_type=model_type) if note else None
 
 
 def _warn_routing_bias(state: dict, biases: dict, model_cfg, moe_cfg) -> float:
     """aux_free runs route with a per-expert bias that transformers' MoE classes have no place for: say so, and
     by how much the exported model's logits differ from the run's (probe tokens, fp32). Returns that difference."""
-    import torch
-
-    from dropup.model import Transformer
-
     model = Transformer(model_cfg, moe_cfg).eval()
     model.load_state_dict({**state, **biases}, strict=True)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -169,7 +163,5 @@ def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:
     results = json.loads(results_path.read_text())
     results.setdefault("metrics", {}).update(scores)
     results["eval"] = {"tasks": list(eval_cfg["tasks"]), "raw": output["results"]}
-    from dropup.files import write_json_atomic
-
     write_json_atomic(results_path, results)
     return scores

@@ -5,6 +5,11 @@ FLOPs follow the paper's Table 3 (forward pass, matrix products only, 2mkn per (
 n_l layers, n_h heads, n_q query groups (KV heads), d_k head dim, n_e experts selected per token. A shared expert
 of width d_s (Table 3 has none) is one more SwiGLU that every token passes through, 6 s d_h d_s, plus its gate's
 (d_h x 1) product, 2 s d_h.
+
+The family features of `ModelConfig` change only the parameter count: q/k norms add their gains (2 d_k per layer
+per head, (n_h + n_q) d_k over the whole projection); post-norm blocks hold the same two norms per layer as
+pre-norm ones; Granite's multipliers are scalars of the config, not parameters, and their products (like the
+norms') are not matrix products, so FLOPs are those of Table 3 whatever the features.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def param_counts(model: ModelConfig, moe: MoEConfig | None = None) -> dict[str, 
     qkv_width = h * (model.n_heads + 2 * model.n_kv_heads)
     attention = d * qkv_width + model.n_heads * h * d
     attention += qkv_width if model.attn_bias else 0
-    attention += 2 * h if model.qk_norm else 0
-    norms = 2 * d
+    if model.qk_norm:  # one gain vector per head width (shared by the heads), or over the whole projection
+        attention += (model.n_heads + model.n_kv_heads) * h if model.qk_norm_width == "full" else 2 * h
+    norms = 2 * d  # before each branch, or after it (post_norm): two per layer either way
     if moe is None:
         ffn_total = ffn_active = 3 * d * model.d_ff
     else:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dropup.tensors import is_sharded
+
 EXPERT_DIM_PARAMS = ("w_gate_up", "w_down", "router.weight")  # dim 0 indexes the experts
 
 
@@ -52,17 +54,6 @@ def shard_model(model: nn.Module, mesh, bf16: bool) -> None:
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from every rank if it is sharded (a collective: every rank must call it)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,11 +19,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dropup import balancing
 from dropup.config import ModelConfig, MoEConfig
 from dropup.data import TokenData
+from dropup.fsdp import shard_model
 from dropup.model import Transformer
-from dropup.moe import StepLoads
+from dropup.moe.losses import StepLoads
 from dropup.resume import CHECKPOINT_FIELD
+from dropup.routing import summarize
+from dropup.tensors import is_sharded
 
 
 def lr_lambda(step: int, steps: int, warmup: int, min_ratio: float, final_constant: int = 0) -> float:
@@ -56,6 +60,8 @@ class LitLM(L.LightningModule):
         self.train_cfg, self.data, self.data_seed = train_cfg, data, data_seed
         self.completes_step = True  # whether the last training_step was its optimizer step's last micro-batch
         self._step_loads = StepLoads()  # global_batch balancing: expert loads over the step's micro-batches
+        # aux_free: every optimizer step moves the routing bias against the step's loads, summed over its micro-batches
+        self._routes_with_bias = moe_cfg is not None and balancing.mode(moe_cfg.lb_mode).router_bias
         self.last_losses: dict[str, float] = {}
         self.last_similarity: list[float] | None = None  # per layer, at the last validation (MoE)
 
@@ -76,7 +82,7 @@ class LitLM(L.LightningModule):
         # what the step reports: the mean over its micro-batches (equal sizes: the whole batch's mean lm_loss)
         shares = {name: value.detach() / accumulate for name, value in losses.items()}
         self.last_losses = shares if k == 0 else {n: self.last_losses[n] + v for n, v in shares.items()}
-        if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
+        if self._routes_with_bias:
             load_LE = self.model.tokens_per_expert().clone()
             self._step_load = load_LE if k == 0 else self._step_load + load_LE
         self.completes_step = k == accumulate - 1
@@ -99,8 +105,6 @@ class LitLM(L.LightningModule):
         """Under `trainer=fsdp` (Lightning's ModelParallelStrategy gives us a device mesh): shard the model."""
         if self.device_mesh is None or getattr(self, "_sharded", False):
             return
-        from dropup.fsdp import shard_model
-
         shard_model(self.model, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")
         self._sharded = True
 
@@ -108,7 +112,7 @@ class LitLM(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16's gradient scaler, if any
         scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(*args, **kwargs)
-        if self.model.moe is not None and self.model.moe.lb_mode == "aux_free":
+        if self._routes_with_bias:
             # a scaler that found inf/NaN gradients skipped the update and lowered its scale: the step did not
             # happen, so neither does the bias step
             if scaler is not None and scaler.get_scale() < scale:
@@ -206,8 +210,6 @@ class StepMemory:
 def grad_norm(module: torch.nn.Module) -> float:
     """The global L2 norm of the gradients; under FSDP each rank holds a shard of each, so the squared norms of
     the shards are summed over the ranks."""
-    from dropup.fsdp import is_sharded
-
     grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
     if not grads:
         return float("nan")
@@ -260,8 +262,6 @@ class RunRecorder(L.Callback):
                 self.on_log()
 
     def _evaluate(self, trainer, module) -> None:
-        from dropup.routing import summarize
-
         metrics, routing = module.evaluate()
         metrics.update(summarize(routing))
         step = trainer.global_step

@@ -3,12 +3,14 @@
 Pre-norm blocks with RMSNorm, rotary position embeddings (rotate-half convention, as transformers' Llama),
 grouped-query attention through `scaled_dot_product_attention`, SwiGLU FFNs, untied input/output embeddings.
 What the HF families add is switched by `ModelConfig` fields (tied embeddings, RoPE scaling, q/k/v biases, q/k
-RMSNorm, a free head width, a sliding window); with all of them off this is the paper's model.
+RMSNorm per head or over the whole projection, a free head width, a sliding window, post-norm blocks, Granite's
+embedding/residual/attention/logit multipliers); with all of them off this is the paper's model.
 Shapes: B batch, S sequence, D d_model, H query heads, G KV heads, K head dim, V vocabulary.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dropup import balancing
 from dropup.config import ModelConfig, MoEConfig, check_pair
 from dropup.moe import (BalanceStats, MoELayer, StepLoads, SwiGLU, expert_similarity, load_balancing_loss,
                         router_z_loss)
+from dropup.tensors import full
 
 
 class RMSNorm(nn.Module):
@@ -73,23 +77,33 @@ def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention, softmax(q k^T * scale) v with scale = `attention_multiplier` (Granite) or
+    1/sqrt(K). With `qk_norm`, q and k are RMS-normalized before RoPE: per head (Qwen3, one gain vector of K shared
+    by the heads) or, with `qk_norm_width: full`, over the whole projection (OLMo-2: H*K and G*K gains, the
+    statistic taken over all heads together)."""
+
     def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.window = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, window
+        self.scale = cfg.attention_multiplier  # None: SDPA's own 1/sqrt(K)
         K = cfg.d_head
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * K, bias=cfg.attn_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * K, bias=cfg.attn_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * K, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * K, cfg.d_model, bias=False)
-        # Qwen3: each head's q and k are RMS-normalized (one gain vector of K shared by the heads) before RoPE
-        self.q_norm = RMSNorm(K, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(K, cfg.norm_eps) if cfg.qk_norm else None
+        self.qk_norm_full = cfg.qk_norm and cfg.qk_norm_width == "full"
+        q_width, k_width = (cfg.n_heads * K, cfg.n_kv_heads * K) if self.qk_norm_full else (K, K)
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BSHK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
-        k_BSGK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q_BSX, k_BSY = self.wq(x_BSD), self.wk(x_BSD)  # X = H*K, Y = G*K
+        if self.qk_norm_full:
+            q_BSX, k_BSY = self.q_norm(q_BSX), self.k_norm(k_BSY)
+        q_BSHK = q_BSX.view(B, S, self.n_heads, self.head_dim)
+        k_BSGK = k_BSY.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.qk_norm_full:
             q_BSHK, k_BSGK = self.q_norm(q_BSHK), self.k_norm(k_BSGK)
         q_BHSK, k_BGSK = q_BSHK.transpose(1, 2), k_BSGK.transpose(1, 2)
         v_BGSK = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -101,21 +115,24 @@ class Attention(nn.Module):
             offset_SS = pos_S[:, None] - pos_S[None, :]
             mask_SS = (offset_SS >= 0) & (offset_SS < self.window)
         out_BHSK = F.scaled_dot_product_attention(
-            q_BHSK, k_BGSK, v_BGSK, attn_mask=mask_SS, is_causal=mask_SS is None,
+            q_BHSK, k_BGSK, v_BGSK, attn_mask=mask_SS, is_causal=mask_SS is None, scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, -1))
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block. Returns the block's output and, for an MoE block, what its router chose
-    (`Routing`), so that nothing outside the call is mutated: with activation checkpointing the block runs twice."""
+    """One transformer block, h = x + m * b_attn(x), out = h + m * b_ffn(h), where a branch is b(x) = f(norm(x))
+    (pre-norm, the paper's) or, with `post_norm` (OLMo-2), b(x) = norm(f(x)), and m is `residual_multiplier`
+    (Granite; 1 elsewhere). Returns the block's output and, for an MoE block, what its router chose (`Routing`),
+    so that nothing outside the call is mutated: with activation checkpointing the block runs twice."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig | None, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, cfg.window_of(layer))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_norm, self.residual_multiplier = cfg.post_norm, cfg.residual_multiplier
         self.is_moe = moe is not None and moe.enabled
         self.ffn = MoELayer(cfg.d_model, moe.expert_d_ff(cfg), moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
         # Per-block activation checkpointing: keep only the block's input, recompute the rest in the backward.
@@ -127,14 +144,25 @@ class Block(nn.Module):
             return checkpoint(self._forward, x_BSD, cos_SK, sin_SK, use_reentrant=False)
         return self._forward(x_BSD, cos_SK, sin_SK)
 
+    def _branch_input(self, norm: RMSNorm, x_BSD: torch.Tensor) -> torch.Tensor:
+        return x_BSD if self.post_norm else norm(x_BSD)
+
+    def _branch_output(self, norm: RMSNorm, y_BSD: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            y_BSD = norm(y_BSD)
+        # skipped at 1 so that a model without the multiplier runs exactly the paper's operations
+        return y_BSD * self.residual_multiplier if self.residual_multiplier != 1.0 else y_BSD
+
     def _forward(self, x_BSD, cos_SK, sin_SK):
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK)
-        normed_BSD = self.ffn_norm(h_BSD)
+        attn_BSD = self.attn(self._branch_input(self.attn_norm, x_BSD), cos_SK, sin_SK)
+        h_BSD = x_BSD + self._branch_output(self.attn_norm, attn_BSD)
+        ffn_in_BSD = self._branch_input(self.ffn_norm, h_BSD)
         if not self.is_moe:
-            return h_BSD + self.ffn(normed_BSD), None
+            return h_BSD + self._branch_output(self.ffn_norm, self.ffn(ffn_in_BSD)), None
         experts, balance = [], []
-        y_TD, logits_TE = self.ffn(normed_BSD.reshape(-1, normed_BSD.shape[-1]), experts, balance)
-        return h_BSD + y_TD.view_as(h_BSD), Routing(logits_TE, experts[0], balance[0])
+        y_TD, logits_TE = self.ffn(ffn_in_BSD.reshape(-1, ffn_in_BSD.shape[-1]), experts, balance)
+        out_BSD = h_BSD + self._branch_output(self.ffn_norm, y_TD.view_as(h_BSD))
+        return out_BSD, Routing(logits_TE, experts[0], balance[0])
 
 
 class Routing(NamedTuple):
@@ -220,6 +248,8 @@ class Transformer(nn.Module):
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
         cos_SK, sin_SK = rope_cos_sin(tokens_BS.shape[1], self.cfg, tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS)
+        if self.cfg.embedding_multiplier != 1.0:  # Granite
+            x_BSD = x_BSD * self.cfg.embedding_multiplier
         routings: list[Routing] = []
         for block in self.layers:
             x_BSD, routing = block(x_BSD, cos_SK, sin_SK)
@@ -230,6 +260,8 @@ class Transformer(nn.Module):
         router_balance = [r.balance for r in routings]
         normed_BSD = self.norm(x_BSD)
         logits_BSV = self.lm_head(normed_BSD) if self.lm_head is not None else F.linear(normed_BSD, self.tok_emb.weight)
+        if self.cfg.logits_scaling != 1.0:  # Granite
+            logits_BSV = logits_BSV / self.cfg.logits_scaling
         return ModelOutput(logits_BSV, router_logits, router_experts, router_balance)
 
     def losses(self, out: ModelOutput, targets_BS: torch.Tensor, step_loads: StepLoads | None = None
@@ -243,7 +275,7 @@ class Transformer(nn.Module):
             lb = load_balancing_loss(out.router_logits, self.moe.top_k, self.moe.lb_mode, out.router_experts,
                                      out.router_balance, step_loads)
             result["lb_loss"] = lb
-            if self.moe.lb_mode != "aux_free":
+            if balancing.mode(self.moe.lb_mode).trains_loss:
                 result["loss"] = lm_loss + self.moe.lb_coef * lb
             if self.moe.z_coef > 0:
                 z = router_z_loss(out.router_logits)
@@ -266,8 +298,6 @@ class Transformer(nn.Module):
         """`state` made to fit this model's routing-bias buffers: a zero bias where the state has none (a model
         upcycled or trained without aux_free), and a bias this model does not route with dropped (with a warning
         if it was not zero: the model then routes differently)."""
-        import logging
-
         want = {k for k in self.state_dict() if k.endswith("ffn.expert_bias")}
         out = {k: v for k, v in state.items() if not k.endswith("ffn.expert_bias") or k in want}
         dropped = [k for k in state if k.endswith("ffn.expert_bias") and k not in want and bool(state[k].any())]
@@ -281,8 +311,7 @@ class Transformer(nn.Module):
 
     def expert_similarity(self) -> list[float]:
         """Per layer, the experts' mean pairwise cosine similarity (`dropup.moe.expert_similarity`)."""
-        from dropup.fsdp import full  # sharded under trainer=fsdp: gathered layer by layer (every rank calls this)
-
+        # sharded under trainer=fsdp: gathered layer by layer (a collective: every rank calls this)
         return [expert_similarity(full(b.ffn.w_gate_up), full(b.ffn.w_down), self.moe.granularity)
                 for b in self.layers]
 

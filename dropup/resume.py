@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.init.registry import normalize_options
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def resume_key(cfg: DictConfig, settings: dict, strategy, model: ModelConfig, mo
     key["init"] = strategy.name
     for option, value in OmegaConf.to_container(cfg.init, resolve=True).items():
         if option != "_target_":
-            key[f"init.{option}"] = value
+            key[f"init.{option}"] = strategy.normalize(option, value)  # an alias as its name (index_mode)
     key["seed_model"] = seed_model
     key.update({f"model.{k}": v for k, v in asdict(model).items() if k != "name"})
     key["moe.enabled"] = moe is not None
@@ -82,6 +83,8 @@ def conflicts(recorded: dict, key: dict) -> list[tuple[str, Any, Any]]:
     """(setting, recorded, now) for every setting both keys hold with different values. A setting only one
     holds is not compared: a start that failed before loading its data recorded no corpus hash (and could
     checkpoint nothing)."""
+    # a run recorded an option under an older spelling (init.index_mode=shared, now joint): compare the names
+    recorded = normalize_options(recorded.get("init"), recorded, prefix="init.")
     return [(name, recorded[name], key[name]) for name in key if name in recorded and recorded[name] != key[name]]
 
 

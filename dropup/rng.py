@@ -1,4 +1,5 @@
-"""Order-independent randomness: one generator per (seed, layer, expert, tensor).
+"""Order-independent randomness: one generator per key -- (seed, layer, expert, tensor) for init draws, (stream,
+seed, step) for the batch sampler.
 
 The seed of each generator is a stable hash (BLAKE2b, not Python's per-process salted `hash`) of the key, so a
 tensor's values do not depend on which tensors were drawn before it, on the process, on parallelism or on

@@ -3,7 +3,10 @@
 Reading: `CheckpointReader` is a lazy, read-only mapping from tensor names (ours, or any the caller picks) to the
 tensors of one checkpoint (one or several `*.safetensors` files). Shapes and dtypes come from the file headers; a
 tensor's bytes are read only when it is looked up, with `pread` rather than `mmap`, so the process never maps a
-whole input file. It records which names were read, for the converter's strict accounting.
+whole input file. A name may stand for a whole stored tensor (`Stored`) or for rows of stored tensors
+(`Assembled`: a part of a fused tensor such as Phi-3's q|k|v, read with safetensors' `get_slice`, never the whole
+fused tensor; or per-expert matrices stacked into one). Which names mean what is the family's tensor mapping
+(`dropup.families.mapping`). The reader records which names were read, for the converter's strict accounting.
 
 Writing: `ShardWriter` writes one safetensors file whose tensor list is planned in advance. Because every name,
 shape and dtype is known before any value is computed, the header goes first and each tensor's bytes are appended
@@ -21,7 +24,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from dropup.config import ConfigError
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PARTIAL_SUFFIX = ".partial"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's weight map
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # weights dropup never unpickles
 _HEADER_LIMIT = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
 
@@ -74,6 +79,68 @@ class Stored:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of a stored tensor seen as a matrix: leading dimensions flattened, the last one the row
+    (a vector is a column of one-element rows). A fused tensor's part is a range of its rows."""
+
+    stored: Stored
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """One tensor made of stored rows: the pieces' rows concatenated in order, reshaped to `shape`, then
+    `transform` (elementwise) applied."""
+
+    pieces: tuple[Rows, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def paths(self) -> set[Path]:
+        return {piece.stored.path for piece in self.pieces}
+
+
+def paths_of(entry: Stored | Assembled) -> set[Path]:
+    """The files a reader entry reads from."""
+    return entry.paths if isinstance(entry, Assembled) else {entry.path}
+
+
+def _read_rows(piece: Rows) -> torch.Tensor:
+    """The rows of one piece as a (rows, width) matrix, reading only the bytes they occupy where the layout allows
+    (a row range of a matrix or vector; whole leading blocks, or a range inside one block, of a stacked tensor)."""
+    stored = piece.stored
+    shape = stored.shape
+    width = shape[-1] if len(shape) > 1 else 1
+    with _open(stored.path) as f:
+        sliced = f.get_slice(stored.name)
+        if len(shape) <= 2:
+            return sliced[piece.start: piece.stop].reshape(-1, width)
+        block = 1
+        for size in shape[1:-1]:
+            block *= size
+        first, last = piece.start // block, (piece.stop - 1) // block
+        if piece.start % block == 0 and piece.stop % block == 0:
+            return sliced[first: last + 1].reshape(-1, width)
+        if first == last and len(shape) == 3:
+            return sliced[first: first + 1, piece.start % block: piece.stop - first * block].reshape(-1, width)
+        # a range across blocks of a stacked tensor: no mapping produces one, but it is still read correctly
+        return f.get_tensor(stored.name).reshape(-1, width)[piece.start: piece.stop]
+
+
+def read_entry(entry: Stored | Assembled) -> torch.Tensor:
+    """The tensor a reader entry stands for (safetensors errors pass through to the caller)."""
+    if isinstance(entry, Stored):
+        with _open(entry.path) as f:
+            return f.get_tensor(entry.name)
+    parts = [_read_rows(piece) for piece in entry.pieces]
+    tensor = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(entry.shape)
+    return entry.transform(tensor) if entry.transform is not None else tensor
+
+
 def scan(files: list[Path]) -> dict[str, Stored]:
     """Every tensor of a checkpoint made of `files`, by its stored name; a name in two files is an error."""
     found: dict[str, Stored] = {}
@@ -87,12 +154,13 @@ def scan(files: list[Path]) -> dict[str, Stored]:
 
 
 class CheckpointReader(Mapping[str, torch.Tensor]):
-    """Lazily read tensors of one checkpoint under the names the caller chose (`entries`: name -> Stored).
+    """Lazily read tensors of one checkpoint under the names the caller chose (`entries`: name -> Stored, or
+    Assembled for rows of stored tensors).
 
     `consumed` collects the names read so far; it is filled on the converter's main thread and copied from its
     writer thread (`consumed_names`), hence the lock."""
 
-    def __init__(self, entries: Mapping[str, Stored]):
+    def __init__(self, entries: Mapping[str, Stored | Assembled]):
         self._entries = dict(entries)
         self._lock = threading.Lock()
         self._consumed: set[str] = set()
@@ -108,11 +176,11 @@ class CheckpointReader(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         try:
-            with _open(entry.path) as f:
-                tensor = f.get_tensor(entry.name)
+            tensor = read_entry(entry)
         except SafetensorError as err:
-            raise ConfigError(f"{entry.path}: reading tensor {entry.name} failed ({err}): the file changed "
-                              "during the conversion or is corrupt") from None
+            where = ", ".join(sorted(str(p) for p in paths_of(entry)))
+            raise ConfigError(f"{where}: reading tensor {name} failed ({err}): the file changed during the "
+                              "conversion or is corrupt") from None
         with self._lock:
             self._consumed.add(name)
         return tensor
@@ -326,3 +394,46 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# --- Hugging Face directories ---------------------------------------------------------------------------------
+
+def hf_weight_files(path: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files of an HF directory and its index's weight map (None when unsharded)."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{index} is not a safetensors index ({err}): re-save the model") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ConfigError(f"{path}: shard {missing[0]} listed in {INDEX} is missing: copy the complete "
+                              "checkpoint (all shards)")
+        return [path / f for f in files], weight_map
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], None
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, None
+    if any(next(path.glob(pattern), None) for pattern in PICKLED):
+        raise ConfigError(f"{path} holds only pickled weights (.bin/.pt), which dropup never unpickles: re-save "
+                          "the model with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)")
+    raise ConfigError(f"{path} has no *.safetensors weights")
+
+
+def scan_hf_dir(path: Path) -> dict:
+    """The tensors of an HF directory (HF name -> shards.Stored), read through its index where it has one, so a
+    stray copy or adapter file beside the shards is never merged in; the index and the shards must agree."""
+    files, weight_map = hf_weight_files(path)
+    stored = scan(files)
+    if weight_map is not None:
+        for name, entry in stored.items():
+            if weight_map.get(name) != entry.path.name:
+                raise ConfigError(f"{path}: tensor {name} is in {entry.path.name} but {INDEX} says "
+                                  f"{weight_map.get(name)}: the checkpoint is inconsistent; re-save it")
+        absent = sorted(set(weight_map) - set(stored))
+        if absent:
+            raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
+    return stored

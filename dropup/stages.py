@@ -34,7 +34,7 @@ def _model_name(cfg: DictConfig) -> str:
 
 
 def info(cfg: DictConfig) -> dict:
-    """Contract 1: total/active parameters and training FLOPs, counted from the config alone."""
+    """docs/design.md, contract 1: total/active parameters and training FLOPs, counted from the config alone."""
     dense_seeds.adopt_hf_seed(cfg, explicit_model=_model_overridden())
     model, moe = architecture(cfg)
     report = {
@@ -47,7 +47,7 @@ def info(cfg: DictConfig) -> dict:
         "schedule_tokens": int(cfg.train.schedule_tokens or cfg.train.tokens),
         "train_flops": train_flops(model, moe, int(cfg.train.tokens), int(cfg.data.seq_len)),
     }
-    if moe is not None and make_strategy(cfg.init).name not in ("scratch", "pretrained"):
+    if moe is not None and make_strategy(cfg.init).upcycles:
         # an upcycled run's cost includes the dense seed it starts from (Table 2 lists the seed's own row)
         seed_train = cfg.seed_recipe.train
         report.update(seed_tokens=int(seed_train.tokens),

@@ -1,4 +1,4 @@
-"""`stage=train`: one run, from a composed config to a finished run directory (DESIGN contract 2).
+"""`stage=train`: one run, from a composed config to a finished run directory (docs/design.md, contract 2).
 
 The run directory holds `.hydra/` (Hydra's), `metrics.csv`, `results.json` (written as "running" first, replaced
 atomically with "completed" or "failed"), `routing.json` for MoE runs, `model.safetensors` (final weights, our
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from dropup import ddp, dense_seeds, families, liveness, moe, resume
+from dropup import balancing, ddp, dense_seeds, families, liveness, moe, resume
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.cpu import prepare_cpu_process
 from dropup.data import DATA_STREAM_VERSION, TokenData, prepared_data_dir, seed_tokenizer
@@ -35,7 +35,7 @@ from dropup.files import write_json_atomic
 from dropup.flops import param_counts, train_flops
 from dropup.fsdp import full_state_dict, sharded_strategy
 from dropup.init import build_moe_state, dense_state, make_strategy
-from dropup.init.base import step0_ffn_error
+from dropup.init.streaming import step0_ffn_error
 from dropup.lit import LitLM, RunRecorder
 from dropup.paths import git_sha, versions
 
@@ -79,11 +79,11 @@ def load_data(cfg: DictConfig, seq_len: int, log) -> TokenData:
 
 def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None, log) -> tuple[dict, dict]:
     """Weights to start from, and provenance of the dense models they came from."""
-    if getattr(strategy, "name", None) == "pretrained":
+    if not strategy.builds_weights:  # init=pretrained: the model's own weights
         state, where = dense_seeds.load_pretrained(cfg.seed_model, model, moe)
         return state, {"seed_model": where}
     if moe is None:
-        if strategy.name != "scratch":
+        if strategy.reads_dense:
             raise ConfigError(f"init={strategy.name} builds an MoE from dense models: for a dense run use init=scratch")
         return dense_state(model, int(cfg.seed)), {"seed_model": None}
     sources, where = dense_seeds.dense_sources(cfg, strategy, log, train_seed=_train_dense_seed)
@@ -162,13 +162,14 @@ def plan_run(cfg: DictConfig, explicit_model: bool | None = None, recipe_from: d
     lr_note = _apply_recipe_defaults(cfg, adopted, recipe_from)
     model_cfg, moe_cfg = architecture(cfg)
     strategy = make_strategy(cfg.init)  # validates the init's own settings before any work
-    if moe_cfg is not None and hasattr(strategy, "check_moe"):
+    if moe_cfg is not None:
         strategy.check_moe(moe_cfg)
-    if moe_cfg is not None:  # what its MoE family could not carry fails now, not at export after training
+        # what its MoE family could not carry fails now, not at export after training
         families.family(model_cfg.family).check_moe_window(model_cfg)
-    if moe_cfg is not None and moe_cfg.lb_mode == "aux_free" and str(cfg.trainer.precision).endswith("-true") \
+    if moe_cfg is not None and balancing.mode(moe_cfg.lb_mode).router_bias \
+            and str(cfg.trainer.precision).endswith("-true") \
             and not str(cfg.trainer.precision).startswith("32"):
-        raise ConfigError(f"moe.lb_mode=aux_free keeps a routing bias that trainer.precision={cfg.trainer.precision} "
+        raise ConfigError(f"moe.lb_mode={moe_cfg.lb_mode} keeps a routing bias that trainer.precision={cfg.trainer.precision} "
                           "would store in half precision, rounding its small steps away: use bf16-mixed or 32-true")
     settings = train_settings(cfg, world_size=int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     key = resume.resume_key(cfg, settings, strategy, model_cfg, moe_cfg, dense_seeds.seed_identity(cfg, strategy))
@@ -235,7 +236,7 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
     resume.check(previous, plan.key, run_dir)  # before anything is written
     logging.getLogger(__name__).info(plan.lr_note)
     _check_tokenizer_fits(cfg, model_cfg)
-    ratio = getattr(strategy, "ratio_value", None)  # None for inits without one (scratch, btx, pretrained)
+    ratio = strategy.ratio_value  # None for inits without one (scratch, btx, pretrained)
     counts = param_counts(model_cfg, moe_cfg)
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
     results = {
@@ -243,7 +244,7 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
         "moe": names.get("moe", "none" if moe_cfg is None else "mixtral"),
         "shared_expert_d_ff": moe_cfg.shared_expert_d_ff if moe_cfg is not None else 0,
         "init": strategy.name, "ratio": ratio,
-        "virtual_groups": bool(moe_cfg is not None and getattr(strategy, "uses_virtual_groups", lambda m: False)(moe_cfg)),
+        "virtual_groups": bool(moe_cfg is not None and strategy.uses_virtual_groups(moe_cfg)),
         "lb_mode": moe_cfg.lb_mode if moe_cfg is not None else None, "seed": int(cfg.seed), "tokens": tokens, "steps": settings["steps"],
         "schedule_tokens": settings["schedule_tokens"],
         "train_flops": train_flops(model_cfg, moe_cfg, tokens, settings["seq_len"]), **counts,

@@ -103,7 +103,7 @@ def test_mixture_weights(prepared):
 
 
 def test_mixture_weights_from_the_command_line():
-    """The README's `data.weights='{ja: 0.49, en: 0.46, code: 0.055}'` composes (it failed in omegaconf 2.3's
+    """docs/user-guide.md's `data.weights='{ja: 0.49, en: 0.46, code: 0.055}'` composes (it failed in omegaconf 2.3's
     merge into a typed Optional[dict] that was None)."""
     from dropup.schema import compose
 

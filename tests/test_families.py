@@ -2,14 +2,16 @@
 MoE family's class computes the dense function. Tiny random models built from transformers' config classes (no
 hub); biases, norm gains and q/k norms get non-trivial values so that a dropped one would show."""
 
+import re
+
 import pytest
 import torch
 from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dropup import families
-from dropup.config import ConfigError, MoEConfig
-from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf_model
+from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.hf import configs_from_hf, from_hf, hf_config, hf_config_dict, to_hf_model
 from dropup.init import build_moe_state
 from dropup.init.drop import DropUpcycling
 from dropup.init.naive import NaiveUpcycling
@@ -27,6 +29,13 @@ CASES = {
     "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, tie_word_embeddings=True),
     "qwen3": dict(head_dim=16, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
                                                                             "rope_theta": 1000000.0}),
+    # fused qkv_proj / gate_up_proj; Phi3Config's pad_token_id 32000 would not fit this vocabulary
+    "phi3": dict(sliding_window=5, pad_token_id=None),
+    # post-norm blocks, full-width q/k norms (the class has them always)
+    "olmo2": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # Granite's four scalars, at values that show at this size; tied like Granite 3.x
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=4.0,
+                    tie_word_embeddings=True),
 }
 MOE = MoEConfig(enabled=True, num_experts=4, top_k=2)
 
@@ -56,7 +65,7 @@ def hf_dense(case, seed=0, **changes):
 def ours_from(hf_model):
     model_cfg, moe_cfg = configs_from_hf(hf_model.config.to_dict())
     ours = Transformer(model_cfg, moe_cfg if moe_cfg.enabled else None).eval()
-    state = from_hf(hf_model.state_dict(), model_cfg.family, tied=model_cfg.tie_embeddings)
+    state = from_hf(hf_model.state_dict(), model_cfg.family, tied=model_cfg.tie_embeddings, model=model_cfg)
     ours.load_state_dict(state, strict=True)
     return ours, model_cfg
 
@@ -74,8 +83,16 @@ def test_dense_logits_equal_transformers(case):
     # the config says what the family has: nothing dropped, nothing invented
     assert cfg.family == model_type(case)
     assert cfg.tie_embeddings == bool(CASES[case].get("tie_word_embeddings"))
-    assert cfg.attn_bias == (case == "qwen2") and cfg.qk_norm == (case == "qwen3")
+    assert cfg.attn_bias == (case == "qwen2") and cfg.qk_norm == (case in ("qwen3", "olmo2"))
+    assert cfg.post_norm == (cfg.qk_norm_width == "full") == (case == "olmo2")
+    multipliers = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    assert {k: getattr(cfg, k) for k in multipliers} == {k: CASES[case][k] for k in multipliers} if case == "granite" \
+        else not set(cfg.features()) & set(multipliers)
     assert cfg.sliding_window == CASES[case].get("sliding_window")
+    # and back: exactly the tensors of transformers' model (fused ones concatenated again)
+    written = to_hf_model(ours.state_dict(), cfg, None)
+    held = {k: v for k, v in theirs.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    assert written.keys() == held.keys() and all(torch.equal(written[k], held[k]) for k in held)
 
 
 @pytest.mark.parametrize("case", ["llama", "llama-linear"])
@@ -134,10 +151,41 @@ def test_random_moe_matches_its_family_logits_and_aux_loss(case):
     assert theirs.config.router_aux_loss_coef == pytest.approx(0.02)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "phi3", "olmo"])
+@pytest.mark.parametrize("model_type", ["gemma", "phi", "olmo"])
 def test_other_families_are_one_error_naming_the_supported_ones(model_type):
     with pytest.raises(ConfigError, match="llama -> mixtral, mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe"):
         configs_from_hf({**BASE, "model_type": model_type})
+    with pytest.raises(ConfigError, match=re.escape(families.supported())) as err:
+        configs_from_hf({**BASE, "model_type": model_type})
+    assert "\n" not in str(err.value)
+
+
+def test_gemma_is_refused_saying_why():
+    with pytest.raises(ConfigError) as err:
+        configs_from_hf({**BASE, "model_type": "gemma"})
+    assert all(why in str(err.value) for why in ("GeGLU", "(1 + w)", "scaled", "no MoE class"))
+
+
+def test_docs_list_the_registered_families():
+    """docs/converter.md's table of families is `python -m dropup.families`, between its markers."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "converter.md").read_text()
+    block = text.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
+    assert block.strip() == families.table()
+    assert [row.split("|")[1].strip() for row in families.table().splitlines()[2:]] == list(families.ADAPTERS)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("field, value", [("post_norm", True), ("embedding_multiplier", 12.0),
+                                          ("logits_scaling", 8.0)])
+def test_a_family_refuses_the_block_features_of_others_on_export(family, field, value):
+    """A Llama with OLMo-2's post-norms or Granite's multipliers would load into LlamaForCausalLM and compute
+    another function: writing its config is one error naming the field."""
+    plain = ModelConfig(family=family, qk_norm=family == "qwen3")
+    hf_config_dict(plain)  # the family's own model is written
+    with pytest.raises(ConfigError, match=f"cannot hold model.{field}="):
+        hf_config_dict(ModelConfig(family=family, qk_norm=family == "qwen3", **{field: value}))
 
 
 def test_qwen_moe_that_would_not_route_like_the_paper_is_refused():
@@ -189,9 +237,10 @@ def test_converter_upcycles_every_family(case, tmp_path, capsys):
     assert written["model_type"] == families.family(cfg.family).moe_type
     assert written["router_aux_loss_coef"] == 0.02 and (written["bos_token_id"], written["eos_token_id"]) == (1, 2)
     assert written["tie_word_embeddings"] == cfg.tie_embeddings
-    assert written["rope_parameters"] == dense.config.to_dict()["rope_parameters"]
+    rope = dense.config.to_dict()["rope_parameters"]  # (Phi-3 spells out a partial_rotary_factor of 1)
+    assert written["rope_parameters"] == {k: v for k, v in rope.items() if (k, v) != ("partial_rotary_factor", 1.0)}
     assert written.get("sliding_window") == dense.config.to_dict().get("sliding_window")
-    if cfg.family.startswith("qwen"):
+    if cfg.family.startswith("qwen") or cfg.family == "olmo2":
         assert written["norm_topk_prob"] is True
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert_close(loaded(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
@@ -205,6 +254,72 @@ def test_converter_upcycles_every_family(case, tmp_path, capsys):
     expected = build_moe_state(DropUpcycling(ratio=0.5), [ours.state_dict()], cfg, MOE, seed=3)
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+def test_a_fused_tensor_is_read_by_its_rows_from_a_sharded_checkpoint(tmp_path, monkeypatch):
+    """The converter's reader takes Phi-3's q, k, v (gate, up) from their rows of qkv_proj (gate_up_proj) with
+    safetensors' get_slice, never reading a whole fused tensor, and gets transformers' own values."""
+    from dropup import shards
+    from dropup.upcycle.inputs import open_dense
+
+    dense = hf_dense("phi3")
+    dense.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) >= 2
+    source = open_dense(tmp_path)
+    cfg = source.model
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    assert [(r.stored.name, r.start, r.stop) for r in source.tensors["layers.1.attn.wk.weight"].pieces] == \
+        [("model.layers.1.self_attn.qkv_proj.weight", q, q + kv)]
+    whole = []
+    real_open = shards._open
+
+    class Spy:
+        def __init__(self, path):
+            self.opened = real_open(path)
+
+        def __enter__(self):
+            self.f = self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+
+        def get_slice(self, name):
+            return self.f.get_slice(name)
+
+        def get_tensor(self, name):
+            whole.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(shards, "_open", Spy)
+    reader = source.reader()
+    state = {name: reader[name] for name in reader}
+    assert "model.layers.0.self_attn.o_proj.weight" in whole  # renamed tensors are read whole
+    assert not [n for n in whole if "qkv_proj" in n or "gate_up_proj" in n]
+    expected = from_hf(dense.state_dict(), "phi3", model=cfg)
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_phi3_longrope_and_partial_rotary_are_one_error_line():
+    """Mixtral computes Phi-3's longrope as Phi-3 does (so only dropup's RoPE lacks it); both are refused."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+            "long_factor": [2.0, 2.5, 3.0, 4.0], "original_max_position_embeddings": 16}
+    small = {**BASE, "max_position_embeddings": 64, "pad_token_id": None, "hidden_size": 32, "num_attention_heads": 4}
+    phi = AutoConfig.for_model("phi3", rope_parameters=dict(rope), original_max_position_embeddings=16, **small)
+    mixtral = AutoConfig.for_model("mixtral", rope_parameters=dict(rope), head_dim=8, **small)
+    for n in (8, 40):  # below and above the original context: short, then long factors
+        x, pos = torch.zeros(1, n, 32), torch.arange(n)[None]
+        for theirs, ref in zip(MixtralRotaryEmbedding(mixtral)(x, pos), Phi3RotaryEmbedding(phi)(x, pos)):
+            assert_close(theirs, ref, rtol=0, atol=0)
+    for config, message in ((phi, "'longrope' .* dropup's RoPE has no switch"),
+                            (AutoConfig.for_model("phi3", partial_rotary_factor=0.75, **small),
+                             "partial_rotary_factor=0.75")):
+        with pytest.raises(ConfigError, match=message) as err:
+            configs_from_hf(config.to_dict())
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen3"])

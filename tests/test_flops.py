@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_py_inline
 from dropup.config import ModelConfig, MoEConfig
@@ -82,6 +83,34 @@ def test_counts_equal_a_real_model(gqa_model, moe):
         assert counts["active_params"] == total - experts * (moe.num_experts - moe.top_k) // moe.num_experts
 
 
+FEATURES = {  # ModelConfig features of the HF families: each adds its own parameters, or none
+    "qk-norm-per-head": dict(qk_norm=True),
+    "qk-norm-full": dict(qk_norm=True, qk_norm_width="full", head_dim=16),
+    "post-norm": dict(post_norm=True),
+    "olmo2": dict(post_norm=True, qk_norm=True, qk_norm_width="full"),
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                    logits_scaling=8.0),
+}
+
+
+@pytest.mark.parametrize("moe", [None, MIXTRAL], ids=["dense", "mixtral"])
+@pytest.mark.parametrize("features", sorted(FEATURES))
+def test_feature_counts_equal_a_real_model(gqa_model, features, moe):
+    from dataclasses import replace
+
+    cfg = replace(gqa_model, **FEATURES[features])
+    with torch.device("meta"):
+        model = Transformer(cfg, moe)
+    counts = param_counts(cfg, moe)
+    assert counts["total_params"] == sum(p.numel() for p in model.parameters())
+    base = replace(gqa_model, head_dim=cfg.head_dim)
+    norms = {"qk-norm-per-head": 2 * cfg.d_head, "qk-norm-full": (cfg.n_heads + cfg.n_kv_heads) * cfg.d_head,
+             "olmo2": (cfg.n_heads + cfg.n_kv_heads) * cfg.d_head}.get(features, 0)
+    assert counts["total_params"] - param_counts(base, moe)["total_params"] == cfg.n_layers * norms
+    # norms and multipliers are no matrix products: Table 3's FLOPs whatever the features
+    assert train_flops(cfg, moe, 4096, 64) == train_flops(base, moe, 4096, 64)
+
+
 # Table 2: (preset, MoE?, tokens, FLOPs x 1e22), sequence length 4096
 TABLE2 = [("3.7b", False, 1000e9, 2.70), ("3.7b", True, 500e9, 1.98), ("13b", False, 805e9, 7.43),
           ("3.7b", False, 2072e9, 5.58)]
@@ -107,10 +136,22 @@ def test_info_stage_prints_json_last(model, moe, process, tmp_path):
     assert isinstance(report["total_params"], int) and isinstance(report["active_params"], int)
     assert isinstance(report["train_flops"], float) and report["train_flops"] > 0
     assert (report["model"], report["moe"]) == (model, moe)
+    assert report["features"] == {}  # the paper's presets: its Llama
     if moe == "none":
         assert report["total_params"] == report["active_params"]
     else:
         assert report["total_params"] > report["active_params"]
+
+
+def test_info_counts_the_features_it_reports(tmp_path):
+    code, stdout, stderr = run_py_inline("stage=info", "model=tiny", "moe=none", "model.post_norm=true",
+                                         "model.qk_norm=true", "model.qk_norm_width=full", f"hydra.run.dir={tmp_path}")
+    assert code == 0, stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["features"] == {"post_norm": True, "qk_norm": True, "qk_norm_width": "full"}
+    cfg = ModelConfig(**yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text()), **report["features"])
+    with torch.device("meta"):
+        assert report["total_params"] == sum(p.numel() for p in Transformer(cfg).parameters())
 
 
 def test_info_reports_the_dense_seed_of_an_upcycled_run(tmp_path):

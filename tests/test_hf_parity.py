@@ -7,6 +7,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from dropup import families
 from dropup.config import ConfigError, MoEConfig
 from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf
 from dropup.model import Transformer
@@ -48,7 +49,7 @@ def test_pooled_lb_loss_equals_transformers_function():
     assert_close(load_balancing_loss(list(logits), 2, "pooled"), load_balancing_loss_func(logits, 8, 2))
 
 
-@pytest.mark.parametrize("layout", ["fused", "per-expert"])
+@pytest.mark.parametrize("layout", ["stacked", "fused", "per-expert"])  # fused: the old name of stacked
 def test_both_expert_layouts_round_trip(gqa_model, moe8, layout):
     ours = Transformer(gqa_model, moe8)
     hf_state = to_hf(ours.state_dict(), moe8, layout=layout)
@@ -93,3 +94,52 @@ def test_unrepresentable_hf_configs_are_refused(gqa_model, field, value, match):
     config[field] = value
     with pytest.raises(ConfigError, match=match):
         configs_from_hf(config)
+
+
+def test_a_per_expert_checkpoint_streams_into_our_stacked_experts(gqa_model, moe8, tmp_path):
+    """The streaming reader stacks per-expert matrices as from_hf does, and a value transform applies both ways
+    (in memory and streamed): the one mapper serves every direction."""
+    from safetensors.torch import save_file
+
+    from dropup.families.base import ATTENTION, MLP, TOP
+    from dropup.families.mapping import Mapper, T, Transform
+    from dropup.shards import CheckpointReader, scan
+
+    state = Transformer(gqa_model, moe8).state_dict()
+    hf_state = to_hf(state, moe8, layout="per-expert")
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp_path / "moe.safetensors"))
+    reader = CheckpointReader(families.family("llama").mapper("any").sources(scan([tmp_path / "moe.safetensors"])))
+    assert reader.meta("layers.1.ffn.w_gate_up") == (tuple(state["layers.1.ffn.w_gate_up"].shape), torch.float32)
+    assert reader.keys() == state.keys() and all(torch.equal(reader[k], state[k]) for k in state)
+
+    shifted = Transform(to_ours=lambda w: w + 1, to_hf=lambda w: w - 1)  # e.g. (1 + w) norm gains
+    layer = (T("input_layernorm.weight", "attn_norm.weight", shifted),) + ATTENTION[1:] + MLP
+    mapper = Mapper("test", "dense", TOP, layer)
+    dense = Transformer(gqa_model).state_dict()
+    written = mapper.to_hf(dense)
+    assert torch.equal(written["model.layers.0.input_layernorm.weight"], dense["layers.0.attn_norm.weight"] - 1)
+    back = mapper.from_hf(written)
+    assert back.keys() == dense.keys() and all(torch.equal(back[k], dense[k]) for k in dense)
+    save_file({k: v.contiguous() for k, v in written.items()}, str(tmp_path / "dense.safetensors"))
+    streamed = CheckpointReader(mapper.sources(scan([tmp_path / "dense.safetensors"])))
+    assert torch.equal(streamed["layers.1.attn_norm.weight"], dense["layers.1.attn_norm.weight"])
+
+
+def test_a_fused_tensor_needs_all_its_parts_and_the_config_to_split():
+    from dropup.config import ModelConfig
+
+    cfg = ModelConfig(name="t", family="phi3", vocab_size=11, n_layers=1, d_model=8, d_ff=12, n_heads=2,
+                      n_kv_heads=1)
+    state = Transformer(cfg).state_dict()
+    hf_state = to_hf(state, family="phi3")
+    assert hf_state["model.layers.0.self_attn.qkv_proj.weight"].shape == (16, 8)
+    assert torch.equal(hf_state["model.layers.0.mlp.gate_up_proj.weight"],
+                       torch.cat([state["layers.0.ffn.w_gate.weight"], state["layers.0.ffn.w_up.weight"]]))
+    with pytest.raises(ConfigError, match="needs the model config"):
+        from_hf(hf_state, "phi3")
+    back = from_hf(hf_state, "phi3", model=cfg)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(ConfigError, match="attn.wv.weight is missing"):
+        to_hf({k: v for k, v in state.items() if k != "layers.0.attn.wv.weight"}, family="phi3")
+    with pytest.raises(ConfigError, match="has shape"):  # a config that does not describe the checkpoint
+        from_hf(hf_state, "phi3", model=ModelConfig(**{**cfg.__dict__, "n_kv_heads": 2}))

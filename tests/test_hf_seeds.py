@@ -16,7 +16,7 @@ from dropup.train import train
 from tests.test_families import hf_dense
 from tests.test_train import TINY, config, rows
 
-FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILY_CASES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"]
 
 
 def fixture_tokenizer(tmp_path, store):
@@ -50,7 +50,8 @@ def test_upcycled_run_from_each_family_trains_and_exports_the_dense_function(cas
     out = export(run, tmp_path / "hf", Path(store[0].split("=", 1)[1]))
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     assert moe.config.model_type == {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe",
-                                     "qwen3": "qwen3_moe"}[case]
+                                     "qwen3": "qwen3_moe", "phi3": "mixtral", "olmo2": "flex_olmo",
+                                     "granite": "granitemoe"}[case]
     assert (out / "tokenizer.json").read_bytes() == (seed / "tokenizer.json").read_bytes()
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.init import build_moe_state, dense_state
-from dropup.init.base import layer_experts
+from dropup.init.streaming import layer_experts
 from dropup.init.btx import BranchTrainMix
 from dropup.init.drop import DropUpcycling
 from dropup.init.naive import NaiveUpcycling
@@ -315,7 +315,7 @@ def assert_sub_block_statistics(draws, strategy, dense, seed=0):
     for layer in range(WIDE.n_layers):
         mats = {m: dense[f"layers.{layer}.ffn.w_{m}.weight"].double() for m in ("gate", "up", "down")}
         for e in range(MOE.num_experts):
-            idx = strategy.indices(WIDE.d_ff, ExpertKey(seed, layer, e))
+            idx = strategy.redrawn_neurons(WIDE.d_ff, ExpertKey(seed, layer, e))
             for m, w in mats.items():
                 block = w[idx[m]] if m != "down" else w[:, idx[m]].t()
                 n = block.numel()
@@ -336,7 +336,7 @@ def test_drop_draws_from_exact_sub_block_statistics(monkeypatch, ratio, index_mo
 
 
 def _whole_matrix(w_FX, rows, key):
-    from dropup.init import rng
+    from dropup import rng
 
     out = w_FX.clone()
     out[rows] = rng.normal((len(rows), w_FX.shape[1]), w_FX.mean().item(), w_FX.std().item(), *key)
@@ -344,7 +344,7 @@ def _whole_matrix(w_FX, rows, key):
 
 
 def _biased_std(w_FX, rows, key):
-    from dropup.init import rng
+    from dropup import rng
 
     block, out = w_FX[rows].float(), w_FX.clone()
     out[rows] = rng.normal(tuple(block.shape), block.mean().item(), block.std(correction=0).item(), *key)
@@ -352,7 +352,7 @@ def _biased_std(w_FX, rows, key):
 
 
 def _per_neuron(w_FX, rows, key):
-    from dropup.init import rng
+    from dropup import rng
 
     block, out = w_FX[rows].float(), w_FX.clone()
     z = rng.normal(tuple(block.shape), 0.0, 1.0, *key)

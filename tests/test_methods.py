@@ -12,13 +12,14 @@ from torch.testing import assert_close
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.flops import param_counts, train_flops
 from dropup.init import build_moe_state, dense_state
-from dropup.init.base import step0_ffn_error
+from dropup.init.streaming import step0_ffn_error
 from dropup.init.drop import DropUpcycling
 from dropup.init.naive import NaiveUpcycling
 from dropup.init.noise import NoiseUpcycling
 from dropup.init.scratch import Scratch
 from dropup.model import Transformer
-from dropup.moe import MoELayer, StepLoads, load_balancing_loss, route
+from dropup.moe.layer import MoELayer, route
+from dropup.moe.losses import StepLoads, load_balancing_loss
 
 from test_init import structured_dense
 
@@ -93,7 +94,7 @@ def test_drop_in_virtual_groups_draws_from_the_unscaled_sub_block():
 
     for e in range(G4_SMALL.num_experts):
         part = slice((e % 4) * width, (e % 4 + 1) * width)
-        cols = strategy.indices(width, ExpertKey(5, 0, e))["down"]
+        cols = strategy.redrawn_neurons(width, ExpertKey(5, 0, e))["down"]
         source = dense["layers.0.ffn.w_down.weight"][:, part][:, cols]
         drawn = down[e][:, cols]
         assert abs(drawn.std() / source.std() - 1) < 0.15
@@ -367,7 +368,7 @@ def test_expert_similarity_at_step_0(moe, strategy, expected):
 def test_expert_similarity_pairs_only_experts_of_the_same_part():
     """At G = 4 the four parts of one FFN are different matrices: pairing across parts (the wrong variant) would
     pull naive upcycling's 1 towards 0."""
-    from dropup.moe import expert_similarity
+    from dropup.moe.similarity import expert_similarity
 
     model = Transformer(ZERO_MEAN, G4)
     model.load_state_dict(build_moe_state(NaiveUpcycling(), [dense_state(ZERO_MEAN, 0)], ZERO_MEAN, G4, seed=1))

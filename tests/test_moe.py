@@ -7,8 +7,10 @@ import torch
 from torch.testing import assert_close
 
 from dropup.config import MoEConfig
-from dropup import moe as moe_module
-from dropup.moe import MoELayer, grouped_mm_works, load_balancing_loss, route, router_z_loss
+from dropup.moe import backends as moe_backends
+from dropup.moe.backends import combine, grouped_mm_works, swiglu
+from dropup.moe.layer import MoELayer, route
+from dropup.moe.losses import load_balancing_loss, router_z_loss
 
 
 def make_layer(backend, experts=8, top_k=2, d=32, f=48):
@@ -59,10 +61,10 @@ def test_backends_equal_the_loop_in_outputs_and_gradients(backend, dtype, tol):
 def fresh_probe():
     """The backend probe and its log lines forgotten before and after (they are cached per process)."""
     grouped_mm_works.cache_clear()
-    moe_module.announce_backends_again()
+    moe_backends.announce_backends_again()
     yield
     grouped_mm_works.cache_clear()
-    moe_module.announce_backends_again()
+    moe_backends.announce_backends_again()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,7 +95,7 @@ def test_where_the_grouped_gemm_fails_the_fallback_runs_instead(fresh_probe, mon
         got = run_backend("grouped", x, state)
     assert_close(got[0], ref[0])
     assert_close(got[1], ref[1])
-    assert any(f"backend {moe_module.FALLBACK} (torch._grouped_mm does not run here" in r.getMessage()
+    assert any(f"backend {moe_backends.FALLBACK} (torch._grouped_mm does not run here" in r.getMessage()
                for r in caplog.records)
 
 
@@ -123,8 +125,6 @@ def test_autocast_bf16_runs_grouped_in_bf16():
 def test_combine_is_fp32_under_bf16_autocast():
     """The weighted sum of a token's k outputs runs in fp32 (autocast would run bmm in bf16, rounding the router
     weights), and is rounded to the activation dtype once."""
-    from dropup.moe import combine
-
     g = torch.Generator().manual_seed(0)
     weights_TK = torch.softmax(torch.randn(64, 2, generator=g), dim=-1)
     out_TKD = torch.randn(64, 2, 48, generator=g).bfloat16()
@@ -206,8 +206,6 @@ def test_fused_swiglu_equals_autograd_of_its_definition(dtype):
     """The experts' activation (its own backward, to save memory traffic) gives autograd's value and gradient of
     silu(gate) * up bit for bit, and passes a numerical gradient check in fp64."""
     import torch.nn.functional as F
-
-    from dropup.moe import swiglu
 
     g = torch.Generator().manual_seed(0)
     h = (3 * torch.randn(64, 2 * 40, generator=g)).to(dtype).requires_grad_(True)

@@ -16,8 +16,9 @@ from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.flops import forward_flops_per_sequence, param_counts
 from dropup.hf import configs_from_hf, from_hf, hf_config, to_hf_model
 from dropup.init import STRATEGIES, build_moe_state
-from dropup.init import base as init_base
-from dropup.init.base import resize_ffn
+from dropup.init import shared_expert as init_shared_expert
+from dropup.init import streaming as init_streaming
+from dropup.init.shared_expert import resize_ffn
 from dropup.init.drop import DropUpcycling
 from dropup.init.naive import NaiveUpcycling
 from dropup.init.noise import NoiseUpcycling
@@ -56,7 +57,10 @@ def test_without_the_halving_the_step0_function_is_not_the_dense_one(monkeypatch
     x = tokens(SMALL.vocab_size)
     want = logits(SMALL, None, dense, x)
     for wrong in ((1.0, 1.0), (0.5, 0.5)):
-        monkeypatch.setattr(init_base, "output_scales", lambda moe, virtual_groups=False, wrong=wrong: wrong)
+        scales = lambda moe, virtual_groups=False, wrong=wrong: wrong  # noqa: E731
+        # the routed experts' factor is applied while streaming, the shared expert's where it is built
+        monkeypatch.setattr(init_streaming, "output_scales", scales)
+        monkeypatch.setattr(init_shared_expert, "output_scales", scales)
         state = build_moe_state(NaiveUpcycling(), [dense], SMALL, shared_moe(), seed=0)
         assert (logits(SMALL, shared_moe(), state, x) - want).abs().max() > 1e-2
 

@@ -161,13 +161,14 @@ def test_btx_from_four_models_places_each_ffn_and_averages_the_rest(dense, tmp_p
 def test_both_layouts_load_and_compute_the_same_function(dense, tmp_path):
     x = tokens()
     logits = []
-    for layout in ("per-expert", "fused"):
+    for layout in ("per-expert", "stacked", "fused"):  # fused: stacked's older name
         out = convert(dense[:1], tmp_path / layout, "--init", "drop", "--layout", layout)
         names = set(json.loads((out / upcycle.INDEX).read_text())["weight_map"])
-        assert ("model.layers.0.mlp.experts.gate_up_proj" in names) == (layout == "fused")
+        assert ("model.layers.0.mlp.experts.gate_up_proj" in names) == (layout != "per-expert")
         with torch.no_grad():
             logits.append(AutoModelForCausalLM.from_pretrained(out).eval()(x).logits)
     assert_close(logits[0], logits[1])
+    assert files_of(tmp_path / "stacked") == files_of(tmp_path / "fused")
 
 
 def test_dtype_and_fine_grained_options(dense, tmp_path):
@@ -276,6 +277,19 @@ def test_verify_reports_the_reinitialized_share_and_r0_logits(dense, tmp_path, c
     assert "OK: logits of the MoE equal the dense model's" in out and "Upcycled" in out
 
 
+def test_verify_passes_a_permuted_r0_drop_by_its_function(dense, tmp_path, capsys):
+    """drop r=0 with shuffle: each expert is the dense FFN with its neurons relabelled, so the MoE computes the
+    dense function while its weights, compared neuron by neuron with the dense ones, differ."""
+    out = convert(dense[:1], tmp_path / "shuffled", "--init", "drop", "--ratio", "0", "--shuffle", "--verify")
+    text = capsys.readouterr().out
+    assert "OK: every expert's output equals its dense FFN slice's" in text
+    assert "OK: logits of the MoE equal the dense model's" in text and "FAIL" not in text
+    # the plausible wrong check, neuron by neuron against the dense FFN as it is, would fail here
+    gate_name = "model.layers.0.block_sparse_moe.experts.0.w1.weight"  # Mixtral's per-expert W_gate
+    written, source = hf_state(out)[gate_name], hf_state(dense[0])["model.layers.0.mlp.gate_proj.weight"]
+    assert upcycle.changed_neurons(written, source).numel() > 0
+
+
 def _not_llama(d: Path):
     config = json.loads((d / "config.json").read_text())
     config["model_type"] = "gpt2"
@@ -363,7 +377,7 @@ def test_written_shards_are_valid_safetensors_for_the_reference_reader(dense, tm
 
 def test_the_lazy_reader_reads_nothing_to_check_shapes_or_membership(dense):
     reader = upcycle.open_dense(dense[0]).reader()
-    from dropup.init.base import check_sources
+    from dropup.init.shapes import check_sources
 
     check_sources([reader], MODEL)
     assert "tok_emb.weight" in reader and "nothing" not in reader

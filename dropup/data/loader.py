@@ -11,7 +11,7 @@ import torch
 
 from dropup.data.streams import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
-from dropup.init.rng import generator
+from dropup.rng import generator
 
 
 class TokenStream:

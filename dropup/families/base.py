@@ -1,52 +1,69 @@
 """What every family adapter shares: reading a config.json into our configs, writing one back, and the tensor
-names, which all four dense families (and the Llama part of their MoE families) spell the same way.
+tables of the Llama layout, which most families (and the Llama part of their MoE families) spell the same way.
 
 A config.json is read as transformers reads it (`resolve`: the family's own config class, its defaults and
 `__post_init__`), and each field the way that family's modeling code reads it, not by raw keys: a key the
 class ignores is ignored here too.
 
-An adapter (one file per family) states only what its family adds: the HF config fields it reads and writes, the
-MoE family it becomes (`moe_type`), and how that MoE family names its experts when saved per expert.
+An adapter (one file per family, registered in `dropup/families/__init__.py`) states only what its family adds:
+the HF config fields it reads and writes, the MoE family it becomes (`moe_type`), and its tensors where they
+differ from the Llama layout below. Tensors are declared as tables of `T(hf, ours)` entries (the rules are in
+`dropup.families.mapping`): `top_tensors`; per layer `dense_layer` (the dense checkpoint), `moe_layer` (the MoE
+family's tensors beside its experts) and `expert_layouts` (its experts and router, "stacked" as transformers 5
+holds them in memory and "per-expert" as its checkpoints store them). For example (Phi-3, fused projections):
+
+    dense_layer = (T("input_layernorm.weight", "attn_norm.weight"),
+                   T("self_attn.qkv_proj.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
+                   T("self_attn.o_proj.weight", "attn.wo.weight"),
+                   T("post_attention_layernorm.weight", "ffn_norm.weight"),
+                   T("mlp.gate_up_proj.weight", ("ffn.w_gate.weight", "ffn.w_up.weight")),
+                   T("mlp.down_proj.weight", "ffn.w_down.weight"))
+
+`Family.mapper(kind, layout)` serves them to `dropup.hf` (state dicts both ways) and to the streaming readers.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
+from functools import cache
 from typing import ClassVar
 
+from dropup import balancing
 from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.families.mapping import KINDS, Mapper, T, layout_of
 
-# ours -> HF under "model.layers.{L}." (biases and q/k norms exist only where the config switches them on)
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.wq.weight": "self_attn.q_proj.weight",
-    "attn.wk.weight": "self_attn.k_proj.weight",
-    "attn.wv.weight": "self_attn.v_proj.weight",
-    "attn.wq.bias": "self_attn.q_proj.bias",
-    "attn.wk.bias": "self_attn.k_proj.bias",
-    "attn.wv.bias": "self_attn.v_proj.bias",
-    "attn.wo.weight": "self_attn.o_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight",
-    "attn.k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn.w_gate.weight": "mlp.gate_proj.weight",
-    "ffn.w_up.weight": "mlp.up_proj.weight",
-    "ffn.w_down.weight": "mlp.down_proj.weight",
-    # MoE, transformers 5's fused in-memory layout (the same tensors as ours, for every MoE family)
-    "ffn.router.weight": "mlp.gate.weight",
-    "ffn.w_gate_up": "mlp.experts.gate_up_proj",
-    "ffn.w_down": "mlp.experts.down_proj",
-    # the shared expert (Qwen2-MoE only) and its sigmoid gate
-    "ffn.shared_expert.w_gate.weight": "mlp.shared_expert.gate_proj.weight",
-    "ffn.shared_expert.w_up.weight": "mlp.shared_expert.up_proj.weight",
-    "ffn.shared_expert.w_down.weight": "mlp.shared_expert.down_proj.weight",
-    "ffn.shared_expert_gate.weight": "mlp.shared_expert_gate.weight",
-}
-TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# ours <-> HF, the Llama layout (biases and q/k norms exist only where the config switches them on)
+TOP = (T("model.embed_tokens.weight", "tok_emb.weight"), T("model.norm.weight", "norm.weight"),
+       T("lm_head.weight", "lm_head.weight"))
+ATTENTION = (
+    T("input_layernorm.weight", "attn_norm.weight"),
+    T("self_attn.q_proj.weight", "attn.wq.weight"),
+    T("self_attn.k_proj.weight", "attn.wk.weight"),
+    T("self_attn.v_proj.weight", "attn.wv.weight"),
+    T("self_attn.q_proj.bias", "attn.wq.bias"),
+    T("self_attn.k_proj.bias", "attn.wk.bias"),
+    T("self_attn.v_proj.bias", "attn.wv.bias"),
+    T("self_attn.o_proj.weight", "attn.wo.weight"),
+    T("self_attn.q_norm.weight", "attn.q_norm.weight"),
+    T("self_attn.k_norm.weight", "attn.k_norm.weight"),
+    # Llama's post_attention_layernorm is the pre-FFN norm (OLMo-2's of the same name is another norm)
+    T("post_attention_layernorm.weight", "ffn_norm.weight"),
+)
+MLP = (T("mlp.gate_proj.weight", "ffn.w_gate.weight"), T("mlp.up_proj.weight", "ffn.w_up.weight"),
+       T("mlp.down_proj.weight", "ffn.w_down.weight"))
+# transformers 5's in-memory MoE layout, the same tensors as ours (Mixtral and the Qwen MoEs)
+STACKED = (T("mlp.gate.weight", "ffn.router.weight"), T("mlp.experts.gate_up_proj", "ffn.w_gate_up"),
+           T("mlp.experts.down_proj", "ffn.w_down"))
+# the shared expert (Qwen2-MoE only) and its sigmoid gate
+SHARED_EXPERT = (T("mlp.shared_expert.gate_proj.weight", "ffn.shared_expert.w_gate.weight"),
+                 T("mlp.shared_expert.up_proj.weight", "ffn.shared_expert.w_up.weight"),
+                 T("mlp.shared_expert.down_proj.weight", "ffn.shared_expert.w_down.weight"),
+                 T("mlp.shared_expert_gate.weight", "ffn.shared_expert_gate.weight"))
+
+
+def per_expert(router: str, gate: str, up: str, down: str) -> tuple[T, ...]:
+    """The experts saved one matrix per expert and projection ({e} in the names) and the router."""
+    return (T(router, "ffn.router.weight"), T((gate, up), "ffn.w_gate_up"), T(down, "ffn.w_down"))
 
 
 def resolve(config: Mapping):
@@ -71,6 +88,10 @@ def rope_fields(hf) -> tuple[float, dict | None]:
     `rope_scaling` into it)."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     theta = float(rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    partial = rope.pop("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
+    if float(partial) != 1.0:
+        raise ConfigError(f"config field partial_rotary_factor={partial} (e.g. Phi-4-mini) is not supported: dropup "
+                          "rotates every dimension of each head")
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if kind == "default":
         return theta, None
@@ -113,14 +134,19 @@ class Family:
 
     dense_type: ClassVar[str]
     moe_type: ClassVar[str]
-    # how the MoE family names one expert when saved per expert (under "model.layers.{L}."), and its router
-    expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) patterns with {e}
-    expert_router: ClassVar[str]
+    # tensor tables (see the module docstring and dropup.families.mapping)
+    top_tensors: ClassVar[tuple[T, ...]] = TOP
+    dense_layer: ClassVar[tuple[T, ...]] = ATTENTION + MLP
+    moe_layer: ClassVar[tuple[T, ...]] = ATTENTION
+    expert_layouts: ClassVar[dict[str, tuple[T, ...]]]  # {"stacked": ..., "per-expert": ...}
     # whether the MoE family has a (gated) shared expert beside the routed ones
     holds_shared_expert: ClassVar[bool] = False
     # WINDOW_RULES of the dense and the MoE model type, as their attention reads the window
     dense_window_rule: ClassVar[str] = "none"
     moe_window_rule: ClassVar[str] = "all"
+    # ModelConfig features (dropup.config.FEATURES) of other families' blocks this family refuses on export
+    refused_features: ClassVar[tuple[str, ...]] = ("post_norm", "qk_norm_width", "embedding_multiplier",
+                                                   "residual_multiplier", "attention_multiplier", "logits_scaling")
 
     # --- config.json -> ours ---------------------------------------------------------------------------------
     def read_fields(self, hf) -> dict:
@@ -165,14 +191,25 @@ class Family:
             fields["max_position_embeddings"] = max(
                 4 * int(model.rope_scaling["original_max_position_embeddings"]), 2048)
         if moe is not None:
-            # aux_free trained no balance loss (its bias balanced the load): a fine-tune of the export must not
-            # start training one the run never used
-            coef = 0.0 if moe.lb_mode == "aux_free" else moe.lb_coef
+            # a mode that trained no balance loss (aux_free's bias balanced the load): a fine-tune of the export
+            # must not start training one the run never used
+            coef = balancing.mode(moe.lb_mode).exported_aux_coef(moe.lb_coef)
             fields.update(router_aux_loss_coef=coef, output_router_logits=True)
         return fields
 
     def check(self, model: ModelConfig) -> None:
         """Refuse what this family cannot hold (a Llama has no q/k norms, ...)."""
+
+    def check_features(self, model: ModelConfig) -> None:
+        """Refuse a feature of OLMo-2's or Granite's blocks that this family's modeling code has no place for: its
+        checkpoint would load and compute another function."""
+        features = model.features()
+        foreign = [f for f in self.refused_features if f in features]
+        if foreign:
+            raise ConfigError(f"model family {self.dense_type} cannot hold model.{foreign[0]}="
+                              f"{features[foreign[0]]!r} (post-norm blocks and full-width q/k norms are olmo2's, "
+                              "the multipliers granite's): set model.family to the family that has it, or the field "
+                              "back to its default")
 
     def check_moe(self, moe: MoEConfig) -> None:
         """Refuse an MoE layout the MoE family cannot hold (a shared expert outside Qwen2-MoE, ...)."""
@@ -195,7 +232,30 @@ class Family:
                 f"upcycled into one it would compute another function, so it cannot become a {self.moe_type} "
                 "(train or export it as a dense model instead)")
 
-    # --- tensors beyond ours ---------------------------------------------------------------------------------
+    # --- tensors ----------------------------------------------------------------------------------------------
+    def mapper(self, kind: str, layout: str = "stacked") -> Mapper:
+        """The tensor mapping of this family's dense checkpoints (kind "dense"), of its MoE family's in `layout`
+        ("moe"), or of either in any layout (reading: "any")."""
+        return _mapper(self, kind, layout_of(layout) if kind == "moe" else "stacked")
+
     def extra_moe_tensors(self, layer: int, model: ModelConfig, moe: MoEConfig, dtype) -> dict:
-        """HF tensors the MoE family needs that ours has no counterpart of (written, and skipped on reading)."""
+        """HF tensors the MoE family needs that ours has no counterpart of (written; `unused_on_read` drops them)."""
         return {}
+
+    def unused_on_read(self, shapes: dict[str, tuple[int, ...]]) -> set[str]:
+        """Our names, among tensors read from a checkpoint (name -> shape), that a model of ours does not hold."""
+        return set()
+
+
+@cache
+def _mapper(family: Family, kind: str, layout: str) -> Mapper:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: one of {KINDS}")
+    experts = family.expert_layouts
+    if kind == "dense":
+        layer = family.dense_layer
+    elif kind == "moe":
+        layer = family.moe_layer + experts[layout]
+    else:
+        layer = family.dense_layer + family.moe_layer + tuple(t for table in experts.values() for t in table)
+    return Mapper(family.dense_type, kind, family.top_tensors, layer, family.unused_on_read)

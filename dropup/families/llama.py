@@ -3,21 +3,22 @@
 Config: the shared Llama fields, plus RoPE scaling (Llama 3.1/3.2's `llama3`, or `linear`) and tied embeddings
 (Llama 3.2 1B/3B). `attention_bias` (a bias on q/k/v *and* o) and `mlp_bias` are refused: Mixtral has neither.
 Mixtral saves each expert as `block_sparse_moe.experts.{e}.w1/w3/w2` (gate/up/down) with the router at
-`block_sparse_moe.gate`; in memory transformers 5 fuses them (`mlp.experts.gate_up_proj`, `down_proj`).
+`block_sparse_moe.gate`; in memory transformers 5 stacks them (`mlp.experts.gate_up_proj`, `down_proj`).
 """
 
 from __future__ import annotations
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.families.base import Family
+from dropup.families.base import STACKED, Family, per_expert
 
 
 class Llama(Family):
     dense_type = "llama"
     moe_type = "mixtral"
-    expert_names = ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
-                    "block_sparse_moe.experts.{e}.w2.weight")
-    expert_router = "block_sparse_moe.gate.weight"
+    expert_layouts = {"stacked": STACKED,
+                      "per-expert": per_expert("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
+                                               "block_sparse_moe.experts.{e}.w3.weight",
+                                               "block_sparse_moe.experts.{e}.w2.weight")}
     dense_window_rule = "none"  # LlamaAttention has no window: a stray sliding_window key is ignored
     moe_window_rule = "all"  # Mixtral: config.sliding_window on every layer
 

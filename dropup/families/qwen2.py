@@ -15,15 +15,16 @@ from __future__ import annotations
 import torch
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.families.base import Family
+from dropup.families.base import ATTENTION, SHARED_EXPERT, STACKED, Family, per_expert
 
 
 class Qwen2(Family):
     dense_type = "qwen2"
     moe_type = "qwen2_moe"
-    expert_names = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
-                    "mlp.experts.{e}.down_proj.weight")
-    expert_router = "mlp.gate.weight"
+    moe_layer = ATTENTION + SHARED_EXPERT
+    expert_layouts = {"stacked": STACKED,
+                      "per-expert": per_expert("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight",
+                                               "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")}
     holds_shared_expert = True
 
     dense_window_rule = "layer_types"  # the window on the layers layer_types names (derived from max_window_layers)
@@ -82,6 +83,12 @@ class Qwen2(Family):
                 prefix + "shared_expert.up_proj.weight": torch.zeros(0, d, dtype=dtype),
                 prefix + "shared_expert.down_proj.weight": torch.zeros(d, 0, dtype=dtype),
                 prefix + "shared_expert_gate.weight": torch.zeros(1, d, dtype=dtype)}
+
+    def unused_on_read(self, shapes: dict[str, tuple[int, ...]]) -> set[str]:
+        """The size-0 shared expert of a Qwen2-MoE without one, and its gate (`extra_moe_tensors` writes them)."""
+        empty = {name.split(".ffn.", 1)[0] for name, shape in shapes.items()
+                 if ".ffn.shared_expert." in name and 0 in shape}
+        return {name for name in shapes if ".ffn.shared_expert" in name and name.split(".ffn.", 1)[0] in empty}
 
 
 FAMILY = Qwen2()

@@ -10,6 +10,7 @@ Qwen2-MoE's.
 from __future__ import annotations
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
+from dropup.families.base import ATTENTION
 from dropup.families.qwen2 import Qwen2
 
 
@@ -33,6 +34,7 @@ class Qwen3(Qwen2):
         return {"attention_bias": False}
 
     holds_shared_expert = False
+    moe_layer = ATTENTION  # no shared expert
 
     def extra_moe_tensors(self, layer, model, moe, dtype):
         return {}  # Qwen3-MoE has no shared expert

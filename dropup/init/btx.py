@@ -1,6 +1,7 @@
 """Branch-Train-MiX (BTX, Sukhbaatar et al. 2024) from N dense models (the paper: the seed and three domain
 branches, N = 4, E = 8). Expert e copies the FFN of model floor(e N / E) (each FFN appears E/N times); every
-non-FFN tensor is the unweighted mean of the N models' tensors; the router is new."""
+non-FFN tensor is the unweighted mean of the N models' tensors; the router is new. Its experts are copies (no
+neuron re-drawn), but of several models, with averaged attention: not any one dense function (`dense_order` None)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dropup.init.base import InitStrategy
 @dataclass
 class BranchTrainMix(InitStrategy):
     name: ClassVar[str] = "btx"
+    label: ClassVar[str] = "BTX"
+    table_rank: ClassVar[int] = 2
     min_sources: ClassVar[int] = 2
     max_sources: ClassVar[int | None] = None
 

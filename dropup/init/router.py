@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dropup.config import ConfigError
-from dropup.init import rng
+from dropup import rng
 
 DEFAULT = "uniform:0.0346"
 # Table 8's five variants, in the paper's row order.

@@ -2,7 +2,8 @@
 paper, section 4: "the same initialization as the dense models" for all parameters), every RMSNorm gain = 1. The
 router is a weight matrix like the others: N(0, 0.02^2) by default (`normal:0.02`), not the upcycling inits'
 U(-0.0346, 0.0346), which has the same std but another distribution. Each tensor (and each expert's
-W_gate, W_up, W_down) has its own seeded generator, so dense and MoE scratch models are reproducible by name."""
+W_gate, W_up, W_down) has its own seeded generator, so dense and MoE scratch models are reproducible by name.
+Every neuron is drawn (`redrawn_neurons`: all of them); no dense function is kept."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import ClassVar
 import torch
 
 from dropup.config import ModelConfig
-from dropup.init import rng
-from dropup.init.base import ExpertKey, InitStrategy, dense_shapes
+from dropup import rng
+from dropup.init.base import ExpertKey, InitStrategy, Option
+from dropup.init.shapes import dense_shapes
 
 ROUTER = "normal:0.02"
 
@@ -37,8 +39,19 @@ class Scratch(InitStrategy):
     router: str = ROUTER
 
     name: ClassVar[str] = "scratch"
+    label: ClassVar[str] = "FS"
+    table_rank: ClassVar[int] = 1
     min_sources: ClassVar[int] = 0
     max_sources: ClassVar[int | None] = 0
+    options: ClassVar[tuple[Option, ...]] = InitStrategy.options + (
+        Option("std", float, "standard deviation of every weight matrix (run.py only)"),)
+
+    def redrawn_neurons(self, d_f: int, key: ExpertKey) -> dict[str, torch.Tensor]:
+        every = torch.arange(d_f)
+        return {"gate": every, "up": every, "down": every}
+
+    def redrawn_count(self, d_f: int) -> int:
+        return d_f
 
     def expert(self, gate_FD, up_FD, down_DF, key: ExpertKey):
         return tuple(
@@ -46,5 +59,5 @@ class Scratch(InitStrategy):
             for w, tensor in ((gate_FD, "gate"), (up_FD, "up"), (down_DF, "down"))
         )
 
-    def shared(self, name, tensors, shape, dtype, seed):
+    def non_expert(self, name, tensors, shape, dtype, seed):
         return scratch_tensor(name, shape, self.std, seed)

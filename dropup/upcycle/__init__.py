@@ -1,5 +1,5 @@
-"""dropup-upcycle: turn dense Hugging Face checkpoints into the matching MoE family (DESIGN contract 4): Llama and
-Mistral into Mixtral, Qwen2/2.5 into Qwen2-MoE, Qwen3 into Qwen3-MoE (`dropup.families`).
+"""dropup-upcycle: turn dense Hugging Face checkpoints into the matching MoE family (docs/design.md, contract 4),
+for every family `dropup.families` registers (`python -m dropup.families` prints the table; docs/converter.md).
 
     dropup-upcycle --dense llama-3.7b --out mixtral-8x3.7b --init drop --ratio 0.5
 
@@ -25,7 +25,8 @@ if "torch" not in sys.modules:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from dropup.upcycle.cli import build_parser, main, summary
-from dropup.upcycle.common import INDEX, MANIFEST, PROGRESS, UpcycleError
+from dropup.shards import INDEX
+from dropup.upcycle.common import MANIFEST, PROGRESS, UpcycleError
 from dropup.upcycle.convert import upcycle
 from dropup.upcycle.inputs import open_dense
 from dropup.upcycle.plan import make_strategy, plan_job

@@ -7,14 +7,16 @@ import re
 import sys
 from pathlib import Path
 
-
+from dropup import families
 from dropup.config import ConfigError
 from dropup.flops import human_count
 from dropup.hf import LAYOUTS
-from dropup.init import STRATEGIES
+from dropup.init.base import Option
+from dropup.init.registry import cli_options, converter_strategies
 from dropup.shards import PlanError
 from dropup.upcycle.common import DTYPES, MANIFEST, UpcycleError, human_bytes
 from dropup.upcycle.convert import Result, upcycle
+from dropup.upcycle.plan import normalize_layout, option_dest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,30 +36,55 @@ def parse_size(text: str) -> int:
     return int(number * scale)
 
 
+def _layout(text: str) -> str:
+    layout = normalize_layout(text)
+    if layout not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(LAYOUTS)}; fused = stacked)")
+    return layout
+
+
+def _defaults(option: Option, takers: list[str]) -> str:
+    """'default X' (and 'Y for --init Z' where a strategy's default differs) from the strategies' own defaults."""
+    strategies = converter_strategies()
+    by_value: dict = {}
+    for name in takers:
+        by_value.setdefault(strategies[name].defaults()[option.name], []).append(name)
+    (common, _), *others = sorted(by_value.items(), key=lambda item: -len(item[1]))
+    return "; ".join([f"default {common}"] + [f"{value} for --init {' and '.join(names)}" for value, names in others])
+
+
+def add_strategy_option(p: argparse.ArgumentParser, option: Option, takers: list[str]) -> None:
+    """One registry option as a flag: unset (None) unless given, so the strategy's own default applies."""
+    applies = "" if set(takers) == set(converter_strategies()) else f"{', '.join(takers)}: "
+    if option.type is bool:
+        p.add_argument(option.flag, dest=option_dest(option), action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{applies}{option.help}")
+        return
+    choices = None
+    if option.choices is not None:
+        choices = [c.replace("_", "-") for c in option.choices] + [alias for alias, _ in option.aliases]
+    p.add_argument(option.flag, dest=option_dest(option), type=option.type, choices=choices, default=None,
+                   help=f"{applies}{option.help} ({_defaults(option, takers)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="dropup-upcycle",
-        description="Upcycle dense Hugging Face checkpoints (safetensors) into the matching MoE family: Llama, "
-                    "Mistral -> Mixtral; Qwen2 -> Qwen2-MoE; Qwen3 -> Qwen3-MoE.",
+        description="Upcycle dense Hugging Face checkpoints (safetensors) into the matching MoE family: "
+                    f"{families.supported()}.",
     )
     p.add_argument("--dense", action="append", required=True, type=Path, metavar="DIR",
                    help="HF directory of a supported family (config.json + safetensors) or dropup run directory; "
                         "repeat for btx")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output directory (the HF MoE family of the input)")
-    p.add_argument("--init", required=True, choices=sorted(STRATEGIES), help="how experts are initialized")
-    p.add_argument("--ratio", type=float, help="re-initialized share of d_ff per expert (drop, noise; default 0.5)")
+    p.add_argument("--init", required=True, choices=sorted(converter_strategies()), help="how experts are initialized")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--index-mode", choices=("shared", "per-matrix"),
-                   help="drop/noise: one neuron set for gate/up/down (shared, the paper; default) or one each")
     p.add_argument("--granularity", type=int, default=1,
                    help="split each dense FFN into G narrower experts (fine-grained; default 1)")
-    p.add_argument("--virtual-groups", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --granularity G > 1 (on by default there): the G experts holding one FFN's parts share "
-                        "a router row and W_down is scaled by G, so naive upcycling computes the dense function "
-                        "(needs --top-k a multiple of G); --no-virtual-groups keeps independent rows, which average "
-                        "the parts instead of summing them")
+    for option, takers in cli_options():  # the init strategies' own options (dropup.init.registry)
+        add_strategy_option(p, option, takers)
     p.add_argument("--shared-expert", action="store_true",
                    help="add a shared expert that every token passes through (Qwen2 -> Qwen2-MoE only): the dense FFN "
                         "behind a zero gate, with the routed experts' outputs halved, so naive upcycling still "
@@ -65,14 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-expert-d-ff", type=int, metavar="N",
                    help="the shared expert's width (default: the dense d_ff; wider repeats neurons and keeps the "
                         "function, narrower keeps the first N neurons and does not); implies --shared-expert")
-    p.add_argument("--router-init",
-                   help="uniform:A = U(-A, A), uniform01 = U(0, 1), normal:S = N(0, S^2) (default uniform:0.0346; "
-                        "normal:0.02 for --init scratch, like every other weight matrix)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=("keep", *DTYPES), default="keep",
                    help="output dtype; keep = that of the dense weights (fp32 for scratch) (default keep)")
-    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
-                   help="per-expert (save_pretrained's w1/w2/w3 names; default) or fused (gate_up_proj/down_proj)")
+    p.add_argument("--layout", type=_layout, default="per-expert", metavar="{" + ",".join(LAYOUTS) + "}",
+                   help="per-expert (save_pretrained's w1/w2/w3 names; default) or stacked (gate_up_proj/down_proj; "
+                        "fused is accepted for stacked)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="largest output shard, e.g. 5GB (default), 500MB")
     p.add_argument("--force", action="store_true", help="replace an existing or unfinished output in --out")
@@ -86,8 +111,7 @@ def summary(result: Result) -> str:
     o, params = m["options"], m["params"]
     shared = (f", a shared expert of width {o['shared_expert_d_ff']} beside them (the dense FFN behind a zero gate, "
               "routed outputs halved)" if o.get("shared_expert_d_ff") else "")
-    how = {"drop": f"drop r={o['ratio']} ({o['index_mode']} index sets)", "noise": f"noise r={o['ratio']} "
-           f"(std {o['noise_std']}, {o['index_mode']} index sets)"}.get(o["init"], o["init"])
+    how = result.strategy.describe()
     sources = ", ".join(d["path"] for d in m["dense"])
     if o["granularity"] > 1 and o.get("virtual_groups"):
         shared += (f"; fine-grained experts in virtual groups of {o['granularity']} (one router row per group, "
@@ -95,7 +119,7 @@ def summary(result: Result) -> str:
     elif o["granularity"] > 1:
         shared += "; fine-grained experts WITHOUT virtual groups"
     if result.step0_error is not None and o["granularity"] > 1:
-        exact = o.get("virtual_groups") and (o["init"] == "naive" or o.get("ratio") == 0.0)
+        exact = o.get("virtual_groups") and result.strategy.dense_order(m["moe"]["expert_d_ff"]) is not None
         shared += (f" (step 0: layer 0's MoE output differs from the dense FFN's by {result.step0_error:.2g}, relative"
                    + (": the dense function)" if exact else
                       "; NOT the dense function: the top-k parts are averaged, not summed)"

@@ -10,7 +10,6 @@ import torch
 FORMAT = "dropup-upcycle/1"
 PROGRESS = ".dropup-upcycle-progress.json"
 MANIFEST = "dropup_manifest.json"
-INDEX = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # Files carried over from the (first) dense directory: the tokenizer and generation defaults.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -18,7 +17,6 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "
                  "generation_config.json")
 # Fields of the dense config.json that describe the tokenizer or the context rather than the architecture.
 KEPT_CONFIG_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_LABELS = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
                 torch.float64: "float64"}

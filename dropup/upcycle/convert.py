@@ -8,11 +8,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from dropup.config import ConfigError
 from dropup.hf import hf_output_tensors
-from dropup.init import moe_tensors
-from dropup.init.base import step0_ffn_error
+from dropup.init.base import InitStrategy
+from dropup.init.streaming import moe_tensors, step0_ffn_error
 from dropup.shards import PlannedTensor
 from dropup.upcycle.common import BUILD_THREADS, UpcycleError, _existing_parent, human_bytes
 from dropup.upcycle.output import BackgroundWriter, Progress, prepare_output, write_outputs
@@ -29,6 +28,7 @@ class Result:
     seconds: float
     verify_lines: list[str] = field(default_factory=list)
     step0_error: float | None = None  # fine-grained: layer 0's step-0 MoE output vs the dense FFN (relative)
+    strategy: InitStrategy | None = None  # the init that built it
 
 
 def _progress_bar(console):
@@ -95,7 +95,8 @@ def upcycle(args: argparse.Namespace, console) -> Result:
         stream(job, todo, progress, console)
     _check_consumed(job, progress)
     manifest = write_outputs(job, progress)
-    result = Result(job.out, manifest, needed, len(job.shards) - len(todo), time.perf_counter() - started)
+    result = Result(job.out, manifest, needed, len(job.shards) - len(todo), time.perf_counter() - started,
+                    strategy=job.strategy)
     if job.moe.granularity > 1 and len(job.readers) == 1:
         result.step0_error = step0_ffn_error(job.strategy, job.readers, job.model, job.moe, job.options["seed"])
     if args.verify:

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from dropup import families
 from dropup.config import ConfigError, ModelConfig
-from dropup.hf import read_hf_config, renamed_from_hf
-from dropup.init.base import dense_shapes
-from dropup.shards import CheckpointReader, scan
-from dropup.upcycle.common import CARRIED_FILES, INDEX, KEPT_CONFIG_FIELDS, PICKLED
+from dropup.families.mapping import Unplaced
+from dropup.hf import read_hf_config
+from dropup.init.shapes import dense_shapes
+from dropup.shards import Assembled, CheckpointReader, Stored, paths_of, scan, scan_hf_dir
+from dropup.upcycle.common import CARRIED_FILES, KEPT_CONFIG_FIELDS
 
 
 @dataclass
@@ -21,7 +23,7 @@ class Dense:
     path: Path
     kind: str  # "hf" or "run"
     model: ModelConfig
-    tensors: dict  # our name -> shards.Stored
+    tensors: dict  # our name -> shards.Stored, or shards.Assembled (rows of stored tensors: a fused tensor's part)
     config_fields: dict = field(default_factory=dict)
     carried: list[Path] = field(default_factory=list)
 
@@ -30,7 +32,7 @@ class Dense:
 
     def identity(self) -> dict:
         """What the progress file compares to tell whether a re-run converts the same input."""
-        files = sorted({s.path for s in self.tensors.values()})
+        files = sorted(set().union(*(paths_of(s) for s in self.tensors.values())))
         return {"path": str(self.path), "kind": self.kind,
                 "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
@@ -48,47 +50,6 @@ def open_dense(path: Path) -> Dense:
                       "(dropup run): it is not a model directory")
 
 
-def _weight_files(path: Path) -> tuple[list[Path], dict | None]:
-    """The safetensors files of an HF directory and its index's weight map (None when unsharded)."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(f"{index} is not a safetensors index ({err}): re-save the model") from None
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ConfigError(f"{path}: shard {missing[0]} listed in {INDEX} is missing: copy the complete "
-                              "checkpoint (all shards)")
-        return [path / f for f in files], weight_map
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"], None
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        return files, None
-    if any(next(path.glob(pattern), None) for pattern in PICKLED):
-        raise ConfigError(f"{path} holds only pickled weights (.bin/.pt), which dropup never unpickles: re-save "
-                          "the model with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)")
-    raise ConfigError(f"{path} has no *.safetensors weights")
-
-
-def scan_hf_dir(path: Path) -> dict:
-    """The tensors of an HF directory (HF name -> shards.Stored), read through its index where it has one, so a
-    stray copy or adapter file beside the shards is never merged in; the index and the shards must agree."""
-    files, weight_map = _weight_files(path)
-    stored = scan(files)
-    if weight_map is not None:
-        for name, entry in stored.items():
-            if weight_map.get(name) != entry.path.name:
-                raise ConfigError(f"{path}: tensor {name} is in {entry.path.name} but {INDEX} says "
-                                  f"{weight_map.get(name)}: the checkpoint is inconsistent; re-save it")
-        absent = sorted(set(weight_map) - set(stored))
-        if absent:
-            raise ConfigError(f"{path}: tensor {absent[0]} listed in {INDEX} is in none of the shards")
-    return stored
-
-
 def _open_hf(path: Path) -> Dense:
     config, model, moe = read_hf_config(path)
     if moe.enabled:
@@ -97,7 +58,7 @@ def _open_hf(path: Path) -> Dense:
     stored = scan_hf_dir(path)
     if model.tie_embeddings:  # transformers ties lm_head at load: a stored copy is redundant (and not ours)
         stored.pop("lm_head.weight", None)
-    return Dense(path, "hf", model, _as_dense_names(model, stored, rename=lambda n: renamed_from_hf(n, model.family)),
+    return Dense(path, "hf", model, _as_dense_names(model, stored, mapped=True),
                  config_fields={k: config[k] for k in KEPT_CONFIG_FIELDS if config.get(k) is not None},
                  carried=[path / f for f in CARRIED_FILES if (path / f).is_file()])
 
@@ -127,19 +88,29 @@ def _open_run(path: Path) -> Dense:
     if moe_enabled:
         raise ConfigError(f"--dense {path} is an MoE run: upcycling starts from a dense model")
     stored = scan([path / "model.safetensors"])
-    return Dense(path, "run", model, _as_dense_names(model, stored, rename=lambda name: name))
+    return Dense(path, "run", model, _as_dense_names(model, stored, mapped=False))
 
 
-def _as_dense_names(model: ModelConfig, stored: dict, rename) -> dict:
-    """Stored tensors under our names; a tensor with no place in a dense model of `model` is an error."""
+def _as_dense_names(model: ModelConfig, stored: dict[str, Stored], mapped: bool) -> dict[str, Stored | Assembled]:
+    """Stored tensors under our names, through the family's tensor mapping where `mapped` (HF names; a fused
+    tensor's parts become row ranges of it) or as they are (a dropup run); a tensor with no place in a dense model
+    of `model` is an error."""
     expected = dense_shapes(model)
-    tensors = {}
-    for name, entry in stored.items():
-        ours = rename(name)
+
+    def stray(name: str) -> ConfigError:
+        return ConfigError(f"{stored[name].path}: tensor {name} is not part of a dense {model.family} model of this "
+                           "config: remove stray files (adapters, other checkpoints) from the directory")
+
+    if not mapped:
+        tensors = dict(stored)
+    else:
+        try:
+            tensors = families.family(model.family).mapper("dense").sources(stored, expected)
+        except Unplaced as err:
+            raise stray(err.name) from None
+    for ours, entry in tensors.items():
         if ours not in expected:
-            raise ConfigError(f"{entry.path}: tensor {name} is not part of a dense {model.family} model of this "
-                              "config: remove stray files (adapters, other checkpoints) from the directory")
-        tensors[ours] = entry
+            raise stray(entry.pieces[0].stored.name if isinstance(entry, Assembled) else entry.name)
     return tensors
 
 

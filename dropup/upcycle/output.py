@@ -20,11 +20,11 @@ from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig
 from dropup.flops import param_counts
 from dropup.hf import causal_lm_class, hf_config
-from dropup.init.base import ExpertKey, reinit_count
-from dropup.shards import PARTIAL_SUFFIX, ShardWriter, atomic_write, file_digests, fsync_dir
-from dropup.upcycle.common import (CARRIED_FILES, DTYPE_LABELS, FORMAT, INDEX, MANIFEST, PROGRESS, SHARD_NAME,
+from dropup.init.base import ExpertKey
+from dropup.shards import INDEX, PARTIAL_SUFFIX, ShardWriter, atomic_write, file_digests, fsync_dir
+from dropup.upcycle.common import (CARRIED_FILES, DTYPE_LABELS, FORMAT, MANIFEST, PROGRESS, SHARD_NAME,
                                    UpcycleError)
-from dropup.upcycle.plan import Job, Shard
+from dropup.upcycle.plan import Job, Shard, normalize_recorded
 
 
 # --------------------------------------------------------------------------------------------- output state
@@ -48,7 +48,7 @@ class Progress:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(out, data["options"], data["consumed"], data["shards"])
+            return cls(out, normalize_recorded(data["options"]), data["consumed"], data["shards"])
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path} is unreadable ({err}): pass --force to start the conversion over") from None
 
@@ -242,26 +242,25 @@ def _bitmask(indices: torch.Tensor, size: int) -> str:
 
 
 def reinitialized_sets(strategy, model: ModelConfig, moe: MoEConfig, seed: int) -> dict | None:
-    """Drop/noise: the neuron sets S of every (layer, expert[, matrix]), from the strategy's own `indices`."""
-    if not hasattr(strategy, "indices"):
+    """The neuron sets S of every (layer, expert[, matrix]) of a strategy that draws them (drop, noise), from its
+    own `redrawn_neurons`; None for the others."""
+    if not strategy.records_neuron_sets:
         return None
     d_f = moe.expert_d_ff(model)
-    shared = strategy.index_mode == "shared"
     layers = []
     for layer in range(model.n_layers):
         experts = []
         for e in range(moe.num_experts):
-            idx = strategy.indices(d_f, ExpertKey(seed, layer, e))
-            experts.append({"gate_up_down": _bitmask(idx["gate"], d_f)} if shared
+            idx = strategy.redrawn_neurons(d_f, ExpertKey(seed, layer, e))
+            experts.append({"gate_up_down": _bitmask(idx["gate"], d_f)} if strategy.one_neuron_set
                            else {m: _bitmask(idx[m], d_f) for m in ("gate", "up", "down")})
         layers.append(experts)
     return {
         "rule": "per (layer, expert): |S| = floor(ratio * d_f) expert neurons; gate/up rows and down columns in S "
-                "were " + ("redrawn from N(mean, std^2) of the dense sub-block" if strategy.name == "drop"
-                           else f"given added N(0, {strategy.std}^2) noise"),
-        "count": reinit_count(strategy.ratio, d_f),
+                f"were {strategy.neuron_rule}",
+        "count": strategy.redrawn_count(d_f),
         "d_f": d_f,
-        "index_mode": strategy.index_mode,
+        "index_mode": strategy.option_values().get("index_mode"),
         "encoding": "layers[layer][expert][matrix] = base64 of a little-endian bitmask over the d_f neurons "
                     "(bit i of byte i // 8 set = neuron i in S); gate_up_down = one set for all three",
         "layers": layers,

@@ -13,27 +13,45 @@ import torch
 
 from dropup import families
 from dropup.config import ConfigError, ModelConfig, MoEConfig, check_pair
-from dropup.hf import hf_output_tensors
-from dropup.init import STRATEGIES, InitStrategy
-from dropup.init.base import check_sources, moe_shapes
+from dropup.hf import LAYOUT_ALIASES, hf_output_tensors
+from dropup.init.base import InitStrategy, Option
+from dropup.init.registry import STRATEGIES, cli_options, normalize_options
+from dropup.init.shapes import check_sources, moe_shapes
 from dropup.shards import CheckpointReader, PlannedTensor
 from dropup.upcycle.common import DTYPE_LABELS, DTYPES
 from dropup.upcycle.inputs import Dense, _same_architecture, open_dense
 
 
 def make_strategy(args: argparse.Namespace) -> InitStrategy:
-    """The init strategy the options describe; options that do not apply to it are errors, not ignored."""
-    kwargs: dict = {"router": args.router_init} if args.router_init else {}
-    if getattr(args, "virtual_groups", None) is not None:
-        kwargs["virtual_groups"] = args.virtual_groups
-    if args.init in ("drop", "noise"):
-        kwargs["ratio"] = 0.5 if args.ratio is None else args.ratio
-        kwargs["index_mode"] = args.index_mode or "shared"
-    else:
-        for flag, value in (("--ratio", args.ratio), ("--index-mode", args.index_mode)):
-            if value is not None:
-                raise ConfigError(f"{flag} applies to --init drop and noise only, not --init {args.init}: drop it")
-    return STRATEGIES[args.init](**kwargs)
+    """The init strategy the options describe (each option the registry's: `cli_options`); an option that does not
+    apply to it is an error, not ignored."""
+    cls = STRATEGIES[args.init]
+    kwargs: dict = {}
+    for option, takers in cli_options():
+        value = getattr(args, option_dest(option), None)
+        if value is None:
+            continue
+        if args.init not in takers:
+            raise ConfigError(f"{option.flag} applies to --init {' and '.join(takers)} only, not --init {args.init}: "
+                              "drop it")
+        kwargs[option.name] = value
+    return cls(**kwargs)
+
+
+def normalize_layout(layout: str) -> str:
+    """An expert layout by its current name ("fused", stacked's older name, is read as "stacked")."""
+    return LAYOUT_ALIASES.get(layout, layout)
+
+
+def normalize_recorded(options: dict) -> dict:
+    """Recorded conversion options in today's spelling (an index mode or layout under its older name)."""
+    options = normalize_options(options.get("init"), options)
+    return {**options, "layout": normalize_layout(options["layout"])} if "layout" in options else options
+
+
+def option_dest(option: Option) -> str:
+    """The argparse attribute of a registry option."""
+    return option.flag.removeprefix("--").replace("-", "_")
 
 
 @dataclass
@@ -88,8 +106,8 @@ class Job:
 def plan_job(args: argparse.Namespace) -> Job:
     """Check every input and option, and plan every output tensor; reads headers only, writes nothing."""
     strategy = make_strategy(args)
-    if args.init == "scratch" and len(args.dense) != 1:
-        raise ConfigError("--init scratch reads only the architecture (config.json) of one --dense directory")
+    if not strategy.reads_dense and len(args.dense) != 1:
+        raise ConfigError(f"--init {args.init} reads only the architecture (config.json) of one --dense directory")
     inputs = [open_dense(p) for p in args.dense]
     model = _same_architecture(inputs)
     shared_d_ff = 0
@@ -110,7 +128,7 @@ def plan_job(args: argparse.Namespace) -> Job:
                                  ("drop the shared expert", "drop --shared-expert"), (" / model.family=qwen2", "")):
             message = message.replace(field_name, flag)
         raise ConfigError(message) from None
-    readers = [] if args.init == "scratch" else [d.reader() for d in inputs]
+    readers = [d.reader() for d in inputs] if strategy.reads_dense else []
     try:
         strategy.validate(len(readers), moe)
     except ConfigError as err:
@@ -129,13 +147,16 @@ def plan_job(args: argparse.Namespace) -> Job:
     for d in inputs:
         if out == d.path or out.is_relative_to(d.path) or d.path.is_relative_to(out):
             raise ConfigError(f"--out {out} overlaps --dense {d.path}: write the MoE to a directory of its own")
+    values = strategy.option_values()
     options = {
-        "init": args.init, "ratio": strategy.ratio_value if args.init in ("drop", "noise") else None,
-        "index_mode": getattr(strategy, "index_mode", None), "noise_std": getattr(strategy, "std", None),
+        "init": args.init, "ratio": strategy.ratio_value if "ratio" in values else None,
+        "index_mode": values.get("index_mode"), "noise_std": values.get("std"),
         "experts": moe.num_experts, "top_k": moe.top_k, "granularity": moe.granularity,
         "shared_expert_d_ff": moe.shared_expert_d_ff, "virtual_groups": strategy.uses_virtual_groups(moe),
         "router_init": strategy.router, "seed": args.seed, "dtype": DTYPE_LABELS[dtype], "layout": args.layout,
         "shard_size": args.shard_size, "dense": [d.identity() for d in inputs],
+        # only when set, so a conversion recorded before the flag existed resumes with the same options
+        **({"shuffle": True} if values.get("shuffle") else {}),
     }
     return Job(strategy, inputs, readers, model, moe, dtype,
                plan_shards(model, moe, args.layout, dtype, args.shard_size), options, out)
