@@ -52,8 +52,8 @@ class ModelConfig:
     """
 
     name: str = "custom"
-    # the Hugging Face family this architecture is written as (dropup.families: llama, mistral, qwen2, qwen3);
-    # an MoE is written as the MoE family it becomes (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    # the Hugging Face family this architecture is written as (`python -m dropup.families` lists them); an MoE is
+    # written as the MoE family it becomes (Mixtral, Qwen2-MoE, ...)
     family: str = "llama"
     vocab_size: int = 8192
     n_layers: int = 4
