@@ -57,8 +57,13 @@ def resolve(name: str) -> str | None:
 
 def imports_of(path: Path) -> list[tuple[str, bool, int]]:
     """(imported project module, inside a function, line) for every import in `path`."""
-    tree = ast.parse(path.read_text())
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> list[tuple[str, bool, int]]:
+    """`imports_of` for the source of `module`."""
+    tree = ast.parse(source)
+    package = module if is_package else module.rpartition(".")[0]
     found: list[tuple[str, bool, int]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
@@ -77,7 +82,7 @@ def imports_of(path: Path) -> list[tuple[str, bool, int]]:
                 names = [child.args[0].value]
             for name in names:
                 target = resolve(name)
-                if target is not None and target != module_name(path):
+                if target is not None and target != module:
                     found.append((target, in_function, child.lineno))
             visit(child, nested)
 
@@ -128,11 +133,14 @@ def test_no_import_cycle_counting_imports_inside_functions():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_find_cycle_finds_a_loop_hidden_in_a_function():
+def test_the_reader_sees_imports_hidden_in_functions_and_import_module():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    hidden = ast.parse("def f():\n    from dropup import train\n")
-    assert isinstance(hidden.body[0].body[0], ast.ImportFrom)  # what imports_of walks into
+    source = ("import json\nfrom dropup.config import ConfigError\n\n\ndef f():\n    from dropup import train\n"
+              "    return importlib.import_module('dropup.stages')\n")
+    assert imports_in(source, "dropup.model") == [("dropup.config", False, 2), ("dropup.train", True, 6),
+                                                  ("dropup.stages", True, 7)]
+    assert imports_in("from . import loader\n", "dropup.data", is_package=True) == [("dropup.data.loader", False, 1)]
 
 
 def test_few_own_module_imports_hide_inside_functions():
