@@ -122,7 +122,12 @@ def _quiet_lightning() -> None:
     """Route Lightning's messages through the root logger only (Hydra's console and run log), once, without ads."""
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).handlers.clear()
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            # imported before Hydra configured logging (run.py imports the trainer at start), Lightning gave its
+            # loggers their own console handler and stopped them propagating: without this its messages (the
+            # ranks joining, ...) would reach neither Hydra's run log nor its console
+            logger.propagate = True
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(getattr(f, "drops_ads", False) for f in rank_zero.filters):
         ads = lambda record: "litlogger" not in record.getMessage().lower()  # noqa: E731
