@@ -40,11 +40,17 @@ EXPERT_DIM_PARAMS = ("w_gate_up", "w_down", "router.weight")  # dim 0 indexes th
 
 
 def shard_model(model: nn.Module, mesh, bf16: bool) -> None:
-    """Apply FSDP2 to our `Transformer` in place: one unit per block, then the root."""
+    """Apply FSDP2 to our `Transformer` in place: one unit per block, then the root. The model may be on the meta
+    device (then only the shards' shapes exist; `dropup.init.producer.materialize` fills them).
+
+    The experts and routers are sharded along dim 1 where the ranks divide it: FSDP2 pads uneven shards along
+    dim 0 only, so a dim 1 the ranks do not divide (e.g. 3 ranks) falls back to dim 0, and any rank count works."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
-    expert_dim = {id(p) for name, p in model.named_parameters() if name.endswith(EXPERT_DIM_PARAMS)}
+    ranks = mesh.size()
+    expert_dim = {id(p) for name, p in model.named_parameters()
+                  if name.endswith(EXPERT_DIM_PARAMS) and p.shape[1] % ranks == 0}
 
     def placement(param: nn.Parameter):
         return Shard(1) if id(param) in expert_dim else Shard(0)

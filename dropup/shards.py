@@ -13,11 +13,13 @@ shape and dtype is known before any value is computed, the header goes first and
 as soon as the tensor exists -- no shard is ever assembled in memory (safetensors' own `save_file` needs the whole
 dict, and copies it once more to serialize). The file is built under a temporary name, past the page cache where
 the file system allows (`DirectFile`), and renamed into place after an fsync, so a file with the final name is
-always complete.
+always complete. `write_safetensors` uses it to write the very bytes safetensors' `save_file` would (its tensor
+order and header), one tensor in memory at a time: a run's final weights, the consolidation of a sharded checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -34,7 +36,14 @@ from safetensors import SafetensorError, safe_open
 from dropup.config import ConfigError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# every dtype safetensors stores, in the order its `save_file` lays tensors out: by its dtype enum, descending
+# (widest first), then by name
+SAVE_ORDER = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
+              torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+DTYPE_NAMES = {**SAVE_ORDER, **{v: k for k, v in DTYPES.items()}}
+HF_METADATA = {"format": "pt"}  # what transformers' save_pretrained (and our converter) put in the header
 PARTIAL_SUFFIX = ".partial"
 INDEX = "model.safetensors.index.json"  # a sharded checkpoint's weight map
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # weights dropup never unpickles
@@ -215,22 +224,23 @@ class PlannedTensor:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def header_bytes(tensors: list[PlannedTensor]) -> bytes:
-    """The safetensors header of a file holding `tensors` in this order (8-byte length, JSON, space padding)."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+def header_bytes(tensors: list[PlannedTensor], metadata: dict | None = HF_METADATA) -> bytes:
+    """The safetensors header of a file holding `tensors` in this order (8-byte length, JSON, space padding);
+    `metadata` None: no `__metadata__` entry (what `save_file` writes without metadata)."""
+    header: dict = {} if metadata is None else {"__metadata__": metadata}
     offset = 0
     for t in tensors:
         header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # as safetensors' serializer
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (little-endian, as safetensors stores it)."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def digest_of(header: bytes, tensor_digests: list[str]) -> str:
@@ -312,11 +322,13 @@ class DirectFile:
 class ShardWriter:
     """Writes the planned `tensors` to `path` in order: header first, each tensor's bytes as they arrive."""
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], direct: bool = True):
+    def __init__(self, path: Path, tensors: list[PlannedTensor], direct: bool = True,
+                 metadata: dict | None = HF_METADATA, hashed: bool = True):
         self.path = Path(path)
         self.tensors = tensors
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self.header = header_bytes(tensors)
+        self.header = header_bytes(tensors, metadata)
+        self.hashed = hashed  # False: no sha256 per tensor (the digests are empty)
         self.digests: list[str] = []
         self._file = DirectFile(self.partial, direct)
         self._file.write(self.header)
@@ -335,7 +347,7 @@ class ShardWriter:
                             f"but {name} {tuple(tensor.shape)} {tensor.dtype} came: an output tensor was never "
                             "produced or changed shape (a bug); the output is not marked complete")
         data = tensor_bytes(tensor)
-        self.digests.append(hashlib.sha256(data).hexdigest())
+        self.digests.append(hashlib.sha256(data).hexdigest() if self.hashed else "")
         self._file.write(data)
         return self.digests[-1]
 
@@ -352,6 +364,32 @@ class ShardWriter:
     def abandon(self) -> None:
         """Close without finishing (the .partial file stays; a resumed run rewrites it)."""
         self._file.close(sync=False)
+
+
+def save_file_order(metas: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> list[PlannedTensor]:
+    """name -> (shape, dtype) as the tensors of the file safetensors' `save_file` writes, in its order."""
+    order = list(SAVE_ORDER)
+    return [PlannedTensor(name, tuple(shape), dtype)
+            for name, (shape, dtype) in sorted(metas.items(), key=lambda kv: (order.index(kv[1][1]), kv[0]))]
+
+
+def write_safetensors(path: Path, metas: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensor_of: Callable[[str], torch.Tensor], metadata: dict | None = None,
+                      direct: bool = True) -> Path:
+    """Write `path` with the bytes `save_file({name: tensor_of(name)}, path, metadata)` writes, asking `tensor_of`
+    for each tensor only when its turn comes (in `save_file_order`), so one tensor is held at a time, not the
+    file. Written under a temporary name, fsynced and renamed: a file with the final name is complete."""
+    writer = ShardWriter(path, save_file_order(metas), direct=direct, metadata=metadata, hashed=False)
+    try:
+        for planned in writer.tensors:
+            writer.write(planned.name, tensor_of(planned.name))
+        writer.finish()
+    except BaseException:
+        with contextlib.suppress(OSError):  # closed already if the rename failed
+            writer.abandon()
+        writer.partial.unlink(missing_ok=True)
+        raise
+    return Path(path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -277,6 +277,8 @@ def test_ddp_on_cpu_matches_one_process(tmp_path, store):
     assert results["status"] == "completed"
     assert results["metrics"]["val_loss"] == pytest.approx(single["metrics"]["val_loss"], abs=1e-3)
     assert [r["step"] for r in rows(tmp_path / "ddp")] == [r["step"] for r in rows(tmp_path / "single")]
+    # Lightning's own messages reach Hydra's run log (run.py imports Lightning before Hydra sets up logging)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in (tmp_path / "ddp" / "run.log").read_text()
 
 
 def _hf_dir(tmp_path, store, moe: bool):
