@@ -108,12 +108,14 @@ test-slow: install ## the slow tests too
 	$(PY) -m pytest -q -m "slow"
 
 MOE_SHAPE = --tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2
-bench: install ## MoE layer vs transformers vs the ideal GEMM (bf16 where native, fp32), the fallbacks, MoE vs dense step
+bench: install ## MoE layer vs transformers vs the ideal GEMM (bf16 where native, fp32), the fallbacks, MoE vs dense step, init memory
 	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype bf16
 	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype fp32
 	@echo "# where no grouped GEMM runs: the alternatives, uneven loads (skew 1: busiest expert ~1.9x the mean)"
 	$(PY) benchmarks/moe_layer.py $(MOE_SHAPE) --dtype fp32 --skew 1 --also sliced,padded,loop --reps 8
 	$(PY) benchmarks/train_step.py --model small --moe mixtral --compare-dense
+	@echo "# host memory from start to the first step, upcycling into FSDP shards on 1, 2, 4 CPU ranks (0.4 GiB MoE)"
+	$(PY) benchmarks/init_memory.py --ranks 1,2,4 --d-model 256 --d-ff 1024
 
 gpu-wheels: install ## the wheels benchmarks/gpu.sh needs on the GPU image (hydra-core, omegaconf), into .whl/ (Python 3.12)
 	mkdir -p .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

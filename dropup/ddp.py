@@ -63,18 +63,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path, devices: int, resume: bool) -> list[subprocess.Popen]:
-    """Start ranks 1..devices-1 on `cfg` (rank 0 is this process) and set this process's rank-0 environment."""
+def launch_workers(cfg: DictConfig, run_dir: Path, devices: int, resume: bool,
+                   extra: dict | None = None) -> list[subprocess.Popen]:
+    """Start ranks 1..devices-1 on `cfg` plus the `extra` keys (rank 0 is this process) and set this process's
+    rank-0 environment."""
     config_path = run_dir / "ddp_config.yaml"
     worker_cfg = OmegaConf.to_container(cfg, resolve=True)
-    worker_cfg.update(run_dir=str(run_dir), resume=resume)
+    worker_cfg.update(run_dir=str(run_dir), resume=resume, **(extra or {}))
     OmegaConf.save(OmegaConf.create(worker_cfg), config_path)
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(devices),
-           "NODE_RANK": "0"}
+    env = rank_environment(devices)
     os.environ.update(env, LOCAL_RANK="0", RANK="0")
-    return [subprocess.Popen([sys.executable, "-m", "dropup.train", str(config_path)],
-                             env={**os.environ, **env, "LOCAL_RANK": str(rank), "RANK": str(rank)})
-            for rank in range(1, devices)]
+    return start_ranks([sys.executable, "-m", "dropup.train", str(config_path)], env, range(1, devices))
+
+
+def rank_environment(devices: int) -> dict[str, str]:
+    """The torch.distributed environment of `devices` ranks on this node (a free port on the loopback)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(devices),
+            "NODE_RANK": "0"}
+
+
+def start_ranks(command: list[str], env: dict[str, str], ranks, **popen) -> list[subprocess.Popen]:
+    """Run `command` once per rank in `ranks`, each with `env` and its RANK / LOCAL_RANK."""
+    return [subprocess.Popen(command, env={**os.environ, **env, "LOCAL_RANK": str(rank), "RANK": str(rank)}, **popen)
+            for rank in ranks]
 
 
 def wait_workers(workers: list[subprocess.Popen]) -> None:
@@ -93,8 +104,9 @@ def _announcement(run_dir: Path, launch: str) -> Path:
 
 def announce(run_dir: Path, launch: str, resume: bool | None = None, error: str | None = None,
              config: dict | None = None) -> None:
-    """Rank 0, externally launched: tell the other ranks to start (resuming or from initial.safetensors) on its
-    resolved `config`, or that the run failed before training and they should stop."""
+    """Rank 0, externally launched: tell the other ranks to start (resuming, from initial.safetensors, or under
+    trainer=fsdp from the models its `config` names) on its resolved `config`, or that the run failed before
+    training and they should stop."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(_announcement(run_dir, launch), {"resume": resume, "error": error, "config": config})
 

@@ -25,6 +25,8 @@ from dropup.data import DATA_STREAM_VERSION, preparation_identity
 from dropup.ddp import external_launch
 from dropup.flops import human_count, param_counts
 from dropup.hf import from_hf, read_hf_config
+from dropup.init import producer
+from dropup.init.producer import InitialWeights, hf_reader, run_reader
 from dropup.paths import project_path
 from dropup.shards import CheckpointReader, scan_hf_dir
 
@@ -208,25 +210,40 @@ def _check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: Pat
                           "overrides to use the seed's own config (model=hf)")
 
 
-def load_dense(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """A dense state dict from a dropup run directory or a Hugging Face directory of a supported family."""
+def _dense_hf_model(path: str | Path, model: ModelConfig) -> ModelConfig | None:
+    """The checked architecture of a dense HF seed directory (None for a dropup run directory)."""
     where = Path(path)
     if not where.exists():
         raise ConfigError(f"seed_model={path} does not exist: name a dropup run directory or an HF directory")
-    if (where / "config.json").is_file():
-        _, hf_model, hf_moe = read_hf_config(where)
-        if hf_moe.enabled:
-            raise ConfigError(f"seed_model={path} is an MoE model: upcycling needs a dense model; to continue "
-                              "training it use init=pretrained")
-        _check_same_architecture(hf_model, model, where)
-        return _hf_state(where, hf_model)
-    return load_run_state(where)
+    if not (where / "config.json").is_file():
+        return None
+    _, hf_model, hf_moe = read_hf_config(where)
+    if hf_moe.enabled:
+        raise ConfigError(f"seed_model={path} is an MoE model: upcycling needs a dense model; to continue "
+                          "training it use init=pretrained")
+    _check_same_architecture(hf_model, model, where)
+    return hf_model
 
 
-def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
-    """init=pretrained: the full state (dense or MoE) of a run directory or an HF directory (dense or MoE)."""
+def load_dense(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A dense state dict from a dropup run directory or a Hugging Face directory of a supported family."""
+    hf_model = _dense_hf_model(path, model)
+    return load_run_state(Path(path)) if hf_model is None else _hf_state(Path(path), hf_model)
+
+
+def open_dense(path: str | Path, model: ModelConfig) -> CheckpointReader:
+    """`load_dense`, read lazily: the checkpoint's tensors under our names, each read when looked up."""
+    hf_model = _dense_hf_model(path, model)
+    return run_reader(Path(path)) if hf_model is None else hf_reader(Path(path), hf_model)
+
+
+NEEDS_SEED_MODEL = "init=pretrained needs seed_model=<run dir or HF directory>"
+
+
+def _pretrained_hf_model(path, model: ModelConfig, moe: MoEConfig | None) -> ModelConfig | None:
+    """init=pretrained: the checked architecture of an HF seed directory (None for a dropup run directory)."""
     if path in (None, "auto"):
-        raise ConfigError("init=pretrained needs seed_model=<run dir or HF directory>")
+        raise ConfigError(NEEDS_SEED_MODEL)
     where = Path(path)
     if (where / "config.json").is_file():
         _, hf_model, hf_moe = read_hf_config(where)
@@ -241,8 +258,15 @@ def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
             raise ConfigError(f"seed_model={path} has a shared expert of width {hf_moe.shared_expert_d_ff} (0: none) "
                               f"but this config one of {moe.shared_expert_d_ff}: set moe.shared_expert_d_ff="
                               f"{hf_moe.shared_expert_d_ff}")
-        return _hf_state(where, hf_model), str(where)
-    return load_run_state(where), str(where)
+        return hf_model
+    return None
+
+
+def load_pretrained(path, model: ModelConfig, moe: MoEConfig | None):
+    """init=pretrained: the full state (dense or MoE) of a run directory or an HF directory (dense or MoE)."""
+    hf_model = _pretrained_hf_model(path, model, moe)
+    where = Path(path)
+    return (load_run_state(where) if hf_model is None else _hf_state(where, hf_model)), str(where)
 
 
 def dense_sources(cfg: DictConfig, strategy, log=print, train_seed=None) -> tuple[list[dict], str | list[str] | None]:
@@ -261,3 +285,38 @@ def dense_sources(cfg: DictConfig, strategy, log=print, train_seed=None) -> tupl
         return [state], str(seed)
     branches = branch_dirs(cfg, seed, train_seed, log)
     return [state] + [load_run_state(b) for b in branches], [str(seed)] + [str(b) for b in branches]
+
+
+def source_dirs(cfg: DictConfig, strategy, log=print, train_seed=None) -> tuple[list[str], str | list[str] | None]:
+    """The directories of the models a run starts from (`dense_sources`' seed and branches, found or trained as
+    needed; init=pretrained's seed_model), and where they came from (the provenance's `seed_model`). Read nothing:
+    under trainer=fsdp rank 0 resolves them and every rank reads its shards from them (`initial_weights`)."""
+    if not strategy.builds_weights:
+        if cfg.get("seed_model") in (None, "auto"):
+            raise ConfigError(NEEDS_SEED_MODEL)
+        return [str(cfg.seed_model)], str(Path(cfg.seed_model))
+    if strategy.max_sources == 0:
+        return [], None
+    seed = Path(cfg.seed_model) if cfg.seed_model not in (None, "auto") else seed_dir(cfg, train_seed, log)
+    if strategy.max_sources == 1:
+        return [str(seed)], str(seed)
+    dirs = [seed] + branch_dirs(cfg, seed, train_seed, log)
+    return [str(d) for d in dirs], [str(d) for d in dirs]
+
+
+def initial_weights(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None,
+                    dirs: list[str]) -> InitialWeights:
+    """The starting weights of a run as a per-tensor stream (`dropup.init.producer`) over the models in `dirs`
+    (`source_dirs`), read lazily: what `initial_state` builds whole, bit for bit. Checks the sources against the
+    config from their headers (a seed of other shapes, a truncated or missing file, an index naming a missing
+    shard, a checkpoint of another model: one ConfigError each), before any tensor is read."""
+    if not strategy.builds_weights:
+        hf_model = _pretrained_hf_model(dirs[0], model, moe)
+        reader = run_reader(Path(dirs[0])) if hf_model is None else hf_reader(Path(dirs[0]), hf_model)
+        return producer.pretrained(reader, model, moe, dirs[0])
+    if moe is None:
+        if strategy.reads_dense:
+            raise ConfigError(f"init={strategy.name} builds an MoE from dense models: for a dense run use init=scratch")
+        return producer.dense_scratch(model, int(cfg.seed))
+    sources = [open_dense(d, model) for d in dirs]
+    return producer.built(strategy, sources, model, moe, int(cfg.seed))

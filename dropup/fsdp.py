@@ -8,7 +8,8 @@ How the model is wrapped, and why:
   block's unit: the router's choice and every expert are needed by the same forward, so one all-gather serves
   them. They are sharded along dim 1, not FSDP's default dim 0: dim 0 is the expert index (8 in the paper), and
   split 64 ways it would leave 56 of 64 ranks holding nothing while 8 hold a whole expert each. Dim 1 (2F or D,
-  thousands) splits evenly. All other parameters use dim 0;
+  thousands) splits evenly; where the ranks do not divide dim 1 (FSDP2 pads uneven shards only along dim 0) they
+  fall back to dim 0. All other parameters use dim 0;
 - under `trainer.precision=bf16-mixed` the units gather bf16 copies of the fp32 master shards and reduce-scatter
   gradients in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`): half the gather traffic of
   fp32, with AdamW updating fp32 shards. Under 32-true everything is fp32;
@@ -17,10 +18,12 @@ How the model is wrapped, and why:
 
 Checkpoints of a sharded run are directories, `checkpoints/last.ckpt/`: torch.distributed.checkpoint (DCP) files,
 one `__<rank>_0.distcp` per rank plus `.metadata`, and Lightning's `meta.pt` (step, loops, schedulers). A run
-resumes from it with `resume=true` on the same number of ranks (DCP can reshard to another count, but that is
-not tested here). `python -m dropup.fsdp <ckpt dir> <out>`
+resumes from it with `resume=true`, on the same number of ranks or another (DCP reshards: a 2-rank checkpoint
+resuming on 4 is tested). `python -m dropup.fsdp <ckpt dir> <out>`
 writes its weights as one `model.safetensors` with the run's own names (what `stage=export` reads); a finished
-run writes that file itself.
+run writes that file itself (`write_weights`). Both stream, one tensor at a time: DCP writes each rank's shards
+as they are (a non-contiguous one is copied, one at a time), the consolidation reads one key at a time, and the
+final weights gather one tensor at a time, so no rank ever holds the whole state to save it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dropup.tensors import is_sharded
+from dropup.shards import save_file_order, write_safetensors
+from dropup.tensors import full, is_sharded
 
 EXPERT_DIM_PARAMS = ("w_gate_up", "w_down", "router.weight")  # dim 0 indexes the experts
 
@@ -62,20 +66,26 @@ def shard_model(model: nn.Module, mesh, bf16: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole state on rank 0's CPU (empty elsewhere) if sharded, else its state dict. Collective."""
-    if not any(is_sharded(p) for p in model.parameters()):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def write_weights(model: nn.Module, path: Path, write: bool) -> None:
+    """The model's state dict as the safetensors file `path` (our names), the bytes `save_file(model.state_dict())`
+    writes, streamed: one tensor at a time, in the file's order. A sharded tensor is gathered whole on every rank
+    (every rank calls this, and takes part in each gather in the same order: a collective) and written by the
+    rank that `write`s (rank 0), then dropped; no rank ever holds the whole state."""
+    state = model.state_dict()  # the model's own tensors (FSDP2: its DTensor shards), not copies
+    metas = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in state.items()}
+    if write:
+        write_safetensors(path, metas, lambda name: full(state[name]).detach().cpu())
+        return
+    for planned in save_file_order(metas):
+        if is_sharded(state[planned.name]):
+            full(state[planned.name])
 
 
 def consolidate(checkpoint: Path, out: Path) -> Path:
-    """A sharded checkpoint directory's model weights as one safetensors file (our names, no optimizer state),
-    written under a temporary name and renamed when complete. Only the weights are read: the optimizer states,
-    twice their size in fp32, stay on disk."""
-    from safetensors.torch import save_file
+    """A sharded checkpoint directory's model weights as one safetensors file (our names, no optimizer state;
+    the bytes `save_file` writes for them), written under a temporary name and renamed when complete. Read and
+    written one tensor at a time (DCP loads the keys asked for, from every rank's file): the optimizer states,
+    twice the weights in fp32, stay on disk, and at most one whole tensor is in memory."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -85,16 +95,20 @@ def consolidate(checkpoint: Path, out: Path) -> Path:
                          "checkpoints/last.ckpt directory of a trainer=fsdp run")
     reader = FileSystemReader(checkpoint)
     prefix = "state_dict."  # Lightning saves {"state_dict": <LitLM's>, "optimizer_0": ...}, flattened by DCP
-    weights = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-               for key, meta in reader.read_metadata().state_dict_metadata.items()
-               if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load({"state_dict": weights}, storage_reader=reader, no_dist=True)
-    partial = out.with_name(out.name + ".partial")
-    save_file({name.removeprefix("model."): tensor for name, tensor in weights.items()}, str(partial))
-    partial.replace(out)
-    return out
+    keys, metas = {}, {}
+    for key, meta in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+            name = key[len(prefix):].removeprefix("model.")
+            keys[name], metas[name] = key[len(prefix):], (tuple(meta.size), meta.properties.dtype)
+
+    def tensor_of(name: str) -> torch.Tensor:
+        tensor = torch.empty(metas[name][0], dtype=metas[name][1])
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load({"state_dict": {keys[name]: tensor}}, storage_reader=reader, no_dist=True)
+        return tensor
+
+    return write_safetensors(out, metas, tensor_of)
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ from dropup import balancing
 from dropup.config import ModelConfig, MoEConfig
 from dropup.data import TokenData
 from dropup.fsdp import shard_model
+from dropup.init.producer import InitialWeights, materialize_on_every_rank, on_meta
 from dropup.model import Transformer
 from dropup.moe.losses import StepLoads
 from dropup.resume import CHECKPOINT_FIELD
@@ -47,12 +48,25 @@ class StepTicks(IterableDataset):
 
 
 class LitLM(L.LightningModule):
+    """`initial_state`: the starting weights, a whole state dict (loaded here) or an `InitialWeights` stream, or
+    None (a resumed run: the checkpoint's). `sharded` (trainer=fsdp): the model is built on the meta device and
+    `configure_model` shards it, then writes each rank's shards from the stream (zeros to be overwritten by the
+    checkpoint when resuming), so no rank ever holds the whole model."""
+
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, train_cfg: dict, data: TokenData,
-                 data_seed: int, initial_state: dict | None = None, resume_key: dict | None = None):
+                 data_seed: int, initial_state: dict | InitialWeights | None = None, resume_key: dict | None = None,
+                 sharded: bool = False):
         super().__init__()
         self.resume_key = resume_key  # written into every checkpoint (dropup.resume)
-        self.model = Transformer(model_cfg, moe_cfg)
-        if initial_state is not None:
+        # what configure_model writes into the model built on meta: a stream, or None for zeros (resuming)
+        self._on_meta = isinstance(initial_state, InitialWeights) or (sharded and initial_state is None)
+        self._initial = initial_state if self._on_meta else None
+        if self._on_meta:
+            with on_meta():
+                self.model = Transformer(model_cfg, moe_cfg)
+        else:
+            self.model = Transformer(model_cfg, moe_cfg)
+        if isinstance(initial_state, dict):
             self.model.load_state_dict(self.model.complete_state(initial_state), strict=True)
             # consumed: the caller's dict would otherwise keep a second copy of the weights alive all run long
             initial_state.clear()
@@ -97,16 +111,27 @@ class LitLM(L.LightningModule):
             self._micro_k += 1
         return self._micro_k
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Resuming without FSDP, Lightning restores the weights before the optimizer exists: the module adopts
+        the checkpoint's tensors (memory-mapped by `dropup.checkpoint_io`, copied on their first update) instead
+        of copying them into its own, so the weights are held once, not twice."""
+        return super().load_state_dict(state_dict, strict=strict, assign=assign or self.device_mesh is None)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.resume_key is not None:
             checkpoint[CHECKPOINT_FIELD] = self.resume_key
 
     def configure_model(self):
-        """Under `trainer=fsdp` (Lightning's ModelParallelStrategy gives us a device mesh): shard the model."""
-        if self.device_mesh is None or getattr(self, "_sharded", False):
-            return
-        shard_model(self.model, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")
-        self._sharded = True
+        """Under `trainer=fsdp` (Lightning's ModelParallelStrategy gives us a device mesh): shard the model, then
+        write the starting weights into each rank's shards (`materialize`). Nothing is left on the meta device,
+        so Lightning's own materialization (`to_empty` + `reset_parameters` of what is still on meta) finds
+        nothing to overwrite."""
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            shard_model(self.model, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")
+            self._sharded = True
+        if self._on_meta:
+            weights, self._initial, self._on_meta = self._initial, None, False
+            materialize_on_every_rank(self.model, weights, self.trainer.strategy.root_device)
 
     def optimizer_step(self, *args, **kwargs):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16's gradient scaler, if any

@@ -26,15 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from dropup import balancing, ddp, dense_seeds, families, liveness, moe, resume
+from dropup import balancing, ddp, dense_seeds, families, liveness, memory, moe, resume
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.cpu import prepare_cpu_process
 from dropup.data import DATA_STREAM_VERSION, TokenData, prepared_data_dir, seed_tokenizer
 from dropup.data.corpus import DataError
 from dropup.files import write_json_atomic
 from dropup.flops import param_counts, train_flops
-from dropup.fsdp import full_state_dict, sharded_strategy
+from dropup.checkpoint_io import StreamingCheckpointIO
+from dropup.fsdp import sharded_strategy, write_weights
 from dropup.init import build_moe_state, dense_state, make_strategy
+from dropup.init.producer import InitialWeights
 from dropup.init.streaming import step0_ffn_error
 from dropup.lit import LitLM, RunRecorder
 from dropup.paths import git_sha, versions
@@ -96,6 +98,24 @@ def initial_state(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig 
     return state, provenance
 
 
+def streamed_initial_weights(cfg: DictConfig, strategy, model: ModelConfig, moe: MoEConfig | None, log
+                             ) -> tuple[InitialWeights, dict, list[str]]:
+    """`initial_state` as a per-tensor stream over lazily read models, with the same provenance, and the
+    directories it reads (`dense_seeds.source_dirs`: the dense seed and BTX's branches are trained here first if
+    missing). The model is built on the meta device and written tensor by tensor from it (`dropup.init.producer`):
+    under trainer=fsdp every rank is told the directories and writes only its shards; a single process never holds
+    the whole initial state next to the model. Only `trainer=ddp`'s ranks still share `initial.safetensors`."""
+    dirs, where = dense_seeds.source_dirs(cfg, strategy, log, train_seed=_train_dense_seed)
+    weights = dense_seeds.initial_weights(cfg, strategy, model, moe, dirs)  # checked here, before any rank starts
+    provenance = {"seed_model": where}
+    if strategy.builds_weights and moe is not None and len(dirs) == 1:
+        sources = [dense_seeds.open_dense(dirs[0], model)]
+        error = step0_ffn_error(strategy, sources, model, moe, int(cfg.seed))  # builds layer 0's FFN only
+        provenance["step0_ffn_error"] = error
+        logging.getLogger(__name__).info(step0_message(strategy, moe, error))
+    return weights, provenance, dirs
+
+
 def step0_message(strategy, moe: MoEConfig, error: float) -> str:
     """One log line on what the upcycled MoE computes at step 0, measured on layer 0 (`step0_ffn_error`)."""
     measured = f"layer 0's MoE output differs from the dense FFN's by {error:.2g} (relative)"
@@ -116,6 +136,23 @@ def _check_tokenizer_fits(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         if size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer of seed_model={cfg.seed_model} has {size} tokens but model.vocab_size="
                               f"{model_cfg.vocab_size}: use the seed's own config (model=hf)")
+
+
+def _check_memory(cfg: DictConfig, model_cfg: ModelConfig, moe_cfg: MoEConfig | None, strategy, settings: dict) -> None:
+    """A run whose predicted memory floor (`dropup.memory.predict`: training states, the activations any step
+    keeps, the initialization's host memory) exceeds what this machine has free stops here, before any corpus
+    work, with the setting to change (`memory.check_fits`)."""
+    if not strategy.builds_weights:
+        sources = 1  # init=pretrained: read tensor by tensor
+    elif strategy.max_sources == 0 or moe_cfg is None:
+        sources = 0
+    else:
+        sources = 1 if strategy.max_sources == 1 else 1 + len(cfg.data.domains)  # BTX: the seed and its branches
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    shape = memory.RunShape.of(trainer, settings, dense_sources=sources)
+    problem = memory.check_fits(model_cfg, moe_cfg, shape, memory.available_memory(shape.on_gpu))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _quiet_lightning() -> None:
@@ -241,6 +278,7 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
     resume.check(previous, plan.key, run_dir)  # before anything is written
     logging.getLogger(__name__).info(plan.lr_note)
     _check_tokenizer_fits(cfg, model_cfg)
+    _check_memory(cfg, model_cfg, moe_cfg, strategy, settings)
     ratio = strategy.ratio_value  # None for inits without one (scratch, btx, pretrained)
     counts = param_counts(model_cfg, moe_cfg)
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
@@ -282,24 +320,30 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
         if not opened:
             opened = True
             _open_run(heartbeat, results, run_dir, cfg)
-        state, provenance = (None, {"seed_model": None}) if resuming else initial_state(cfg, strategy, model_cfg, moe_cfg, log)
+        we_launch = ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
+        dirs = None  # trainer=fsdp: every rank builds its shards from these models (no initial.safetensors)
+        if resuming:
+            state, provenance = None, {"seed_model": None}
+        elif _sharded(cfg) or not (we_launch or launch):  # no other rank needs the whole weights from a file
+            state, provenance, dirs = streamed_initial_weights(cfg, strategy, model_cfg, moe_cfg, log)
+        else:
+            state, provenance = initial_state(cfg, strategy, model_cfg, moe_cfg, log)
         if resuming:
             provenance["seed_model"] = previous.get("provenance", {}).get("seed_model")
         results["provenance"].update(provenance)
         heartbeat.write(results)
         workers = []
-        we_launch = ddp.needs_launch(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
-        if (we_launch or launch) and state is not None:  # every rank must start from these exact weights
+        if (we_launch or launch) and isinstance(state, dict):  # every rank must start from these exact weights
             save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "initial.safetensors"))
+        told = {} if dirs is None else {INIT_SOURCES: dirs}  # what every rank reads its shards from
         if launch:
-            ddp.announce(run_dir, launch, resume=resuming, config=OmegaConf.to_container(cfg, resolve=True))
+            ddp.announce(run_dir, launch, resume=resuming,
+                         config={**OmegaConf.to_container(cfg, resolve=True), **told})
         if we_launch:
-            workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming)
-        module, trainer, recorder, final_state = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
-                                                      ckpt if resuming else None, results["resume_key"], heartbeat)
+            workers = ddp.launch_workers(cfg, run_dir, int(cfg.trainer.devices), resume=resuming, extra=told)
+        module, trainer, recorder = _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state,
+                                         ckpt if resuming else None, results["resume_key"], heartbeat)
         ddp.wait_workers(workers)
-        if trainer.is_global_zero:
-            save_file({k: v.detach().contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors"))
         results["metrics"] = dict(recorder.final)
         results["provenance"]["resumed_from_step"] = recorder.resumed_from
         results["routing"] = "routing.json" if (run_dir / "routing.json").exists() else None
@@ -329,11 +373,12 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None
     _quiet_lightning()
     if cfg.trainer.get("accelerator") == "cpu":
         prepare_cpu_process(cfg.trainer.precision)
-    module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state, resume_key=key)
+    module = LitLM(model_cfg, moe_cfg, settings, data, int(cfg.seed), state, resume_key=key, sharded=_sharded(cfg))
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity),
                            on_log=heartbeat.beat if heartbeat is not None else None)
-    plugins = [ddp.cluster_environment()]
+    # checkpoints written straight to their file and read memory-mapped (the sharded strategy writes DCP instead)
+    plugins = [ddp.cluster_environment(), StreamingCheckpointIO()]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs["strategy"] == "fsdp":
         trainer_kwargs["strategy"] = sharded_strategy(int(cfg.trainer.devices), int(cfg.trainer.num_nodes))
@@ -351,8 +396,17 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None
     trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
     # a checkpoint at the last step, whatever ckpt_every: `resume=true train.tokens=<more>` extends the run from it
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    state = full_state_dict(module.model)  # gathered from every rank under trainer=fsdp
-    return module, trainer, recorder, state
+    # the final weights, streamed one tensor at a time (under trainer=fsdp each is gathered: every rank takes part)
+    write_weights(module.model, run_dir / "model.safetensors", write=trainer.is_global_zero)
+    return module, trainer, recorder
+
+
+INIT_SOURCES = "init_sources"  # the key of a worker's config naming the models rank 0 resolved (trainer=fsdp)
+
+
+def _sharded(cfg: DictConfig) -> bool:
+    """trainer=fsdp: no rank holds the whole model (built on meta, each rank writing its shards)."""
+    return cfg.trainer.get("strategy") == "fsdp"
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -373,6 +427,10 @@ def _train_worker(cfg: DictConfig, run_dir: Path) -> dict:
     data = load_data(cfg, settings["seq_len"], log=lambda *_: None)
     if resume:  # rank 0 decided: continue from the checkpoint it found
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, None, last_checkpoint(run_dir))
+    elif cfg.get(INIT_SOURCES) is not None:  # trainer=fsdp: this rank's shards, from the models rank 0 named
+        weights = dense_seeds.initial_weights(cfg, make_strategy(cfg.init), model_cfg, moe_cfg,
+                                              list(cfg[INIT_SOURCES]))
+        _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, weights, None)
     else:
         _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, load_file(str(run_dir / "initial.safetensors")), None)
     return {}

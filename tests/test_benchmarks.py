@@ -61,3 +61,12 @@ def test_the_step_memory_benchmark_measures_and_predicts(store):
     for line in lines:
         assert line["measured_gib"] > 0 and line["predicted_gib"] > 0 and line["micro_batch"] == 2
         assert line["predicted_total_gib"] > line["predicted_gib"]  # the parameter shards were resident already
+
+
+def test_the_init_memory_benchmark_measures_and_compares_with_one_process(store):
+    # a 2-layer synthetic seed, FSDP on one process against the single-process init (no FSDP)
+    reference, line = run_json_lines("benchmarks/init_memory.py", "--ranks", "1", "--layers", "2", "--d-model", "32",
+                                     "--d-ff", "64", "--vocab", "512", *[a for o in store for a in ("--override", o)])
+    assert reference["reference"] == "single process, no FSDP" and reference["peak_init_gib"] > 0
+    assert line["ranks"] == 1 and line["matches_single_process"] is True and line["goal"] == 1.3
+    assert line["moe_state_gib"] == reference["moe_state_gib"] > 0 and line["per_rank_gib"] == [line["peak_init_gib"]]

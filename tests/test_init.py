@@ -244,6 +244,22 @@ def test_a_layer_built_alone_equals_the_same_layer_built_in_sequence():
     assert torch.equal(gate_up, full["layers.1.ffn.w_gate_up"]) and torch.equal(down, full["layers.1.ffn.w_down"])
 
 
+@pytest.mark.parametrize("gate_up_block,down_block", [
+    ((slice(None), slice(3, 40), slice(None)), (slice(None), slice(0, 5), slice(None))),  # rows across gate|up
+    ((slice(1, 3), slice(None), slice(None)), (slice(2, 4), slice(None), slice(None))),  # a few experts each
+    ((slice(None), slice(0, 0), slice(None)), (slice(None), slice(None), slice(7, 9))),  # an empty block
+])
+def test_a_rank_block_of_the_experts_is_the_same_block_of_the_whole_layer(gate_up_block, down_block):
+    """Sharded construction builds only a rank's block of each stacked tensor: the same bits as slicing the whole
+    one (DU's statistics are still taken over each expert's whole sub-block, not the block)."""
+    dense = structured_dense(WIDE)
+    strategy = DropUpcycling(ratio=0.5, shuffle=True)
+    gate_up, down = layer_experts(strategy, 1, [dense], WIDE, MOE, seed=5)
+    gate_up_part, down_part = layer_experts(strategy, 1, [dense], WIDE, MOE, seed=5,
+                                            regions=(gate_up_block, down_block))
+    assert torch.equal(gate_up_part, gate_up[gate_up_block]) and torch.equal(down_part, down[down_block])
+
+
 def test_bf16_sources_keep_their_dtype():
     dense = {k: v.bfloat16() for k, v in structured_dense(WIDE).items()}
     state = build_moe_state(DropUpcycling(ratio=0.5), [dense], WIDE, MOE, seed=0)

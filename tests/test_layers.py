@@ -17,12 +17,12 @@ MAX_FUNCTION_IMPORTS = 20
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("helpers", ("dropup.files", "dropup.paths", "dropup.rng", "dropup.routing", "dropup.cpu", "dropup.liveness")),
     ("config", ("dropup.config", "dropup.balancing", "dropup.schema")),
-    ("model", ("dropup.model", "dropup.moe", "dropup.flops", "dropup.tensors")),
+    ("model", ("dropup.model", "dropup.moe", "dropup.flops", "dropup.tensors", "dropup.memory")),
     ("weights", ("dropup.init", "dropup.families", "dropup.hf", "dropup.shards")),
     ("data", ("dropup.data",)),
     ("converter", ("dropup.upcycle",)),
     ("trainer", ("dropup.stages", "dropup.train", "dropup.lit", "dropup.dense_seeds", "dropup.ddp", "dropup.fsdp",
-                 "dropup.export", "dropup.resume")),
+                 "dropup.export", "dropup.resume", "dropup.checkpoint_io")),
     ("top", ("analysis", "dropup.tools", "dropup.scaling", "dropup.cluster", "run")),
 ]
 

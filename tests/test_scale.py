@@ -88,7 +88,7 @@ def _run_py(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_kill(tmp_path, store):
+def test_fsdp_on_two_processes_matches_one_and_resumes_on_four_after_a_kill(tmp_path, store):
     from dropup.export import export
     from dropup.fsdp import consolidate
 
@@ -104,8 +104,12 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_kill(tmp_path, st
     assert ckpt.is_dir() and (ckpt / ".metadata").is_file()
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
     _assert_experts_and_router_sharded_along_dim_1(ckpt)
-    resumed = _run_py(*sharded, "resume=true")
+    # resharded: the 2 ranks' checkpoint resumes on 4 (DCP redistributes the weights and AdamW states); with
+    # lb_coef=0 the balance loss trains nothing, so lm_loss matches the single-process run's as before
+    on_four = [arg if arg != "trainer.devices=2" else "trainer.devices=4" for arg in sharded]
+    resumed = _run_py(*on_four, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list(ckpt.glob("*.distcp"))) == 4  # the final checkpoint: one shard per rank of the resumed run
 
     results = json.loads((tmp_path / "fsdp" / "results.json").read_text())
     assert results["status"] == "completed" and results["provenance"]["resumed_from_step"] == 10

@@ -88,6 +88,28 @@ def test_sharded_parts_halve_with_twice_the_gpus_and_nothing_else_does():
         assert at32[name] == (at16[name] / 2 if name in sharded else at16[name]), name
 
 
+def test_init_host_memory_falls_with_the_gpus_and_its_shards_sum_to_the_state():
+    """The plan's host memory per GPU at initialization (sharded construction): the fp32 shards, 4P/N, plus one
+    layer's stacked experts and the dense FFN they are read from. Would fail for an unsharded init (8P or 4P per
+    rank), for shards divided twice, or for a buffer that grew with N."""
+    setup = preset("upcycle_8x8b")
+    model, P = setup.model, param_counts(setup.model, setup.moe)["total_params"]
+    assert 47e9 < P < 48e9  # an 8-expert upcycle of an 8B Llama (conf/model/8b.yaml)
+    unit = 4 * 3 * model.d_ff * model.d_model * (setup.moe.num_experts + 1)
+    previous = None
+    for gpus in (8, 16, 64):
+        init = scaling.plan(setup, {"gpus": gpus})["init_host"]
+        assert gpus * init["params"] == pytest.approx(4 * P)  # summed over the ranks: the whole fp32 state
+        assert init["full_tensor"] + init["dense_buffer"] == unit
+        assert init["total"] == pytest.approx(4 * P / gpus + unit)
+        assert init["per_node"] == pytest.approx(8 * init["total"])  # eight GPUs (ranks) share a node's host
+        assert previous is None or init["total"] < previous
+        previous = init["total"]
+    # the issue's figure for a whole 8-GPU node before the sharded construction was 3 TB; now under 0.3 TB
+    assert scaling.plan(setup, {"gpus": 8})["init_host"]["per_node"] < 0.3e12
+    assert "| host memory / GPU at init | " in scaling.render(scaling.plan(setup, {"gpus": 64}))
+
+
 def test_logits_and_their_gradient_are_counted():
     """A prediction that forgot the logits would keep less than one (tokens x vocab) tensor at the loss."""
     setup = preset("paper_8x3.7b")
@@ -149,7 +171,7 @@ def test_command_prints_a_table_and_json_last(capsys):
     result = json.loads(out[-1])
     for key in ("gpus", "gpu_mem_gib", "total_params", "activation_bytes_per_token", "max_micro_batch",
                 "micro_batch", "checkpointing", "fits", "memory", "comm_bytes_per_step", "compute_s", "comm_s",
-                "step_s", "step_s_no_overlap", "run_days", "run_days_no_overlap", "throughput", "ep"):
+                "step_s", "step_s_no_overlap", "run_days", "run_days_no_overlap", "throughput", "ep", "init_host"):
         assert key in result, key
     assert result["gpus"] == 64 and result["fits"] and result["micro_batch"] >= 1
     assert result["throughput"].startswith("assumed mfu=0.35")

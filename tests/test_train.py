@@ -15,6 +15,8 @@ from dropup.config import ConfigError
 from dropup.data import DATA_STREAM_VERSION
 from dropup.data.corpus import DataError
 from dropup.lit import MEASURED
+from dropup import memory
+from dropup.memory import Available
 from dropup.schema import register_configs
 from dropup.train import train
 
@@ -255,6 +257,21 @@ def test_bad_input_is_one_clear_error_and_no_completed_run(tmp_path, store, over
         train(config(tmp_path / "run", *override.split(), *store))
     results = tmp_path / "run" / "results.json"
     assert not results.exists() or json.loads(results.read_text())["status"] == "failed"
+
+
+def test_a_run_predicted_not_to_fit_stops_before_any_corpus_work(tmp_path, store, monkeypatch):
+    """The host offers 3/4 of the run's predicted peak: the run stops at once, naming the fix (two nodes)."""
+    def check_on_a_smaller_host(model, moe, run, available):
+        host = int(0.75 * memory.predict(model, moe, run)["host_peak_per_node"])
+        return check_fits(model, moe, run, Available(host=host))
+
+    check_fits = memory.check_fits
+    monkeypatch.setattr("dropup.memory.check_fits", check_on_a_smaller_host)
+    monkeypatch.setattr("dropup.train.load_data", lambda *a, **k: pytest.fail("corpus work before the memory check"))
+    with pytest.raises(ConfigError, match=r"predicted peak host memory .* exceeds the .* available: set "
+                                          r"trainer=fsdp and trainer.num_nodes=2"):
+        train(config(tmp_path / "run", *store))
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 @pytest.mark.parametrize("content,message", [(b"", "no documents"), (b"\xff\xfe\x00bad\n", "not UTF-8"),

@@ -46,6 +46,7 @@ def layer_experts(
     dtype: torch.dtype | None = None,
     threads: int = 1,
     ffns=None,
+    regions: tuple[Region | None, Region | None] = (None, None),
 ):
     """The stacked expert tensors (w_gate_up (E, 2F, D), w_down (E, D, F)) of one MoE layer.
 
@@ -54,6 +55,10 @@ def layer_experts(
     paper's 8x3.7B scale a layer's experts are 1.2 GB in bf16, and building them by list + stack + cat would hold that
     about three times over. `threads` > 1 builds that many experts at a time (torch releases the GIL; each expert has its own generators, so the result is
     the same), at the cost of that many experts' temporaries.
+
+    `regions` (one per output, or None for all of it): build only that block of each output (a rank's shard under
+    FSDP). Each expert is still computed whole, from its own generators and its whole sub-block's statistics, so
+    the block's bits are the same block of the whole tensor; an expert outside both blocks is not computed.
     """
     d_f = moe.expert_d_ff(model)
     if ffns is None:
@@ -71,6 +76,8 @@ def layer_experts(
         gate, up, down = strategy.expert(gate, up, down, ExpertKey(seed, layer, e))
         return gate, up, (down if routed_scale == 1.0 else down * routed_scale)
 
+    if regions != (None, None):
+        return _expert_blocks(build, moe.num_experts, (2 * d_f, model.d_model), (model.d_model, d_f), regions, dtype)
     w_gate_up = w_down = None
     threads = max(1, threads)
     with ThreadPoolExecutor(threads) as pool:
@@ -87,6 +94,33 @@ def layer_experts(
     return w_gate_up, w_down
 
 
+Region = tuple[slice, slice, slice]  # a block of a stacked expert tensor: experts, rows, columns
+
+
+def _expert_blocks(build, num_experts: int, gate_up_shape, down_shape, regions, dtype):
+    """`layer_experts` restricted to one block of each output: one expert in memory at a time."""
+    full = ((slice(None),) * 3)
+    (gu_e, gu_r, gu_c), (dn_e, dn_r, dn_c) = (region or full for region in regions)
+    gu_experts = range(num_experts)[gu_e]
+    dn_experts = range(num_experts)[dn_e]
+    gu_shape = (len(gu_experts), len(range(gate_up_shape[0])[gu_r]), len(range(gate_up_shape[1])[gu_c]))
+    dn_shape = (len(dn_experts), len(range(down_shape[0])[dn_r]), len(range(down_shape[1])[dn_c]))
+    w_gate_up = w_down = None
+    for e in sorted(set(gu_experts if 0 not in gu_shape else ()) | set(dn_experts if 0 not in dn_shape else ())):
+        gate, up, down = build(e)
+        if w_gate_up is None:
+            out_dtype = dtype or gate.dtype
+            w_gate_up, w_down = torch.empty(gu_shape, dtype=out_dtype), torch.empty(dn_shape, dtype=out_dtype)
+        if e in gu_experts:
+            w_gate_up[gu_experts.index(e)].copy_(torch.cat([gate, up])[gu_r, gu_c])
+        if e in dn_experts:
+            w_down[dn_experts.index(e)].copy_(down[dn_r, dn_c])
+        del gate, up, down
+    if w_gate_up is None:  # this block is empty (a rank past the end of an unevenly sharded tensor)
+        w_gate_up, w_down = torch.empty(gu_shape, dtype=dtype), torch.empty(dn_shape, dtype=dtype)
+    return w_gate_up, w_down
+
+
 def moe_tensors(
     strategy: InitStrategy,
     sources: Sequence[Mapping[str, torch.Tensor]],
@@ -96,12 +130,15 @@ def moe_tensors(
     dtype: torch.dtype | None = None,
     names: Container[str] | None = None,
     threads: int = 1,
+    regions: Mapping[str, Region] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every tensor of the MoE model's state dict, in state-dict order, built by `strategy`.
 
     `names` restricts the output to those tensors; the others are neither computed nor read from the sources (a
     resumed conversion skips what it has already written; each tensor's randomness depends only on its key).
-    `threads`: experts built at a time (see `layer_experts`)."""
+    `threads`: experts built at a time (see `layer_experts`). `regions`: for the stacked expert tensors named
+    there, only that block is built and yielded (a rank's shard: `dropup.init.producer`); every other tensor is
+    yielded whole."""
     check_pair(model, moe)
     if not moe.enabled:
         raise ConfigError(f"init={strategy.name} builds an MoE: set moe=mixtral (or another MoE preset), not moe=none")
@@ -141,8 +178,9 @@ def moe_tensors(
             layer = int(match.group(1))
             if layer not in experts_of_layer:
                 experts_of_layer.clear()  # keep one layer's experts in memory at a time
+                blocks = tuple((regions or {}).get(f"layers.{layer}.ffn.{w}") for w in ("w_gate_up", "w_down"))
                 experts_of_layer[layer] = layer_experts(strategy, layer, sources, model, moe, seed, dtype, threads,
-                                                        ffns(layer))
+                                                        ffns(layer), blocks)
             tensor = experts_of_layer[layer][0 if match.group(2) == "w_gate_up" else 1]
         yield name, tensor.to(dtype)
 

@@ -52,6 +52,13 @@ gradients, the LM head's gradient), the root's reduce-scatter at the end of the 
 (torch's foreach AdamW holds one fp32 temporary of the shard, sqrt(exp_avg_sq)). Capacity is gpu_mem_gib less
 reserve_gib (CUDA context, NCCL buffers, allocator fragmentation).
 
+Host memory per GPU at initialization (`dropup.memory.init_host_memory`; trainer=fsdp builds the model on the
+meta device and each rank materializes only its shards, `dropup.init.producer`): the rank's fp32 shards 4P/N,
+plus the largest unit the producer holds whole, a layer's stacked experts (w_gate_up and w_down are built
+together: 4 * 3 E D F_e bytes; or the embedding, 4 V D, where that is larger), plus the dense tensors it is read
+from (the seed's three FFN matrices, 4 * 3 D F). Per node: gpus_per_node times that (the node's ranks share its
+host). Summed over the N ranks the shards are the fp32 state, 4P, exactly; the unit and its sources are per rank.
+
 Communication per GPU per step (ring collectives, bytes each GPU sends): per micro-batch the blocks are gathered
 twice and the root once in the parameter dtype, and all gradients reduce-scattered in fp32:
     n_micro * (N-1)/N * (w * (P_root + 2 * P_blocks) + 4 * P),       w = 2 (bf16-mixed) or 4 (32-true).

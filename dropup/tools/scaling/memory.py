@@ -1,24 +1,13 @@
 """Memory per GPU under FSDP2, the largest micro-batch that fits, and the communication each step costs (the model
-is the package docstring's)."""
+is the package docstring's; `parameter_split` and the initialization's host memory are `dropup.memory`'s)."""
 
 from __future__ import annotations
 
 from dropup.config import ConfigError, ModelConfig, MoEConfig
-from dropup.flops import forward_flops_per_sequence, param_counts
+from dropup.flops import forward_flops_per_sequence
+from dropup.memory import parameter_split
 from dropup.tools.scaling.activations import CE_CHUNK_ROWS, ActivationProfile, compute_kind, compute_bytes, \
     measure_activations
-
-
-def parameter_split(model_cfg: ModelConfig, moe_cfg: MoEConfig | None) -> dict[str, int]:
-    """Total parameters, the root unit's (embeddings, final norm, LM head), one block's, and the routed experts'."""
-    total = param_counts(model_cfg, moe_cfg)["total_params"]
-    root = (1 if model_cfg.tie_embeddings else 2) * model_cfg.vocab_size * model_cfg.d_model + model_cfg.d_model
-    block = (total - root) // model_cfg.n_layers
-    experts = 0
-    if moe_cfg is not None and moe_cfg.enabled:
-        experts = model_cfg.n_layers * moe_cfg.num_experts * 3 * model_cfg.d_model * moe_cfg.expert_d_ff(model_cfg)
-    head = 0 if model_cfg.tie_embeddings else model_cfg.vocab_size * model_cfg.d_model
-    return {"total": total, "root": root, "block": block, "experts": experts, "lm_head": head}
 
 
 def predict_memory(model_cfg: ModelConfig, moe_cfg: MoEConfig | None, *, gpus: int, micro_batch: int, seq_len: int,
