@@ -91,7 +91,7 @@ bench-data: install ## corpus preparation on a 2 GB synthetic corpus: tokens/s v
 bench-convert: install ## dropup-upcycle at the 3.7B shape: peak RSS, GB/s vs disk (~50 GB free in BENCH_TMP; LAYERS=N for fewer)
 	$(PY) benchmarks/convert.py --scratch $(BENCH_TMP) $(if $(LAYERS),--layers $(LAYERS))
 
-test: install ## the test suite (about 3.5 minutes on 2 cores; prints the 15 slowest tests)
+test: install ## the test suite (about 4.5 minutes on 2 cores; prints the 15 slowest tests)
 	$(PY) -m pytest -q --durations=15
 
 slurm-up: install ## install (if missing) and start a single-node SLURM cluster, configs in .slurm/ (root, Debian)

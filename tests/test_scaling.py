@@ -89,13 +89,14 @@ def test_sharded_parts_halve_with_twice_the_gpus_and_nothing_else_does():
 
 
 def test_init_host_memory_falls_with_the_gpus_and_its_shards_sum_to_the_state():
-    """The plan's host memory per GPU at initialization (sharded construction): the fp32 shards, 4P/N, plus one
-    layer's stacked experts and the dense FFN they are read from. Would fail for an unsharded init (8P or 4P per
-    rank), for shards divided twice, or for a buffer that grew with N."""
+    """The plan's host memory per GPU at initialization (sharded construction): the fp32 shards, 4P/N, plus the
+    largest unit being produced and its source. From 8 GPUs on that is the embedding and its dense copy (the rank's
+    block of a layer's experts, E/N of them plus one being built, is smaller). Would fail for an unsharded init
+    (8P or 4P per rank), for shards divided twice, or for a buffer that grew with N."""
     setup = preset("upcycle_8x8b")
     model, P = setup.model, param_counts(setup.model, setup.moe)["total_params"]
     assert 47e9 < P < 48e9  # an 8-expert upcycle of an 8B Llama (conf/model/8b.yaml)
-    unit = 4 * 3 * model.d_ff * model.d_model * (setup.moe.num_experts + 1)
+    unit = 2 * 4 * model.vocab_size * model.d_model
     previous = None
     for gpus in (8, 16, 64):
         init = scaling.plan(setup, {"gpus": gpus})["init_host"]
