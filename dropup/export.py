@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from dropup import balancing, families
 from dropup.config import ConfigError, architecture
 from dropup.data.corpus import EOT
+from dropup.evaluation.tasks import check_known, run_tasks, task_manager, task_specs
 from dropup.families.mapping import rows_of
 from dropup.files import write_json_atomic
 from dropup.hf import hf_config, hf_config_dict
@@ -208,31 +209,16 @@ def _warn_routing_bias(stored: dict, biases: list[str], model_cfg, moe_cfg) -> f
 
 
 def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:
-    """Run lm-evaluation-harness's tasks on an exported directory; record each task's first metric."""
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:
-        raise ConfigError("eval=lm_eval needs lm-evaluation-harness: pip install lm-eval") from err
-    if not eval_cfg.get("tasks"):
-        raise ConfigError("eval.tasks is empty: name lm-eval tasks, e.g. eval.tasks=[hellaswag]")
-    manager = TaskManager(include_path=eval_cfg.get("include_path"))
-    output = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(eval_cfg["tasks"]),
-        num_fewshot=eval_cfg.get("num_fewshot"), limit=eval_cfg.get("limit"), batch_size=eval_cfg.get("batch_size", 8),
-        task_manager=manager, device="cpu",
-    )
-    scores = {}
-    for task, metrics in output["results"].items():
-        # metric keys read "<metric>,<filter>" (e.g. "acc,none"); other keys are counts and aliases
-        numeric = {k: v for k, v in metrics.items()
-                   if "," in k and "stderr" not in k and isinstance(v, (int, float))}
-        if numeric:
-            value = next(iter(numeric.values()))
-            scores[f"eval/{task}"] = float(value)
+    """Run lm-evaluation-harness's tasks on an exported directory (`HFLM`), each with its shots and metric
+    (`dropup.evaluation.tasks`); record the scores in the run's results.json."""
+    specs = task_specs(eval_cfg)
+    manager = task_manager(eval_cfg, [spec.name for spec in specs])
+    check_known(specs, manager)
+    scores, raw = run_tasks("hf", specs, manager, eval_cfg.get("limit"), model_args=f"pretrained={hf_dir},dtype=float32",
+                            batch_size=eval_cfg.get("batch_size", 8), device="cpu")
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
     results.setdefault("metrics", {}).update(scores)
-    results["eval"] = {"tasks": list(eval_cfg["tasks"]), "raw": output["results"]}
+    results["eval"] = {"tasks": [spec.name for spec in specs], "raw": raw}
     write_json_atomic(results_path, results)
     return scores

@@ -254,15 +254,20 @@ class RunRecorder(L.Callback):
     """Writes metrics.csv (one row per logged step; append-only, flushed per row) and routing counts,
     evaluates on schedule, and measures throughput. On resume it drops rows past the restored step."""
 
-    def __init__(self, run_dir: Path, domains: list[str], is_moe: bool, train_cfg: dict, on_eval=None, on_log=None):
+    def __init__(self, run_dir: Path, domains: list[str], is_moe: bool, train_cfg: dict, on_eval=None, on_log=None,
+                 scorer=None):
         self.path = Path(run_dir) / "metrics.csv"
         self.columns = ["step", "tokens", "train_loss", "lm_loss", "lr", "grad_norm"]
         self.columns += ["lb_loss", "z_loss"] if is_moe else []
         self.columns += ["val_loss"] + [f"val_loss/{d}" for d in domains]
         self.columns += ["routing/imbalance", "routing/entropy", "routing/specialization",
                          "expert_similarity"] if is_moe else []
+        # downstream scores at validation points (eval.in_training: `dropup.evaluation.scoring.Scorer`)
+        self.scorer = scorer
+        self.columns += scorer.columns if scorer is not None else []
         self.columns += list(MEASURED)
         self.cfg, self.on_eval, self.on_log = train_cfg, on_eval, on_log  # on_log: each logged row (the heartbeat)
+        self._paused = 0.0  # seconds of validation and scoring since the clock started: not training time
         self.tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
         # validations beyond every val_every steps: the points an artefact reads off a longer run's curve
         self.extra_val_steps = {int(t) // self.tokens_per_step for t in train_cfg.get("eval_tokens") or ()}
@@ -286,9 +291,13 @@ class RunRecorder(L.Callback):
             if self.on_log is not None:
                 self.on_log()
 
-    def _evaluate(self, trainer, module) -> None:
+    def _evaluate(self, trainer, module, final: bool = False) -> None:
+        started = time.perf_counter()
         metrics, routing = module.evaluate()
         metrics.update(summarize(routing))
+        if self.scorer is not None and self.scorer.due(trainer.global_step, self.cfg["val_every"], final):
+            metrics.update(self.scorer.score(module.model, trainer.precision_plugin.forward_context, module.device))
+        self._paused += time.perf_counter() - started
         step = trainer.global_step
         self.final.update(metrics)
         self.routing = routing
@@ -315,7 +324,7 @@ class RunRecorder(L.Callback):
         if step == 0 or (self._validates_at(step) and not have_val):
             self._evaluate(trainer, module)
         self._memory = StepMemory(module.device)
-        self._clock = (time.perf_counter(), step)
+        self._clock, self._paused = (time.perf_counter(), step), 0.0
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         step = trainer.global_step + 1  # the step this update completes: the one on_train_batch_end may log
@@ -333,11 +342,12 @@ class RunRecorder(L.Callback):
         if step % self.cfg["log_every"] == 0 or step == self.cfg["steps"]:
             start, start_step = self._clock
             elapsed = time.perf_counter() - start
+            training = max(elapsed - self._paused, 1e-9)  # tokens/s counts training only, not validation or scoring
             losses = {k: trainer.strategy.reduce(v, reduce_op="mean").item() for k, v in module.last_losses.items()}
             row = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": losses["loss"],
                    "lm_loss": losses["lm_loss"], "lr": trainer.optimizers[0].param_groups[0]["lr"],
                    "grad_norm": module.__dict__.pop("_grad_norm", ""),  # this step's, never an earlier one
-                   "tokens_per_s": (step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+                   "tokens_per_s": (step - start_step) * self.tokens_per_step / training,
                    "elapsed_s": elapsed, **{k: v for k, v in losses.items() if k in ("lb_loss", "z_loss")}}
             peak = self._memory.peak_bytes()
             if peak is not None:  # the largest over the ranks
@@ -350,4 +360,4 @@ class RunRecorder(L.Callback):
             self._evaluate(trainer, module)
 
     def on_train_end(self, trainer, module):
-        self._evaluate(trainer, module)
+        self._evaluate(trainer, module, final=True)

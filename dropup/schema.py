@@ -123,11 +123,14 @@ class ExportSchema:
 @dataclass
 class EvalSchema:
     kind: str = "none"  # none | lm_eval
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[Any] = field(default_factory=list)  # names, or {task: <name>, shots: <n>, metric: <name>}
     include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
-    num_fewshot: Optional[int] = None
+    num_fewshot: Optional[int] = None  # shots for tasks that do not name their own
     limit: Optional[int] = None
     batch_size: int = 8
+    in_training: bool = False  # score the training model at step 0, every `every`-th validation and the end
+    every: int = 1  # in validation points
+    max_gen_toks: int = 256  # cap on tokens generated per request (no KV cache: each is a forward)
 
 
 @dataclass

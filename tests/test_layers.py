@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("dropup.data",)),
     ("converter", ("dropup.upcycle",)),
     ("trainer", ("dropup.stages", "dropup.train", "dropup.lit", "dropup.dense_seeds", "dropup.ddp", "dropup.fsdp",
-                 "dropup.export", "dropup.resume", "dropup.checkpoint_io")),
+                 "dropup.export", "dropup.resume", "dropup.checkpoint_io", "dropup.evaluation")),
     ("top", ("analysis", "dropup.tools", "dropup.scaling", "dropup.cluster", "run")),
 ]
 

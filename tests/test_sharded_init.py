@@ -132,8 +132,63 @@ def _worker(spec_path: str) -> None:
         report["failure"] = None
     except ConfigError as err:
         report["failure"] = str(err)
+    report["scoring"] = _score_split_and_alone(spec, meshes[RANKS])
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
+
+
+def word_tokenizer(words: int):
+    """A word-level tokenizer over w0..w{words-2} and <eot> (id words-1): enough text for a model of that vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(words - 1)} | {"<eot>": words - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<eot>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tokenizer
+
+
+def scoring_requests():
+    """Requests of all three kinds, more than the ranks and uneven over them, with generations that stop at
+    different lengths (one by its stop word, the others by their budgets)."""
+    from lm_eval.api.instance import Instance
+
+    text = lambda a, n: " ".join(f"w{(a * 7 + k * 3) % 50}" for k in range(n))  # noqa: E731
+    pairs = [(text(a, 2 + a % 5), " " + text(a + 1, 1 + a % 3)) for a in range(7)] + [("", text(9, 3))]
+    return {
+        "loglikelihood": [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+        "loglikelihood_rolling": [Instance("loglikelihood_rolling", {}, (text(b, 10 + 9 * b),), b) for b in range(3)],
+        "generate_until": [Instance("generate_until", {}, (text(c, 4), {"until": ["w3"], "max_gen_toks": 2 + 3 * c}), c)
+                           for c in range(5)],
+    }
+
+
+def _score_split_and_alone(spec, mesh) -> dict:
+    """The in-training evaluation adapter on a model sharded over the 4 ranks (every forward a collective), the
+    requests split over the ranks, against this process scoring all of them alone on an unsharded copy."""
+    from dropup.evaluation.adapter import ModelLM
+    from dropup.fsdp import shard_model
+
+    reference = load_file(str(Path(spec["refs"]) / "drop-joint.safetensors"))
+    alone = Transformer(M, MOE).eval()
+    alone.load_state_dict(reference)
+    with producer.on_meta():
+        sharded = Transformer(M, MOE)
+    shard_model(sharded, mesh, bf16=False)
+    producer.materialize(sharded, producer.InitialWeights(
+        {k: v.shape for k, v in reference.items()}, lambda names, regions: ((n, reference[n]) for n in names), "ref"),
+        "cpu")
+    sharded.eval()
+    tokenizer = word_tokenizer(M.vocab_size)
+    out = {}
+    for name, model, split in (("split", sharded, True), ("alone", alone, False)):
+        lm = ModelLM(lambda ids, m=model: m(ids).logits, tokenizer, max_length=16, eot_id=M.vocab_size - 1,
+                     batch_size=2, split=split)
+        requests = scoring_requests()
+        out[name] = {"loglikelihood": lm.loglikelihood(requests["loglikelihood"]),
+                     "rolling": lm.loglikelihood_rolling(requests["loglikelihood_rolling"]),
+                     "generated": lm.generate_until(requests["generate_until"]), "forwards": lm.forwards}
+    return out
 
 
 def _fails_on_rank_1(names, regions):
@@ -208,7 +263,9 @@ def sources(tmp_path_factory):
     return dirs, refs, root
 
 
-def test_every_strategy_is_bit_identical_to_the_single_process_init_on_1_2_and_4_ranks(sources):
+@pytest.fixture(scope="module")
+def reports(sources) -> list[dict]:
+    """The one launch of 4 gloo ranks (the worker below): each rank's report."""
     from dropup import ddp
 
     dirs, refs, root = sources
@@ -220,9 +277,13 @@ def test_every_strategy_is_bit_identical_to_the_single_process_init_on_1_2_and_4
                             cwd=ROOT)
     codes = [r.wait(timeout=300) for r in ranks]
     assert codes == [0] * RANKS
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
+
+
+def test_every_strategy_is_bit_identical_to_the_single_process_init_on_1_2_and_4_ranks(sources, reports):
+    dirs = sources[0]
     names = list(cases(dirs))
-    for rank in range(RANKS):
-        report = json.loads((out / f"rank{rank}.json").read_text())
+    for rank, report in enumerate(reports):
         assert report["mismatches"] == []
         sizes = [size for size in SIZES if rank < size]  # rank r is in the first mesh of each size above r
         assert report["checked"] == [[name, size] for name in names for size in sizes]
@@ -234,6 +295,22 @@ def test_every_strategy_is_bit_identical_to_the_single_process_init_on_1_2_and_4
         else:
             assert report["failure"] == ("rank 1 could not build its shards of the initial weights: ConfigError: "
                                          "shard file unreadable on this node")
+
+
+def test_scoring_split_over_sharded_ranks_equals_one_process_scoring_alone(reports):
+    """Evaluation during training under FSDP: the adapter splits lm-eval's requests over 4 ranks in lock-step (every
+    rank makes as many forwards, each a collective) and gathers the answers: the same as one process alone."""
+    forwards = {r["scoring"]["split"]["forwards"] for r in reports}
+    assert len(forwards) == 1  # lock-step: a rank that ran out kept stepping with the others
+    for report in reports:
+        split, alone = report["scoring"]["split"], report["scoring"]["alone"]
+        assert [greedy for _, greedy in split["loglikelihood"]] == [greedy for _, greedy in alone["loglikelihood"]]
+        assert [s for s, _ in split["loglikelihood"]] == pytest.approx([s for s, _ in alone["loglikelihood"]], abs=1e-5)
+        assert split["rolling"] == pytest.approx(alone["rolling"], abs=1e-5)
+        assert split["generated"] == alone["generated"]
+        assert split["forwards"] < alone["forwards"]  # each rank did a share of the work
+    lengths = {len(text.split()) for text in reports[0]["scoring"]["alone"]["generated"]}
+    assert len(lengths) > 1  # the generations stopped at different lengths
 
 
 def test_nothing_is_left_on_meta_for_lightning_to_reinitialize():
