@@ -121,8 +121,18 @@ class ExportSchema:
 
 
 @dataclass
+class ProxySchema:
+    """eval=proxy's task (`dropup.evaluation.proxy`): per domain, `items` k-way continuation choices."""
+
+    choices: int = 4
+    items: int = 200
+    context_tokens: int = 48
+    continuation_tokens: int = 16
+
+
+@dataclass
 class EvalSchema:
-    kind: str = "none"  # none | lm_eval
+    kind: str = "none"  # none | lm_eval | proxy
     tasks: list[Any] = field(default_factory=list)  # names, or {task: <name>, shots: <n>, metric: <name>}
     include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
     num_fewshot: Optional[int] = None  # shots for tasks that do not name their own
@@ -131,6 +141,7 @@ class EvalSchema:
     in_training: bool = False  # score the training model at step 0, every `every`-th validation and the end
     every: int = 1  # in validation points
     max_gen_toks: int = 256  # cap on tokens generated per request (no KV cache: each is a forward)
+    proxy: ProxySchema = field(default_factory=ProxySchema)
 
 
 @dataclass

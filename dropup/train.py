@@ -165,6 +165,8 @@ def _check_eval(cfg: DictConfig) -> None:
                           "eval.tasks=[...] (or eval=paper)")
     from dropup.evaluation import tasks  # lm-eval is optional: imported only by runs that score
 
+    if cfg.eval.kind == "proxy":  # its tasks are generated from the prepared corpus, at the run's start
+        return
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     specs = tasks.task_specs(eval_cfg)
     tasks.check_known(specs, tasks.task_manager(eval_cfg, [spec.name for spec in specs]))
@@ -174,13 +176,18 @@ def _scorer(cfg: DictConfig, data: TokenData, seq_len: int):
     """The in-training scorer (eval.in_training), over the run's own tokenizer; None without one."""
     if not cfg.eval.get("in_training"):
         return None
+    from dropup.evaluation.proxy import ProxySettings, build_proxy, task_name
     from dropup.evaluation.scoring import Scorer  # lm-eval is optional: imported only by runs that score
 
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    if cfg.eval.kind == "proxy":
+        eval_cfg["include_path"] = str(build_proxy(data.path, data.domains, ProxySettings(**eval_cfg["proxy"])))
+        eval_cfg["tasks"] = [task_name(domain) for domain in data.domains]
     tokenizer_file = data.path / "tokenizer.json"
     eot = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
     if eot is None:  # an HF seed's own tokenizer: its end-of-sequence token
         eot = json.loads((Path(cfg.seed_model) / "config.json").read_text()).get("eos_token_id")
-    return Scorer(OmegaConf.to_container(cfg.eval, resolve=True), tokenizer_file, seq_len, int(eot or 0))
+    return Scorer(eval_cfg, tokenizer_file, seq_len, int(eot or 0))
 
 
 def _quiet_lightning() -> None:

@@ -157,3 +157,45 @@ def test_scoring_leaves_the_generators_as_it_found_them(monkeypatch):
     scores = scorer.score(model, contextlib.nullcontext, "cpu")
     assert draws() == want
     assert scores["eval/avg"] == 0.5 and scores["eval/n_tasks"] == 1 and model.training  # its mode restored
+
+
+PROXY = ["eval=proxy", "eval.proxy.choices=3", "eval.proxy.items=60", "eval.proxy.context_tokens=24",
+         "eval.proxy.continuation_tokens=8"]
+
+
+def test_the_proxy_is_deterministic_has_equal_length_candidates_and_separates_trained_from_untrained(tmp_path, store,
+                                                                                                    monkeypatch):
+    """eval=proxy on the fixture corpus (3-way here: its English split has three documents): step 0's untrained
+    model scores within 3 standard errors of chance, the same model after 80 steps at least 3 above."""
+    from tokenizers import Tokenizer
+
+    from dropup.evaluation.proxy import ProxySettings, build_proxy
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    train(config(tmp_path / "run", "moe=none", "init=scratch", "trainer.precision=32-true", "train.tokens=40960",
+                 "train.val_every=40", "eval.in_training=true", *PROXY, *store))
+    scored = [r for r in rows(tmp_path / "run") if r["eval/avg"]]
+    assert [int(r["step"]) for r in scored] == [0, 40, 80]
+    chance, n = 1 / 3, 3 * 60
+    se = (chance * (1 - chance) / n) ** 0.5
+    untrained, trained = float(scored[0]["eval/avg"]), float(scored[-1]["eval/avg"])
+    assert abs(untrained - chance) <= 3 * se
+    assert trained >= chance + 3 * se
+    # the files: built once per corpus and settings, the same bytes when built again
+    data_dir = next(p for p in Path(store[0].split("=", 1)[1]).iterdir() if (p / "manifest.json").is_file())
+    settings = ProxySettings(choices=3, items=60, context_tokens=24, continuation_tokens=8)
+    built = build_proxy(data_dir, ["ja", "en", "code"], settings)
+    first = {p.name: p.read_bytes() for p in built.iterdir()}
+    for p in built.iterdir():
+        p.unlink()
+    built.rmdir()
+    assert build_proxy(data_dir, ["ja", "en", "code"], settings) == built
+    assert {p.name: p.read_bytes() for p in built.iterdir()} == first
+    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    for domain in ("ja", "en", "code"):
+        items = [json.loads(line) for line in (built / f"{domain}.jsonl").read_text().splitlines()]
+        assert len(items) == 60 and {item["answer"] for item in items} == {0, 1, 2}  # the answer's place varies
+        for item in items:
+            base = len(encode(item["context"]))
+            assert base == 24 and all(len(encode(item["context"] + c)) - base == 8 for c in item["choices"])
