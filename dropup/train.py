@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from dropup import balancing, ddp, dense_seeds, families, liveness, memory, moe, resume
+from dropup import balancing, ddp, dense_seeds, evaluation, families, liveness, memory, moe, resume
 from dropup.config import ConfigError, ModelConfig, MoEConfig, architecture
 from dropup.cpu import prepare_cpu_process
 from dropup.data import DATA_STREAM_VERSION, TokenData, prepared_data_dir, seed_tokenizer
-from dropup.data.corpus import EOT, DataError
+from dropup.data.corpus import DataError
 from dropup.files import write_json_atomic
 from dropup.flops import param_counts, train_flops
 from dropup.checkpoint_io import StreamingCheckpointIO
@@ -153,41 +153,6 @@ def _check_memory(cfg: DictConfig, model_cfg: ModelConfig, moe_cfg: MoEConfig | 
     problem = memory.check_fits(model_cfg, moe_cfg, shape, memory.available_memory(shape.on_gpu))
     if problem is not None:
         raise ConfigError(problem)
-
-
-def _check_eval(cfg: DictConfig) -> None:
-    """eval.in_training's tasks, checked before any corpus work: it needs an eval preset with tasks, names lm-eval
-    knows, and an include_path that exists."""
-    if not cfg.eval.get("in_training"):
-        return
-    if cfg.eval.kind == "none":
-        raise ConfigError("eval.in_training=true scores downstream tasks, but eval=none names none: add eval=lm_eval "
-                          "eval.tasks=[...] (or eval=paper)")
-    from dropup.evaluation import tasks  # lm-eval is optional: imported only by runs that score
-
-    if cfg.eval.kind == "proxy":  # its tasks are generated from the prepared corpus, at the run's start
-        return
-    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
-    specs = tasks.task_specs(eval_cfg)
-    tasks.check_known(specs, tasks.task_manager(eval_cfg, [spec.name for spec in specs]))
-
-
-def _scorer(cfg: DictConfig, data: TokenData, seq_len: int):
-    """The in-training scorer (eval.in_training), over the run's own tokenizer; None without one."""
-    if not cfg.eval.get("in_training"):
-        return None
-    from dropup.evaluation.proxy import ProxySettings, build_proxy, task_name
-    from dropup.evaluation.scoring import Scorer  # lm-eval is optional: imported only by runs that score
-
-    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
-    if cfg.eval.kind == "proxy":
-        eval_cfg["include_path"] = str(build_proxy(data.path, data.domains, ProxySettings(**eval_cfg["proxy"])))
-        eval_cfg["tasks"] = [task_name(domain) for domain in data.domains]
-    tokenizer_file = data.path / "tokenizer.json"
-    eot = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
-    if eot is None:  # an HF seed's own tokenizer: its end-of-sequence token
-        eot = json.loads((Path(cfg.seed_model) / "config.json").read_text()).get("eos_token_id")
-    return Scorer(eval_cfg, tokenizer_file, seq_len, int(eot or 0))
 
 
 def _quiet_lightning() -> None:
@@ -314,7 +279,7 @@ def _train_rank_zero(cfg: DictConfig, run_dir: Path, log, names: dict, explicit_
     logging.getLogger(__name__).info(plan.lr_note)
     _check_tokenizer_fits(cfg, model_cfg)
     _check_memory(cfg, model_cfg, moe_cfg, strategy, settings)
-    _check_eval(cfg)
+    evaluation.check_config(cfg)
     ratio = strategy.ratio_value  # None for inits without one (scratch, btx, pretrained)
     counts = param_counts(model_cfg, moe_cfg)
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
@@ -413,7 +378,7 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None
     recorder = RunRecorder(run_dir, data.domains, moe_cfg is not None, settings,
                            on_eval=lambda s, m, r: _save_routing(run_dir, s, r, module.last_similarity),
                            on_log=heartbeat.beat if heartbeat is not None else None,
-                           scorer=_scorer(cfg, data, settings["seq_len"]))
+                           scorer=evaluation.scorer_for(cfg, data, settings["seq_len"]))
     # checkpoints written straight to their file and read memory-mapped (the sharded strategy writes DCP instead)
     plugins = [ddp.cluster_environment(), StreamingCheckpointIO()]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
