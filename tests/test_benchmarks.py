@@ -2,6 +2,7 @@
 finds them working; their figures are not checked here."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,18 @@ def run_json_lines(*args) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes():
+def run_in_process(capsys, monkeypatch, script: str, *args) -> list[dict]:
+    """A benchmark that only computes (it starts no run) run as `python <script> <args>` would, in this process:
+    a new interpreter's imports would cost more than the smoke test itself."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    capsys.readouterr()
+    runpy.run_path(str(ROOT / script), run_name="__main__")
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes(capsys, monkeypatch):
     overrides = [arg for o in TINY for arg in ("--override", o)]
-    lines = run_json_lines("benchmarks/train_step.py", "--suite", "gpu", "--device", "cpu", "--precision", "fp32",
+    lines = run_in_process(capsys, monkeypatch, "benchmarks/train_step.py", "--suite", "gpu", "--device", "cpu", "--precision", "fp32",
                            "--seq-len", "16", "--batch-size", "2", "--reps", "1", "--warmup", "1", "--gemm-n", "128",
                            *overrides)
     configs, summary = lines[:-1], lines[-1]
@@ -34,16 +44,16 @@ def test_the_gpu_suite_runs_on_the_cpu_at_tiny_shapes():
     assert set(summary["moe_mfu_vs_dense"]) == {"152m", "1.5b-6L"}
 
 
-def test_the_cpu_step_benchmark_compares_moe_with_dense():
+def test_the_cpu_step_benchmark_compares_moe_with_dense(capsys, monkeypatch):
     overrides = [arg for o in TINY for arg in ("--override", o)]
-    (result,) = run_json_lines("benchmarks/train_step.py", "--model", "small", "--moe", "mixtral", "--compare-dense",
+    (result,) = run_in_process(capsys, monkeypatch, "benchmarks/train_step.py", "--model", "small", "--moe", "mixtral", "--compare-dense",
                                "--precision", "fp32", "--seq-len", "16", "--batch-size", "2", "--reps", "1",
                                "--warmup", "1", "--gemm-n", "128", *overrides)
     assert result["moe_vs_dense"] == round(result["moe"]["mfu"] / result["dense"]["mfu"], 3)
 
 
-def test_the_layer_benchmark_checks_every_fallback_against_grouped():
-    (result,) = run_json_lines("benchmarks/moe_layer.py", "--tokens", "64", "--d-model", "32", "--d-ff", "48",
+def test_the_layer_benchmark_checks_every_fallback_against_grouped(capsys, monkeypatch):
+    (result,) = run_in_process(capsys, monkeypatch, "benchmarks/moe_layer.py", "--tokens", "64", "--d-model", "32", "--d-ff", "48",
                                "--dtype", "fp32", "--reps", "1", "--warmup", "1", "--skew", "1",
                                "--also", "sliced,padded,loop")
     for backend in ("sliced", "padded", "loop"):

@@ -118,7 +118,7 @@ def test_scoring_during_training_fills_its_columns_on_schedule_and_changes_no_tr
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["eval=lm_eval", "eval.in_training=true", "eval.tasks=[no_such_task_anywhere]"],
+    (["eval=paper", "eval.in_training=true", "eval.tasks=[no_such_task_anywhere]"],
      "names 'no_such_task_anywhere', which lm-eval does not know"),
     (["eval.in_training=true"], "eval=none names none: add eval=lm_eval"),
     (["eval=lm_eval", "eval.in_training=true", "eval.tasks=[hellaswag]", "eval.include_path=/nonexistent/tasks"],
@@ -199,3 +199,37 @@ def test_the_proxy_is_deterministic_has_equal_length_candidates_and_separates_tr
         for item in items:
             base = len(encode(item["context"]))
             assert base == 24 and all(len(encode(item["context"] + c)) - base == 8 for c in item["choices"])
+
+
+def test_the_paper_suite_composes_with_its_twelve_tasks_shots_and_metrics_all_known_to_lm_eval():
+    from omegaconf import OmegaConf
+
+    from dropup.evaluation.tasks import check_known, task_manager, task_specs
+
+    eval_cfg = OmegaConf.to_container(config("unused", "eval=paper").eval, resolve=True)
+    specs = task_specs(eval_cfg)
+    assert len(specs) == 12 and len({s.name for s in specs}) == 12
+    shots = {s.name: s.shots for s in specs}
+    assert shots["ja_leaderboard_xlsum"] == 1 and shots["bbh_cot_fewshot"] == 3  # Appendix B.2
+    assert {v for k, v in shots.items() if k not in ("ja_leaderboard_xlsum", "bbh_cot_fewshot")} == {4}
+    assert {s.metric for s in specs if s.name in ("dropup_jemhopqa", "dropup_niilc", "dropup_jsquad")} == {"char_f1"}
+    assert all(s.metric for s in specs)  # each names its metric, none takes "the first"
+    check_known(specs, task_manager(eval_cfg, [s.name for s in specs]))  # lm-eval indexes all twelve
+
+
+@pytest.mark.parametrize("prediction,references,want", [
+    ("東京都", ["東京"], 0.8),  # P 2/3, R 1
+    ("ああい", ["あい"], 0.8),  # characters count as a multiset: the repeated one is not matched twice
+    ("あ い", ["あい"], 1.0),  # whitespace is not a character of the answer
+    ("京都", ["大阪", "京都府"], 0.8),  # the best reference
+    ("", ["京都"], 0.0),
+])
+def test_character_f1(prediction, references, want):
+    import importlib.util
+
+    from dropup.paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("utils", ROOT / "dropup/evaluation/paper_tasks/utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.char_f1(references, [prediction]) == pytest.approx(want)

@@ -488,7 +488,13 @@ def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_pat
     # pooled on each rank's half balances other statistics: its logged balance loss differs from the single
     # process's by more than 1e-3 (measured when this control ran beside it), far outside 2e-4
     single = rows(tmp_path / "single")
+    assert [r["step"] for r in rows(tmp_path / "ddp")] == [r["step"] for r in single]
     for a, b in zip(rows(tmp_path / "ddp"), single):
         for column in ("lm_loss", "lb_loss", "val_loss"):
             if a[column] or b[column]:
                 assert float(a[column]) == pytest.approx(float(b[column]), abs=2e-4), (a["step"], column)
+    # this is also the suite's trainer=ddp run through run.py (it used to have a dense one of its own: the DDP
+    # path is the same for both): the run completes, and Lightning's own messages reach Hydra's run log (run.py
+    # imports Lightning before Hydra sets up logging)
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["status"] == "completed"
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in (tmp_path / "ddp" / "run.log").read_text()

@@ -13,9 +13,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
-from pathlib import Path
 
 from dropup.config import ConfigError
+from dropup.paths import project_path
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,11 @@ def task_manager(eval_cfg: Mapping, names: Iterable[str] = ()):
     """lm-eval's TaskManager over `eval.include_path` (which must exist) and, unless every one of `names` is found
     there, lm-eval's own tasks too (indexing those takes seconds: one index per include_path, kept for the process)."""
     include = eval_cfg.get("include_path")
-    if include is not None and not Path(include).is_dir():
+    include = project_path(include) if include is not None else None  # relative: to the project root
+    if include is not None and not include.is_dir():
         raise ConfigError(f"eval.include_path={include} is not a directory: point it at a folder of lm-eval task "
                           "YAMLs, or leave it unset")
-    include = str(Path(include).resolve()) if include is not None else None
+    include = str(include.resolve()) if include is not None else None
     if include is not None:
         own = _manager(include, False)
         if set(names) <= set(own.all_tasks):
