@@ -149,8 +149,8 @@ def word_tokenizer(words: int):
 
 
 def scoring_requests():
-    """Requests of all three kinds, more than the ranks and uneven over them, with generations that stop at
-    different lengths (one by its stop word, the others by their budgets)."""
+    """Requests of all three kinds, uneven over 4 ranks (one rank has no generation: it keeps the others company),
+    with generations that stop at different lengths."""
     from lm_eval.api.instance import Instance
 
     text = lambda a, n: " ".join(f"w{(a * 7 + k * 3) % 50}" for k in range(n))  # noqa: E731
@@ -158,8 +158,8 @@ def scoring_requests():
     return {
         "loglikelihood": [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
         "loglikelihood_rolling": [Instance("loglikelihood_rolling", {}, (text(b, 10 + 9 * b),), b) for b in range(3)],
-        "generate_until": [Instance("generate_until", {}, (text(c, 4), {"until": ["w3"], "max_gen_toks": 2 + 3 * c}), c)
-                           for c in range(5)],
+        "generate_until": [Instance("generate_until", {}, (text(c, 4), {"until": ["w3"], "max_gen_toks": 1 + 2 * c}), c)
+                           for c in range(3)],
     }
 
 
