@@ -116,6 +116,9 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
         "total_params": results.get("total_params"), "active_params": results.get("active_params"),
         "error": results.get("error"),
         "wall_time_s": (results.get("provenance") or {}).get("wall_time_s"),
+        # which version of the data streams trained it (dropup.data.DATA_STREAM_VERSION); runs that predate the
+        # field recorded none and trained on version 1
+        "data_stream_version": int((results.get("provenance") or {}).get("data_stream") or 1),
         "seed_model": json.dumps((results.get("provenance") or {}).get("seed_model")),
     }
     for key, value in (results.get("metrics") or {}).items():

@@ -76,24 +76,38 @@ def _band(ax, curves: pd.DataFrame, label: str, column: str, x: str, color, smoo
     return True
 
 
+SCORE = "eval/avg"  # metrics.csv's downstream average (eval.in_training)
+
+
 def learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, labels: list[str], title: str, out_dir: Path,
                     name: str, colors=None) -> list[Path]:
-    """Training loss and validation loss against tokens (top) and against training FLOPs (bottom)."""
+    """Training loss and validation loss against tokens (top) and against training FLOPs (middle); where the runs
+    were scored during training (`eval/avg` in metrics.csv), the downstream average against tokens and FLOPs as a
+    bottom row, as the paper's Figs. 3 and 4 have."""
     colors = colors or {}
     curves = curves[curves["role"] == "run"].copy()
     flops_per_token = (runs.set_index("run_id")["train_flops"] / runs.set_index("run_id")["tokens"]).to_dict()
     extra = runs.set_index("run_id")["total_flops"] - runs.set_index("run_id")["train_flops"]
     curves["flops"] = curves["tokens"] * curves["run_id"].map(flops_per_token) + curves["run_id"].map(extra)
     present = [l for l in labels if (curves["label"] == l).any()]
-    fig, axes = plt.subplots(2, 2, figsize=(7.0, 5.2))
-    for row, x, xlabel in ((0, "tokens", "training tokens"), (1, "flops", "training FLOPs (incl. BTX branches)")):
-        for col, column, ylabel in ((0, "train_loss", "training loss"), (1, "val_loss", "validation loss (mean of domains)")):
+    scored = SCORE in curves and curves[curves["label"].isin(present)][SCORE].notna().any()
+    panels = [[("tokens", "training tokens", "train_loss", "training loss"),
+               ("tokens", "training tokens", "val_loss", "validation loss (mean of domains)")],
+              [("flops", "training FLOPs (incl. BTX branches)", "train_loss", "training loss"),
+               ("flops", "training FLOPs (incl. BTX branches)", "val_loss", "validation loss (mean of domains)")]]
+    if scored:
+        panels.append([("tokens", "training tokens", SCORE, "downstream score (mean of tasks)"),
+                       ("flops", "training FLOPs (incl. BTX branches)", SCORE, "downstream score (mean of tasks)")])
+    fig, axes = plt.subplots(len(panels), 2, figsize=(7.0, 2.6 * len(panels)))
+    for row, pair in enumerate(panels):
+        for col, (x, xlabel, column, ylabel) in enumerate(pair):
             ax = axes[row, col]
             for l in present:
                 _band(ax, curves, l, column, x, colors.get(l) or _ratio_color(l), smooth=5 if column == "train_loss" else 1)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            _zoom(ax, curves[curves["label"].isin(present)], column)
+            if column != SCORE:
+                _zoom(ax, curves[curves["label"].isin(present)], column)
     handles, names = axes[0, 1].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=min(len(names), 6), frameon=False, bbox_to_anchor=(0.5, 1.02))
     fig.suptitle(title, y=1.07)

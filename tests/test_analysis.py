@@ -70,6 +70,9 @@ def test_collect_keeps_failed_and_half_written_runs(runs_dir, tmp_path):
     assert by_id.loc["NU-s0", "metrics.val_loss/en"] == pytest.approx(4.6)
     assert by_id.loc["NU-s0", "metrics.routing/imbalance"] > 1  # computed from routing.json
     assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == len(frame) == 10
+    assert by_id.loc["NU-s0", "data_stream_version"] == 2 and by_id.loc["BTX-s0", "data_stream_version"] == 1
+    make_run(runs_dir, "NU-v1", "naive", data_stream=None)  # provenance from before the streams had versions
+    assert collect([runs_dir]).set_index("run_id").loc["NU-v1", "data_stream_version"] == 1
     assert set(curves(frame)["run_id"]) >= {"NU-s0", "DU-1.0-s0"}
 
 
@@ -222,6 +225,13 @@ def test_figures_have_their_panels(runs_dir, tmp_path, monkeypatch):
         return real_save(fig, *args, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "savefig", spy)
+    fig3(frame, lines, out)
+    assert [y for _, y in captured["axes"]].count("downstream score (mean of tasks)") == 0  # nothing was scored
+    scored = lines.copy()
+    scored["eval/avg"] = scored["val_loss"].map(lambda v: None if pd.isna(v) else 1 / v)  # on validation rows
+    fig3(frame, scored, out)
+    assert len(captured["axes"]) == 6  # the bottom row: score against tokens and against FLOPs
+    assert [y for _, y in captured["axes"]].count("downstream score (mean of tasks)") == 2
     fig5(frame, lines, out)
     titles = [t for t, _ in captured["axes"] if t]
     assert titles == ["NU", "DU (r=0.5)", "DU (r=1)"]  # methods side by side (FS failed, BTX unfinished)
