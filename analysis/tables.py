@@ -150,7 +150,10 @@ def _domains(runs: pd.DataFrame) -> list[str]:
 
 
 def _score_columns(runs: pd.DataFrame) -> list[str]:
-    return sorted(c for c in runs.columns if c.startswith("metrics.eval/"))
+    """Each task's score column, then their average last (as the paper's Table 1); eval/n_tasks is a count."""
+    tasks = sorted(c for c in runs.columns if c.startswith("metrics.eval/")
+                   and c not in ("metrics.eval/avg", "metrics.eval/n_tasks"))
+    return tasks + (["metrics.eval/avg"] if "metrics.eval/avg" in runs.columns else [])
 
 
 def build(name: str, caption: str, runs: pd.DataFrame, rows: list[str], key: str,

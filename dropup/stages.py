@@ -82,7 +82,8 @@ def export(cfg: DictConfig):
 
 def evaluate(cfg: DictConfig):
     if cfg.eval.kind != "lm_eval":
-        raise ConfigError("stage=eval needs eval=lm_eval (and eval.tasks)")
+        raise ConfigError("stage=eval needs eval=lm_eval (with eval.tasks) or eval=paper; eval=proxy scores during "
+                          "training: add eval.in_training=true to the training run")
     run_dir, out = _export_paths(cfg)
     if not (out / "config.json").is_file():
         export(cfg)

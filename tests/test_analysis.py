@@ -187,6 +187,18 @@ def test_table1_cells(runs_dir):
     assert r"\textbf{4.210 $\pm$ 0.010 (3)}" in table.latex()
     csv = table.frame().set_index("row")
     assert csv.loc["NU", "val avg n"] == 3 and csv.loc["FS", "val avg status"] == "failed"
+    # runs scored during training: a column per task, their average last, higher is better; no count column
+    frame = collect([runs_dir])
+    scored = frame["label"].isin(["NU", "DU (r=0.5)"])
+    frame.loc[scored, "metrics.eval/hellaswag"] = frame.loc[scored, "label"].map({"NU": 0.30, "DU (r=0.5)": 0.40})
+    frame.loc[scored, "metrics.eval/triviaqa"] = 0.1
+    frame.loc[scored, "metrics.eval/avg"] = frame.loc[scored, "label"].map({"NU": 0.20, "DU (r=0.5)": 0.25})
+    frame.loc[scored, "metrics.eval/n_tasks"] = 2
+    scores = table1(frame)
+    headers = [header for header, _, _ in scores.columns]
+    assert headers[-4:] == ["hellaswag", "triviaqa", "avg", "routing JSD"] and "n_tasks" not in headers
+    assert scores.bold["avg"] == {"DU (r=0.5)"}  # higher is better
+    assert scores.cells[("DU (r=0.5)", "hellaswag")].mean == pytest.approx(0.40)
 
 
 def test_bold_needs_a_gap_beyond_the_seed_spread():
