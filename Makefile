@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench gpu-wheels bench-data bench-convert info table1 table2 table8 figures status mini mini-seeds followup mini-report granular balancing
+.PHONY: help install run data test test-slow test-slurm slurm-up slurm-down bench gpu-wheels bench-data bench-convert info table1 table2 table8 figures status mini mini-seeds mini-seeds-scored followup mini-report granular balancing
 
 SCALE ?= smoke
 LAUNCHER ?= local
@@ -60,6 +60,11 @@ mini: install ## the CPU mini reproduction: Table 1 and Figs. 3-5 at SCALE=mini 
 
 mini-seeds: install ## FS, NU, DU r=0.25..1 over 3 seeds, 12 M MoE tokens (resumable; ~9 h on 2 cores; one GPU: JOBS=9 OVERRIDES=trainer=gpu)
 	$(PY) -m analysis.sweep seeds --scale mini-seeds --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
+	$(PY) -m analysis.report update docs/mini-reproduction.md
+
+mini-seeds-scored: install ## NU and DU r=0.5 over 3 seeds on the current data streams, scored on eval=proxy during training (Fig. 3's bottom row; ~3 h on 2 cores)
+	$(PY) -m analysis.sweep seeds --scale mini-seeds --only NU --only DU-0.5 --launcher $(LAUNCHER) --jobs $(JOBS) \
+	  --override eval=proxy --override eval.in_training=true $(foreach o,$(OVERRIDES),--override $(o))
 	$(PY) -m analysis.report update docs/mini-reproduction.md
 
 followup: install ## a mini follow-up: NU, DU r=0.5, r=1 at SCALE=mini-low-lr or mini-strong-seed (~30-50 min on 2 cores)
