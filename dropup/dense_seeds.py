@@ -88,6 +88,8 @@ def _dense_cfg(cfg: DictConfig, run_dir: Path, train: dict, seed: int, init: dic
     dense.update(stage="train", seed=seed, seed_model=seed_model, resume=True, run_dir=str(run_dir), train=train,
                  init=init)
     dense["moe"]["enabled"] = False
+    # the seeds and branches are shared by many runs: the MoE run's downstream scoring is not theirs to pay for
+    dense["eval"] = {**dense.get("eval", {}), "in_training": False}
     if weights is not None:
         dense["data"]["weights"] = weights
     return OmegaConf.create(dense)

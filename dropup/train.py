@@ -400,6 +400,10 @@ def _fit(cfg, run_dir, model_cfg, moe_cfg, settings, data, state, ckpt, key=None
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     # the final weights, streamed one tensor at a time (under trainer=fsdp each is gathered: every rank takes part)
     write_weights(module.model, run_dir / "model.safetensors", write=trainer.is_global_zero)
+    # Lightning leaves its process group up; a later run in this process (the MoE run after the dense seed it had
+    # to train first, under trainer=ddp) would otherwise reuse it, with peers that have exited
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return module, trainer, recorder
 
 

@@ -478,13 +478,21 @@ def test_global_batch_on_two_ddp_ranks_trains_like_pooled_on_one_process(tmp_pat
     from test_train import ROOT, TINY, config, rows
     from dropup.train import train
 
-    common = ["init=naive", "trainer.precision=32-true", *TINY, *store]
-    train(config(tmp_path / "single", *common))
+    # a seed store of its own, with a short seed recipe: the DDP run, first, trains its dense seed itself (under
+    # trainer=ddp, in the same process before the MoE run: the process group must not outlive that run), and the
+    # single process then finds that seed
+    data_dir = next(o for o in store if o.startswith("paths.data_dir="))
+    common = ["init=naive", "trainer.precision=32-true", *TINY, data_dir, f"paths.seed_store={tmp_path / 'seeds'}",
+              "seed_recipe.train.tokens=4096"]
     mode = os.environ.get("DROPUP_TEST_DDP_LB_MODE", "global_batch")  # =pooled: the control, which must fail
     proc = subprocess.run([sys.executable, "run.py", "trainer=ddp", f"moe.lb_mode={mode}", *common,
                            f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = lambda: [p.name for p in (tmp_path / "seeds").iterdir() if p.is_dir()]  # noqa: E731
+    assert len(seeds()) == 1  # trained by the DDP run
+    train(config(tmp_path / "single", *common))
+    assert len(seeds()) == 1  # the single process used the same seed
     # pooled on each rank's half balances other statistics: its logged balance loss differs from the single
     # process's by more than 1e-3 (measured when this control ran beside it), far outside 2e-4
     single = rows(tmp_path / "single")

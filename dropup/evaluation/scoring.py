@@ -92,6 +92,7 @@ class Scorer:
             scores = {}
         finally:
             model.train(was_training)
+        scores = _as_on_rank_zero(scores)
         if scores:
             present = [v for k, v in scores.items() if k.startswith("eval/")]
             scores["eval/avg"] = sum(present) / len(present)
@@ -102,3 +103,12 @@ class Scorer:
     def _evaluate(self, lm: ModelLM) -> dict[str, float]:
         return run_tasks(lm, self.specs, self.manager, self.cfg.get("limit"), bootstrap_iters=0)[0]
 
+
+def _as_on_rank_zero(scores: dict[str, float]) -> dict[str, float]:
+    """Every rank computed the same requests, but lm-eval hands the results only to the process whose LOCAL_RANK is
+    0: the others take rank 0's scores (every rank calls this, whatever happened in its own scoring)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return scores
+    box = [scores]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -118,6 +118,8 @@ def run_tasks(model, specs: list[TaskSpec], manager, limit=None, **kwargs) -> tu
         group = list(group)
         result = lm_eval.simple_evaluate(model=model, tasks=[s.name for s in group], num_fewshot=shots, limit=limit,
                                          task_manager=manager, log_samples=False, verbosity="ERROR", **kwargs)
+        if result is None:  # lm-eval returns results only in the process whose LOCAL_RANK is 0 (Scorer shares them)
+            continue
         raw.update(result["results"])
         for spec in group:
             value = score_of(result["results"], spec)
