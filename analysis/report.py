@@ -12,6 +12,9 @@ compared without the run directories.
 
     python -m analysis.report update docs/mini-reproduction.md   # copy runs.csv and figures from results/, re-render
     python -m analysis.report check docs/mini-reproduction.md    # re-render from the committed CSVs; fail on drift
+
+Numbers in the prose are bound to computations over the same CSVs and re-rendered with the tables
+(`analysis.prose`); in regions marked as checked prose, a typed number fails the check.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import tables
+from analysis import prose, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) @ (?P<scale>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end table -->)",
@@ -52,14 +55,26 @@ def render_table(report: Path, name: str, scale: str) -> str:
 
 
 def rendered(report: Path) -> str:
+    """The report with its tables and its prose numbers (`analysis.prose`) re-rendered from the committed CSVs."""
     text = report.read_text()
-    return TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(report, m["name"], m["scale"]) + m.group(5), text)
+    text = TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(report, m["name"], m["scale"]) + m.group(5), text)
+
+    def runs_of(scale: str) -> pd.DataFrame:
+        if not runs_csv(report, scale).is_file():
+            raise SystemExit(f"error: {report} binds a number to SCALE={scale}, whose runs.csv is not committed")
+        return pd.read_csv(runs_csv(report, scale))
+
+    try:
+        return prose.render(text, runs_of)
+    except prose.ProseError as err:
+        raise SystemExit(f"error: {report}: {err}") from err
 
 
 def update(report: Path, results: Path) -> list[Path]:
     """Copy each scale's runs.csv and the figures the report shows from results/, then re-render its tables."""
     text = report.read_text()
-    scales = {m["scale"] for m in TABLE_BLOCK.finditer(text)} | {m["scale"] for m in FIGURE_LINK.finditer(text)}
+    scales = {m["scale"] for m in TABLE_BLOCK.finditer(text)} | {m["scale"] for m in FIGURE_LINK.finditer(text)} \
+        | prose.scales(text)
     written = []
     assets_dir(report).mkdir(parents=True, exist_ok=True)
     # a scale not run here (make mini-seeds needs hours) keeps its committed runs and figures
@@ -96,7 +111,10 @@ def check(report: Path) -> list[str]:
     expected = rendered(report)
     if expected != text:
         diff = difflib.unified_diff(text.splitlines(), expected.splitlines(), "report", "re-rendered", lineterm="", n=0)
-        problems.append("tables differ from their runs:\n" + "\n".join(diff))
+        problems.append("tables or prose numbers differ from their runs:\n" + "\n".join(diff))
+    for number in prose.untraced(text):
+        problems.append(f"the checked prose types the number {number!r}: bind it to its computation "
+                        "(<!--n:...-->, analysis/prose.py) or leave it out")
     return problems
 
 

@@ -407,6 +407,31 @@ def test_report_tables_are_rerendered_from_the_committed_runs(runs_dir, tmp_path
     assert any("missing" in p for p in report.check(doc))
 
 
+def test_prose_numbers_are_rendered_from_the_runs_and_a_typed_one_fails_the_check(runs_dir, tmp_path):
+    """DU(0.5) has seeds at 4.20, 4.21, 4.22 and NU at 4.50, 4.51, 4.52 (runs_dir): their gap from unrounded means
+    is -0.300; a number typed by hand, or bound but edited, fails `report check`."""
+    results = tmp_path / "results"
+    collect([runs_dir], results / "tiny" / "runs.csv")
+    doc = tmp_path / "docs" / "report.md"
+    doc.parent.mkdir()
+    gap = "<!--n:gap tiny | DU (r=0.5) | NU | val_loss | 3-->stale<!--/n-->"
+    mean = "<!--n:mean tiny | NU | val_loss | 2-->?<!--/n-->"
+    doc.write_text(f"# Report\n<!-- prose: checked -->\nDU(0.5) - NU is {gap}; NU averages {mean} over 3 seeds "
+                   "(see `val 4.5`).\n<!-- end prose -->\nOutside: 0.123 is not checked.\n")
+    report.update(doc, results)
+    text = doc.read_text()
+    assert "-->\u22120.300<!--/n-->" in text and "-->4.51<!--/n-->" in text
+    assert report.check(doc) == []
+    doc.write_text(text.replace("\u22120.300", "\u22120.301"))  # a bound number edited by hand
+    assert "differ" in report.check(doc)[0]
+    doc.write_text(text.replace("over 3 seeds", "over 3 seeds, sd 0.01"))  # a typed decimal in checked prose
+    assert report.check(doc) == ["the checked prose types the number '0.01': bind it to its computation "
+                                 "(<!--n:...-->, analysis/prose.py) or leave it out"]
+    doc.write_text(text.replace("gap tiny", "gapp tiny"))
+    with pytest.raises(SystemExit, match="unknown computation"):
+        report.check(doc)
+
+
 def test_the_mini_reproduction_report_matches_its_runs():
     doc = Path(__file__).resolve().parents[1] / "docs" / "mini-reproduction.md"
     assert report.check(doc) == []
