@@ -61,7 +61,10 @@ def test_bad_config_fails_with_a_clear_message(override, message, tmp_path):
 
 
 def test_a_bad_config_through_a_real_run_py_process():
-    """The same through a new interpreter: the exit code and the stderr the shell sees."""
+    """The same through a new interpreter: the exit code and the stderr the shell sees, and nothing on stdout (a
+    fresh process's imports print nothing there, so `stage=info`'s JSON is its stdout's last line: tests/test_flops.py
+    checks that in this process)."""
     proc = subprocess.run([sys.executable, "run.py", "stage=info", "moe.top_k=9", "hydra.run.dir=/tmp/dropup-test-run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "top_k=9" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
