@@ -117,8 +117,8 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
         "error": results.get("error"),
         "wall_time_s": (results.get("provenance") or {}).get("wall_time_s"),
         # which version of the data streams trained it (dropup.data.DATA_STREAM_VERSION); runs that predate the
-        # field recorded none and trained on version 1
-        "data_stream_version": int((results.get("provenance") or {}).get("data_stream") or 1),
+        # field recorded none and trained on version 1; a run that wrote no results.json yet: unknown
+        "data_stream_version": int((results.get("provenance") or {}).get("data_stream") or 1) if results else None,
         "seed_model": json.dumps((results.get("provenance") or {}).get("seed_model")),
     }
     for key, value in (results.get("metrics") or {}).items():
@@ -175,8 +175,30 @@ def _referenced(rows: list[dict]) -> list[tuple[Path, str]]:
     return refs
 
 
-def collect(roots, out: Path | None = None) -> pd.DataFrame:
-    """One row per run under `roots`, plus the seed and branch models those runs name. Cached to `out` (CSV)."""
+STREAM_SUFFIX = " [v{} streams]"
+STREAM_MARK = re.compile(r" \[v\d+ streams\]$")
+
+
+def mark_older_streams(frame: pd.DataFrame) -> pd.DataFrame:
+    """Where runs of one scale trained on different versions of the data streams (a partial rerun), the older ones
+    keep their rows, labelled with their version: no mean mixes versions, and no seed pairs across them (a seed
+    fixes data order only within one version)."""
+    if frame.empty or "data_stream_version" not in frame:
+        return frame
+    newest = frame["data_stream_version"].max()
+    versions = frame["data_stream_version"].fillna(newest).astype(int)  # unknown (no results yet): not marked
+    older = versions < newest
+    already = frame["label"].astype(str).map(lambda label: bool(STREAM_MARK.search(label)))
+    frame.loc[older & ~already, "label"] = [f"{label}{STREAM_SUFFIX.format(v)}" for label, v in
+                                            zip(frame.loc[older & ~already, "label"], versions[older & ~already])]
+    return frame
+
+
+def collect(roots, out: Path | None = None, keep=()) -> pd.DataFrame:
+    """One row per run under `roots`, plus the seed and branch models those runs name. Cached to `out` (CSV).
+
+    `keep`: earlier collected tables (runs.csv) whose rows stay where no run directory here has their run_id: runs
+    that were not rerun, and whose directories live elsewhere (a committed report's CSV)."""
     rows = [read_run(d) for d in find_run_dirs(roots)]
     seen = {r["path"] for r in rows}
     for path, role in _referenced(rows):
@@ -191,6 +213,17 @@ def collect(roots, out: Path | None = None) -> pd.DataFrame:
         row["total_flops"] = (row.get("train_flops") or 0.0) + sum(
             flops_of.get(str(Path(b).resolve()), 0.0) for b in branches)
     frame = pd.DataFrame(rows)
+    fresh = set(frame["run_id"]) if not frame.empty else set()
+    for path in keep:
+        kept = pd.read_csv(path)
+        kept = kept[~kept["run_id"].isin(fresh)]
+        if "data_stream_version" not in kept:
+            kept = kept.assign(data_stream_version=1)  # collected before the column: version 1 by definition
+        print(f"[collect] kept from {path}: {', '.join(kept['run_id'])}" if len(kept) else
+              f"[collect] {path}: every run was collected afresh", file=sys.stderr)
+        frame = pd.concat([frame, kept], ignore_index=True)
+        fresh |= set(kept["run_id"])
+    frame = mark_older_streams(frame)
     if not frame.empty:
         frame = frame.sort_values(["role", "label", "seed", "run_id"], na_position="last").reset_index(drop=True)
     if out is not None:
@@ -209,6 +242,7 @@ def curves(runs: pd.DataFrame) -> pd.DataFrame:
         if path.is_file() and path.stat().st_size:
             table = pd.read_csv(path)
             table["run_id"], table["label"], table["seed"], table["role"] = run["run_id"], run["label"], run["seed"], run["role"]
+            table["data_stream_version"] = run.get("data_stream_version", 1)
             parts.append(table)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
@@ -251,8 +285,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Collect run directories into one table")
     parser.add_argument("roots", nargs="+")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", type=Path, action="append", default=[],
+                        help="an earlier runs.csv whose runs not collected here stay in the table (repeatable)")
     args = parser.parse_args(argv)
-    frame = collect(args.roots, args.out)
+    for path in args.keep:
+        if not path.is_file():
+            print(f"error: --keep {path}: no such runs.csv", file=sys.stderr)
+            return 1
+    frame = collect(args.roots, args.out, keep=args.keep)
     if frame.empty:
         print(f"error: no run directories (with results.json or .hydra/) under {', '.join(args.roots)}",
               file=sys.stderr)

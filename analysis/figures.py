@@ -255,12 +255,14 @@ def seed_gap(runs, curves, out_dir, reference: str = "NU"):
     A line is the mean over seeds, the band their min to max; below zero is better than the reference.
     """
     val = curves[(curves["role"] == "run")].dropna(subset=["val_loss"])
-    ref = val[val["label"] == reference].set_index(["seed", "step"])["val_loss"]
+    # a seed pairs runs within one version of the data streams only
+    keys = ["seed", "data_stream_version", "step"] if "data_stream_version" in val else ["seed", "step"]
+    ref = val[val["label"] == reference].set_index(keys)["val_loss"]
     labels = sorted({l for l in val["label"] if l not in (reference, "Dense")}, key=method_order)
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.8), gridspec_kw={"width_ratios": [1, 1]})
     for ax, subset in zip(axes, ([l for l in labels if l != "FS"], ["FS"] if "FS" in labels else [])):
         for label in subset:
-            gap = val[val["label"] == label].set_index(["seed", "step"])["val_loss"] - ref
+            gap = val[val["label"] == label].set_index(keys)["val_loss"] - ref
             gap = gap.dropna().reset_index()
             if gap.empty:
                 continue

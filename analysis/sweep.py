@@ -194,9 +194,9 @@ def launch(run_dir: Path, overrides: list[str], launcher: str, quiet: bool = Fal
     return code
 
 
-def render(artefact: str, scale: str, results: Path) -> list[Path]:
+def render(artefact: str, scale: str, results: Path, keep=()) -> list[Path]:
     out = results / scale
-    runs = collect([out / "runs"], out / "runs.csv")
+    runs = collect([out / "runs"], out / "runs.csv", keep=keep)
     all_curves = curves(runs)
     paths = []
     for name, budget in load(artefact)["renders"].items():
@@ -231,6 +231,9 @@ def main(argv=None) -> int:
                         help="launch nothing: print each run as one JSON line (name, run_dir, status, overrides, "
                              "tokens, schedule_tokens, train_flops)")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--keep", type=Path, action="append", default=[], metavar="RUNS_CSV",
+                        help="an earlier runs.csv (a report's committed one) whose runs that are not under results/ "
+                             "stay in the tables, labelled with their data-stream version where it is older")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every run, e.g. trainer=gpu (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -245,6 +248,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a run of {args.artefact}; its runs: "
                          f"{', '.join(load(args.artefact)['runs'])}")
+    missing = [str(path) for path in args.keep if not path.is_file()]
+    if missing:
+        raise SystemExit(f"error: --keep {', '.join(missing)}: no such runs.csv (a report's committed one, e.g. "
+                         "docs/mini-reproduction/mini-seeds-v1-runs.csv)")
     if args.jobs > 1 and args.launcher != "local":
         raise SystemExit("error: --jobs applies to --launcher local; a cluster runs submitted jobs at once already")
     if args.status or args.artefact is None:
@@ -270,7 +277,7 @@ def main(argv=None) -> int:
             codes = list(pool.map(lambda run: launch(run.run_dir, run.overrides, args.launcher, quiet=args.jobs > 1),
                                   todo))
         failed = [run.run_dir.name for run, code in zip(todo, codes) if code != 0]
-    for path in render(args.artefact, args.scale, args.results):
+    for path in render(args.artefact, args.scale, args.results, keep=args.keep):
         print(f"[sweep] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     if failed:
         print(f"[sweep] failed runs (rendered as failed): {', '.join(failed)}", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.collect import DENSE_LABEL, SHARED_SUFFIX, split_label
+from analysis.collect import DENSE_LABEL, SHARED_SUFFIX, STREAM_MARK, split_label
 from dropup.init.registry import STRATEGIES
 from dropup.init.router import TABLE8
 
@@ -177,7 +177,10 @@ def table1(runs: pd.DataFrame) -> Table:
     columns.append(("val avg", "metrics.val_loss", True))
     columns += [(c.split("/", 1)[1], c, False) for c in _score_columns(runs)]
     columns.append(("routing JSD", "metrics.routing/specialization", False))
-    table = build("table1", "Table 1: validation loss by MoE initialization", runs, list(TABLE1_ROWS), "label", columns)
+    older = [l for l in sorted(set(runs["label"].dropna()), key=method_order) if STREAM_MARK.search(l)
+             and STREAM_MARK.sub("", l) in TABLE1_ROWS]
+    rows = sorted([*TABLE1_ROWS, *older], key=lambda l: (TABLE1_ROWS.index(STREAM_MARK.sub("", l)), l))
+    table = build("table1", "Table 1: validation loss by MoE initialization", runs, rows, "label", columns)
     table.bold["routing JSD"] = set()  # descriptive, not a score to win
     return table
 
@@ -253,10 +256,18 @@ T_CRITICAL_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36,
 
 
 def paired_differences(done: pd.DataFrame, label: str, reference: str, column: str) -> pd.Series:
-    """label minus reference in `column` of completed runs, seed by seed (a seed fixes data order and MoE init)."""
-    a = done[done["label"] == label].set_index("seed")[column].dropna()
-    b = done[done["label"] == reference].set_index("seed")[column].dropna()
-    return (a - b).dropna().astype(float)
+    """label minus reference in `column` of completed runs, seed by seed (a seed fixes data order and MoE init, within
+    one version of the data streams: runs of another version are not paired)."""
+    keys = ["seed", "data_stream_version"] if "data_stream_version" in done else ["seed"]
+    a = done[done["label"] == label].set_index(keys)[column].dropna()
+    b = done[done["label"] == reference].set_index(keys)[column].dropna()
+    return (a - b).dropna().astype(float).droplevel(keys[1:]) if len(keys) > 1 else (a - b).dropna().astype(float)
+
+
+def stream_versions(runs: pd.DataFrame, label: str) -> set[int]:
+    if "data_stream_version" not in runs:
+        return {1}
+    return set(runs.loc[runs["label"] == label, "data_stream_version"].fillna(1).astype(int))
 
 
 def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differences_only: bool = False) -> Table:
@@ -293,6 +304,9 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
             table.cells[(row, header)] = _summary(paired_differences(done, label, reference, column))
         diff, a = table.cells[(row, "val avg")], table.cells[(label, "val avg")]
         b = table.cells.get((reference, "val avg"), Cell(None, None, 0, "missing"))
+        if diff.n == 0 and stream_versions(done, label) != stream_versions(done, reference):
+            table.notes.append(f"{row}: not paired, the two trained on different versions of the data streams.")
+            continue
         if diff.n < 2 or a.sd is None or b.sd is None:
             table.notes.append(f"{row} (val avg): fewer than two paired seeds, no verdict.")
             continue

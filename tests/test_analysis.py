@@ -70,7 +70,10 @@ def test_collect_keeps_failed_and_half_written_runs(runs_dir, tmp_path):
     assert by_id.loc["NU-s0", "metrics.val_loss/en"] == pytest.approx(4.6)
     assert by_id.loc["NU-s0", "metrics.routing/imbalance"] > 1  # computed from routing.json
     assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == len(frame) == 10
-    assert by_id.loc["NU-s0", "data_stream_version"] == 2 and by_id.loc["BTX-s0", "data_stream_version"] == 1
+    # a run that wrote no results.json has no known version (and is not labelled as an older one)
+    assert by_id.loc["NU-s0", "data_stream_version"] == 2 and pd.isna(by_id.loc["BTX-s0", "data_stream_version"])
+    make_run(tmp_path / "older", "NU-s0", "naive", data_stream=None)  # predates the field: version 1
+    assert collect([tmp_path / "older"])["data_stream_version"].tolist() == [1]
     make_run(runs_dir, "NU-v1", "naive", data_stream=None)  # provenance from before the streams had versions
     assert collect([runs_dir]).set_index("run_id").loc["NU-v1", "data_stream_version"] == 1
     assert set(curves(frame)["run_id"]) >= {"NU-s0", "DU-1.0-s0"}
@@ -290,7 +293,7 @@ def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch
     launched = []
     monkeypatch.setattr(sweep, "launch", lambda run_dir, overrides, launcher, quiet=False:
                         launched.append((run_dir.name, overrides, quiet)) or 0)
-    monkeypatch.setattr(sweep, "render", lambda *args: [])
+    monkeypatch.setattr(sweep, "render", lambda *args, **kwargs: [])
     full = 12_000_000 // 4096 * 4096
     runs = tmp_path / "mini-seeds" / "runs"
     # completed (its schedule written down as whole steps, 11,997,184 of the 12 M asked): not launched again
@@ -385,6 +388,76 @@ def test_seed_gap_plots_the_paired_difference(runs_dir, tmp_path, monkeypatch):
     seed_gap(runs, curves(runs), tmp_path)
     x, y = drawn["seed_gap"]["DU (r=0.5) (n=3)"]
     assert list(x) == [0.0, 0.005, 0.01] and y == pytest.approx([-0.3, -0.3, -0.3])
+
+
+def test_a_partial_rerun_keeps_older_runs_labelled_and_never_pairs_across_stream_versions(runs_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """runs_dir's NU and DU r=0.5 are a version-2 rerun; DU r=1 over three seeds, and an older NU-s0, are version-1
+    runs collected earlier (a committed runs.csv). The kept DU r=1 rows are labelled as version 1, the rerun NU-s0
+    replaces the old one, and neither the seeds table nor the seed-gap figure pairs a version-1 run with a version-2
+    seed (seed s orders the data differently in each version)."""
+    old = tmp_path / "old"
+    for s in (0, 1, 2):
+        make_run(old, f"DU-1.0-s{s}", "drop", ratio=1.0, seed=s, loss=4.4, data_stream=1)
+    make_run(old, "NU-s0", "naive", loss=9.0, data_stream=1)
+    assert not any("streams]" in l for l in collect([old], tmp_path / "old.csv")["label"])  # one version: no mark
+    (runs_dir / "DU-1.0-s0").rename(tmp_path / "moved-aside")  # the rerun did not include it
+    runs = collect([runs_dir], keep=[tmp_path / "old.csv"])
+    assert "kept from" in capsys.readouterr().err
+    assert sorted(runs.loc[runs["label"] == "DU (r=1) [v1 streams]", "seed"]) == [0, 1, 2]
+    assert sorted(runs.loc[runs["label"] == "NU", "metrics.val_loss"]) == pytest.approx([4.5, 4.51, 4.52])
+    assert not (runs["label"] == "NU [v1 streams]").any()
+    table = seeds(runs)
+    assert table.cells[("DU (r=1) [v1 streams] − NU", "val avg")].n == 0
+    assert any(n.startswith("DU (r=1) [v1 streams] − NU: not paired") for n in table.notes)
+    assert table.cells[("DU (r=0.5) − NU", "val avg")].n == 3
+    assert table1(runs).rows.index("DU (r=1) [v1 streams]") == table1(runs).rows.index("DU (r=1)") + 1
+    drawn = {}
+    monkeypatch.setattr("analysis.figures._save", lambda fig, out_dir, name: drawn.update(
+        {name: [line.get_label() for ax in fig.axes for line in ax.lines]}) or [])
+    seed_gap(runs, curves(runs), tmp_path)
+    assert "DU (r=0.5) (n=3)" in drawn["seed_gap"] and not any("v1" in l for l in drawn["seed_gap"])
+    from analysis import collect as collect_module
+    assert collect_module.main([str(runs_dir), "--keep", str(tmp_path / "nope.csv")]) == 1
+    assert "--keep" in capsys.readouterr().err
+
+
+def _prose_runs(**extra):
+    """A: 1.0, 2.0, 1.0 and B: 0.5, 1.0, 1.5 on seeds 0, 1, 2 (B's rows stored in reverse seed order, so pairing by
+    row order instead of by seed gives other differences): A − B by seed is +0.5, +1.0, −0.5."""
+    rows = [{"label": "A", "seed": s, "metrics.val_loss": v} for s, v in zip((0, 1, 2), (1.0, 2.0, 1.0))]
+    rows += [{"label": "B", "seed": s, "metrics.val_loss": v} for s, v in zip((2, 1, 0), (1.5, 1.0, 0.5))]
+    frame = pd.DataFrame(rows).assign(role="run", status="completed", total_params=8_668_288, lr=0.002, **extra)
+    return lambda scale: frame
+
+
+def test_prose_paired_statistics_pair_by_seed_with_the_sample_spread():
+    from analysis import prose
+    runs_of = _prose_runs()
+    compute = lambda expr: prose.compute(expr, runs_of)
+    assert compute("paired s | A | B | val_loss | 3") == "+0.333 ± 0.764"  # sd with n - 1; n would give 0.624
+    assert compute("perseed s | A | B | val_loss | 1") == "+0.5 / +1.0 / \u22120.5"
+    assert compute("t s | A | B | val_loss") == "0.8"  # 0.333 / (0.764 / sqrt 3) = 0.756
+    assert compute("signs s | A | B | val_loss") == "2/3"
+    assert compute("tcrit s | A | B") == "4.30"
+    assert compute("sd s | B | val_loss | 3") == "0.500"
+    assert compute("value s | A | total_params") == "8,668,288"
+    assert compute("value s | A | total_params | .2f | 1e-6") == "8.67"
+    assert compute("value s | A | lr | g") == "0.002"
+    assert compute("ratio s | A | B | metrics.val_loss | 3") == "1.333"
+    assert compute('calc s | .1f | 100 * gap("B", "A", "val_loss") / mean("A", "val_loss")') == "\u221225.0"
+    with pytest.raises(prose.ProseError, match="not"):
+        compute('calc s | .1f | __import__("os").getpid()')
+    with pytest.raises(prose.ProseError, match="not paired"):
+        prose.compute("paired s | A | B | val_loss | 3",
+                      _prose_runs(data_stream_version=[1, 1, 1, 2, 2, 2]))
+
+
+def test_prose_constants_are_exempt_and_nothing_else_is():
+    from analysis import prose
+    text = ("<!-- prose: checked -->In sections <!--k:the paper's section-->5.1<!--/k--> and 5.4, "
+            "<!--n:mean s | A | val_loss | 2-->1.33<!--/n--> at 5 %.<!-- end prose -->")
+    assert prose.untraced(text) == ["5.4", "5 %"]
 
 
 def test_report_tables_are_rerendered_from_the_committed_runs(runs_dir, tmp_path):
