@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from dropup import balancing, families
 from dropup.config import ConfigError, architecture
 from dropup.data.corpus import EOT
-from dropup.evaluation.tasks import check_known, run_tasks, task_manager, task_specs
+from dropup.evaluation.tasks import average, check_known, run_tasks, task_manager, task_specs
 from dropup.families.mapping import rows_of
 from dropup.files import write_json_atomic
 from dropup.hf import hf_config, hf_config_dict
@@ -36,14 +36,14 @@ from dropup.upcycle.common import CARRIED_FILES
 log = logging.getLogger(__name__)
 
 
-def _run_config(run_dir: Path) -> DictConfig:
+def run_config(run_dir: Path) -> DictConfig:
     for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
         if path.is_file():
             return OmegaConf.create(yaml.safe_load(path.read_text()))
     raise ConfigError(f"{run_dir} has no .hydra/config.yaml: export.run must name a dropup run directory")
 
 
-def _tokenizer_file(run_dir: Path, data_dir: Path) -> Path | None:
+def tokenizer_file(run_dir: Path, data_dir: Path) -> Path | None:
     """The tokenizer the run was trained with: the prepared data whose manifest has the run's tokenizer hash."""
     results = json.loads((run_dir / "results.json").read_text())
     wanted = (results.get("provenance") or {}).get("tokenizer_hash")
@@ -69,7 +69,7 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{run_dir} has no model.safetensors: only completed runs can be exported")
-    model_cfg, moe_cfg = architecture(_run_config(run_dir))
+    model_cfg, moe_cfg = architecture(run_config(run_dir))
     hf_config_dict(model_cfg, moe_cfg)  # what the family cannot hold (a shared expert in a Mixtral) fails first
     hf_seed = _hf_seed(run_dir)
     tokenizer = None
@@ -78,11 +78,11 @@ def export(run_dir: Path, out: Path, data_dir: Path) -> Path:
         ids = {k: seed_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
                if seed_config.get(k) is not None}
     else:
-        tokenizer_file = _tokenizer_file(run_dir, data_dir)
-        if tokenizer_file is None:
+        trained_with = tokenizer_file(run_dir, data_dir)
+        if trained_with is None:
             raise ConfigError(f"the tokenizer of {run_dir} is not in {data_dir}: set paths.data_dir to where its "
                               "data is")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOT, bos_token=EOT,
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(trained_with), eos_token=EOT, bos_token=EOT,
                                             unk_token=EOT, pad_token=EOT)
         ids = {k: tokenizer.eos_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     # the seed family's MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE), or the family itself for a dense run
@@ -216,6 +216,7 @@ def evaluate(run_dir: Path, hf_dir: Path, eval_cfg: dict) -> dict[str, float]:
     check_known(specs, manager)
     scores, raw = run_tasks("hf", specs, manager, eval_cfg.get("limit"), model_args=f"pretrained={hf_dir},dtype=float32",
                             batch_size=eval_cfg.get("batch_size", 8), device="cpu")
+    scores = average(scores)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
     results.setdefault("metrics", {}).update(scores)

@@ -81,13 +81,23 @@ def export(cfg: DictConfig):
 
 
 def evaluate(cfg: DictConfig):
-    if cfg.eval.kind != "lm_eval":
-        raise ConfigError("stage=eval needs eval=lm_eval (with eval.tasks) or eval=paper; eval=proxy scores during "
-                          "training: add eval.in_training=true to the training run")
+    if cfg.eval.kind not in ("lm_eval", "proxy"):
+        raise ConfigError("stage=eval needs eval=lm_eval (with eval.tasks), eval=paper or eval=proxy")
     run_dir, out = _export_paths(cfg)
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    if cfg.eval.kind == "proxy":  # the proxy of the corpus the run trained on, with its tokenizer
+        from dropup.evaluation import with_proxy_tasks
+
+        data_dir = project_path(cfg.paths.data_dir)
+        tokenizer_file = exporting.tokenizer_file(run_dir, data_dir)
+        if tokenizer_file is None:
+            raise ConfigError(f"eval=proxy is built from the corpus {run_dir} trained on, which is not in {data_dir}: "
+                              "set paths.data_dir to where its data is")
+        domains = exporting.run_config(run_dir).data.domains
+        eval_cfg = with_proxy_tasks(eval_cfg, tokenizer_file.parent, domains)
     if not (out / "config.json").is_file():
         export(cfg)
-    scores = exporting.evaluate(run_dir, out, OmegaConf.to_container(cfg.eval, resolve=True))
+    scores = exporting.evaluate(run_dir, out, eval_cfg)
     print(json.dumps(scores))
     return scores
 

@@ -166,7 +166,8 @@ PROXY = ["eval=proxy", "eval.proxy.choices=3", "eval.proxy.items=60", "eval.prox
 def test_the_proxy_is_deterministic_has_equal_length_candidates_and_separates_trained_from_untrained(tmp_path, store,
                                                                                                     monkeypatch):
     """eval=proxy on the fixture corpus (3-way here: its English split has three documents): step 0's untrained
-    model scores within 3 standard errors of chance, the same model after 80 steps at least 3 above."""
+    model scores within 3 standard errors of chance, the same model after 80 steps at least 3 above; and
+    `stage=eval eval=proxy` (lm-eval's own HFLM on the exported model) gives the final in-training scores."""
     from tokenizers import Tokenizer
 
     from dropup.evaluation.proxy import ProxySettings, build_proxy
@@ -181,6 +182,12 @@ def test_the_proxy_is_deterministic_has_equal_length_candidates_and_separates_tr
     untrained, trained = float(scored[0]["eval/avg"]), float(scored[-1]["eval/avg"])
     assert abs(untrained - chance) <= 3 * se
     assert trained >= chance + 3 * se
+    from dropup.stages import evaluate
+
+    final = {k: float(v) for k, v in scored[-1].items() if k.startswith("eval/") and v}
+    exported = evaluate(config(tmp_path / "unused", "stage=eval", f"export.run={tmp_path / 'run'}", *PROXY, *store))
+    assert set(exported) == set(final) and exported == pytest.approx(final, abs=1e-9)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["eval/avg"] == pytest.approx(trained)
     # the files: built once per corpus and settings, the same bytes when built again
     data_dir = next(p for p in Path(store[0].split("=", 1)[1]).iterdir() if (p / "manifest.json").is_file())
     settings = ProxySettings(choices=3, items=60, context_tokens=24, continuation_tokens=8)

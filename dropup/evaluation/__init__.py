@@ -33,6 +33,13 @@ def check_config(cfg: DictConfig) -> None:
     tasks.check_known(specs, tasks.task_manager(eval_cfg, [spec.name for spec in specs]))
 
 
+def with_proxy_tasks(eval_cfg: dict, data_path: Path, domains) -> dict:
+    """eval=proxy's settings made concrete for one prepared corpus: its generated task folder (built at first use)
+    as the include_path, and one task per domain."""
+    built = build_proxy(Path(data_path), list(domains), ProxySettings(**eval_cfg["proxy"]))
+    return {**eval_cfg, "include_path": str(built), "tasks": [task_name(domain) for domain in domains]}
+
+
 def scorer_for(cfg: DictConfig, data, seq_len: int):
     """The in-training scorer (`scoring.Scorer`) over the run's own tokenizer (`data`: its TokenData); None
     without eval.in_training."""
@@ -42,8 +49,7 @@ def scorer_for(cfg: DictConfig, data, seq_len: int):
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     if cfg.eval.kind == "proxy":
-        eval_cfg["include_path"] = str(build_proxy(data.path, data.domains, ProxySettings(**eval_cfg["proxy"])))
-        eval_cfg["tasks"] = [task_name(domain) for domain in data.domains]
+        eval_cfg = with_proxy_tasks(eval_cfg, data.path, data.domains)
     tokenizer_file = data.path / "tokenizer.json"
     eot = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
     if eot is None:  # an HF seed's own tokenizer: its end-of-sequence token

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from dropup.config import ConfigError
 from dropup.evaluation.adapter import ModelLM
-from dropup.evaluation.tasks import TaskSpec, check_known, loadable, run_tasks, task_manager, task_specs
+from dropup.evaluation.tasks import TaskSpec, average, check_known, loadable, run_tasks, task_manager, task_specs
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ class Scorer:
         finally:
             model.train(was_training)
         scores = _as_on_rank_zero(scores)
-        if scores:
-            present = [v for k, v in scores.items() if k.startswith("eval/")]
-            scores["eval/avg"] = sum(present) / len(present)
-            scores["eval/n_tasks"] = len(present)
+        scores = average(scores)
         scores["eval_s"] = time.perf_counter() - started
         return scores
 

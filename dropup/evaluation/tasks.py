@@ -126,3 +126,11 @@ def run_tasks(model, specs: list[TaskSpec], manager, limit=None, **kwargs) -> tu
             if value is not None:
                 scores[f"eval/{spec.name}"] = value
     return scores, raw
+
+
+def average(scores: dict[str, float]) -> dict[str, float]:
+    """`eval/avg` (the mean over the tasks present) and `eval/n_tasks` beside each task's score."""
+    present = [v for k, v in scores.items() if k.startswith("eval/") and k not in ("eval/avg", "eval/n_tasks")]
+    if not present:
+        return dict(scores)
+    return {**scores, "eval/avg": sum(present) / len(present), "eval/n_tasks": len(present)}
