@@ -20,7 +20,12 @@ column (`cfg.train.lr`, `train_flops`); DIGITS is the number of decimals.
   `raw` prints the CSV's text);
 - `ratio SCALE | A | B | COLUMN | DIGITS`: mean(A) / mean(B) of a column (FLOPs, wall time);
 - `calc SCALE | SPEC | EXPRESSION`: anything else, as an arithmetic expression over `mean(label, metric)`,
-  `sd(label, metric)`, `value(label, column)` and `gap(a, b, metric)`, formatted with SPEC.
+  `sd(label, metric)`, `value(label, column)` and `gap(a, b, metric)`, formatted with SPEC; `low(label, column)` and
+  `high(label, column)` are the least and greatest value of any column over the label's runs (wall time over seeds),
+  and `min(x, y, ...)`, `max(x, y, ...)` the least and greatest of their arguments (a range over several labels).
+
+In a Markdown table cell the separators are written `\\|` (an unescaped `|` would split the cell):
+`<!--n:mean mini \\| NU \\| val_loss \\| 3-->`.
 
 Inside `<!-- prose: checked -->` ... `<!-- end prose -->`, a decimal number or a percentage that is not bound this
 way (outside tables, code, links and method names such as DU(0.5) or r = 0.5) fails the check: a typed number
@@ -70,6 +75,11 @@ def _column(rows: pd.DataFrame, column: str) -> pd.Series:
     if column not in rows or rows[column].isna().all():
         raise ProseError(f"no {rows['label'].iloc[0]!r} run with {column}")
     return rows[column].dropna()
+
+
+def _floats(runs_of: RunsOf, scale: str, label: str, column: str) -> pd.Series:
+    """Any column of the label's runs (seeds), as numbers."""
+    return _column(_runs(runs_of, scale, label), column).astype(float)
 
 
 def _mean(runs_of: RunsOf, scale: str, label: str, metric: str) -> float:
@@ -150,9 +160,14 @@ def _calc(expression: str, functions: dict[str, Callable]) -> float:
         raise ProseError(f"calc: {expression!r} is not an expression") from err
 
 
+def _parts(expr: str) -> list[str]:
+    """The expression's fields; `\\|` (a table cell's escaped pipe) separates them like `|`."""
+    return [part.strip() for part in expr.replace("\\|", "|").split("|")]
+
+
 def compute(expr: str, runs_of: RunsOf) -> str:
     """The text of one `<!--n:...-->` expression, from `runs_of(scale)`."""
-    head, *args = [part.strip() for part in expr.split("|")]
+    head, *args = _parts(expr)
     function, _, scale = head.partition(" ")
     scale = scale.strip()
     n = len(args)
@@ -191,7 +206,10 @@ def compute(expr: str, runs_of: RunsOf) -> str:
         functions = {"mean": lambda label, metric: _mean(runs_of, scale, label, metric),
                      "sd": lambda label, metric: _sd(runs_of, scale, label, metric),
                      "value": lambda label, column: float(_value(runs_of, scale, label, column)),
-                     "gap": lambda a, b, metric: _mean(runs_of, scale, a, metric) - _mean(runs_of, scale, b, metric)}
+                     "gap": lambda a, b, metric: _mean(runs_of, scale, a, metric) - _mean(runs_of, scale, b, metric),
+                     "low": lambda label, column: float(_floats(runs_of, scale, label, column).min()),
+                     "high": lambda label, column: float(_floats(runs_of, scale, label, column).max()),
+                     "min": lambda *xs: min(xs), "max": lambda *xs: max(xs)}
         return _format(_calc("|".join(args[1:]), functions), args[0])
     raise ProseError(f"unknown computation {expr!r}: mean, sd, gap, paired, t, tcrit, signs, perseed, value, ratio "
                      "or calc, with their arguments (see analysis/prose.py)")
@@ -201,9 +219,9 @@ def scales(text: str) -> set[str]:
     """The scales the prose numbers read."""
     found = set()
     for m in NUMBER.finditer(text):
-        head, *args = m["expr"].split("|")
-        found.add(head.strip().partition(" ")[2].strip())
-        found |= {arg.partition("@")[2].strip() for arg in args if "@" in arg}
+        head, *args = _parts(m["expr"])
+        found.add(head.partition(" ")[2].strip())
+        found |= {scale for arg in args for scale in re.findall(r"@\s*([\w.-]+)", arg)}  # calc names several
     return found
 
 
