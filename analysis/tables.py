@@ -265,9 +265,10 @@ def paired_differences(done: pd.DataFrame, label: str, reference: str, column: s
 
 
 def stream_versions(runs: pd.DataFrame, label: str) -> set[int]:
+    """The data-stream versions the label's runs trained on (empty: not known, no run wrote its results yet)."""
     if "data_stream_version" not in runs:
         return {1}
-    return set(runs.loc[runs["label"] == label, "data_stream_version"].fillna(1).astype(int))
+    return set(runs.loc[runs["label"] == label, "data_stream_version"].dropna().astype(int))
 
 
 def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differences_only: bool = False) -> Table:
@@ -296,17 +297,16 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
     for header, _, _ in routing:
         table.bold[header] = set()  # descriptive, not a score to win
     done = runs[runs["status"] == "completed"]
-    compared = [l for l in labels if l not in ("Dense", reference)]
-    for label in compared:
+    compared = [l for l in labels if split_label(l)[0] != DENSE_LABEL and l != reference]
+    theirs = stream_versions(runs, reference)
+    unpaired = [l for l in compared if theirs and stream_versions(runs, l) and stream_versions(runs, l) != theirs]
+    for label in (l for l in compared if l not in unpaired):
         row = f"{label} − {reference}"
         table.rows.append(row)
         for header, column, _ in columns:
             table.cells[(row, header)] = _summary(paired_differences(done, label, reference, column))
         diff, a = table.cells[(row, "val avg")], table.cells[(label, "val avg")]
         b = table.cells.get((reference, "val avg"), Cell(None, None, 0, "missing"))
-        if diff.n == 0 and stream_versions(done, label) != stream_versions(done, reference):
-            table.notes.append(f"{row}: not paired, the two trained on different versions of the data streams.")
-            continue
         if diff.n < 2 or a.sd is None or b.sd is None:
             table.notes.append(f"{row} (val avg): fewer than two paired seeds, no verdict.")
             continue
@@ -320,6 +320,9 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
             f"{diff.n}; {'beats' if beats else 'does not beat'} the seed spread "
             f"(|Δ| {abs(diff.mean):.4f} vs sd {a.sd:.4f} + {b.sd:.4f} = {a.sd + b.sd:.4f}); paired t = {t:.1f} "
             f"({'significant' if abs(t) > critical else 'not significant'} at 5 %, two-sided: |t| > {critical:.2f}).")
+    if unpaired:
+        table.notes.append(f"Not paired with {reference} (trained on another version of the data streams, where a "
+                           f"seed orders the data differently): {', '.join(unpaired)}.")
     if left_out:
         table.notes.append(f"Left out, trained to another budget than {reference}'s {budget.max() / 1e6:.2f} M "
                            f"tokens: {', '.join(left_out)}.")

@@ -408,8 +408,8 @@ def test_a_partial_rerun_keeps_older_runs_labelled_and_never_pairs_across_stream
     assert sorted(runs.loc[runs["label"] == "NU", "metrics.val_loss"]) == pytest.approx([4.5, 4.51, 4.52])
     assert not (runs["label"] == "NU [v1 streams]").any()
     table = seeds(runs)
-    assert table.cells[("DU (r=1) [v1 streams] − NU", "val avg")].n == 0
-    assert any(n.startswith("DU (r=1) [v1 streams] − NU: not paired") for n in table.notes)
+    assert "DU (r=1) [v1 streams] − NU" not in table.rows and "Dense [v1 streams] − NU" not in table.rows
+    assert any(n.startswith("Not paired with NU") and n.endswith(": DU (r=1) [v1 streams].") for n in table.notes)
     assert table.cells[("DU (r=0.5) − NU", "val avg")].n == 3
     assert table1(runs).rows.index("DU (r=1) [v1 streams]") == table1(runs).rows.index("DU (r=1)") + 1
     drawn = {}
