@@ -62,8 +62,9 @@ mini-seeds: install ## FS, NU, DU r=0.25..1 over 3 seeds, 12 M MoE tokens (resum
 	$(PY) -m analysis.sweep seeds --scale mini-seeds --launcher $(LAUNCHER) --jobs $(JOBS) $(foreach o,$(OVERRIDES),--override $(o))
 	$(PY) -m analysis.report update docs/mini-reproduction.md
 
-mini-seeds-scored: install ## NU and DU r=0.5 over 3 seeds on the current data streams, scored on eval=proxy during training (Fig. 3's bottom row; ~3 h on 2 cores)
+mini-seeds-scored: install ## NU and DU r=0.5 over 3 seeds on the current data streams, scored on eval=proxy during training (Fig. 3's bottom row; ~4 h on 2 cores); the other methods' version-1 rows come from the report's CSV
 	$(PY) -m analysis.sweep seeds --scale mini-seeds --only NU --only DU-0.5 --launcher $(LAUNCHER) --jobs $(JOBS) \
+	  --keep docs/mini-reproduction/mini-seeds-v1-runs.csv \
 	  --override eval=proxy --override eval.in_training=true $(foreach o,$(OVERRIDES),--override $(o))
 	$(PY) -m analysis.report update docs/mini-reproduction.md
 
