@@ -123,7 +123,8 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     }
     for key, value in (results.get("metrics") or {}).items():
         row[f"metrics.{key}"] = value
-    step0, last_lb = _from_metrics_csv(run_dir / "metrics.csv")
+    step0, last_lb, scoring_cost = _from_metrics_csv(run_dir / "metrics.csv")
+    row.update({f"metrics.{k}": v for k, v in scoring_cost.items()})
     if step0 is not None:  # before any update: whether the init kept the dense function
         row["metrics.val_loss_step0"] = step0
     if last_lb is not None and "metrics.lb_loss" not in row:  # runs from before lb_loss was a final metric
@@ -138,10 +139,14 @@ def read_run(run_dir: Path, role: str = "run") -> dict:
     return row
 
 
-def _from_metrics_csv(path: Path) -> tuple[float | None, float | None]:
-    """(validation loss at step 0, the last logged training balance loss) of a run's metrics.csv."""
+def _from_metrics_csv(path: Path) -> tuple[float | None, float | None, dict]:
+    """(validation loss at step 0, the last logged training balance loss, the scoring's cost) of a run's
+    metrics.csv. The cost: `eval_total_s`, the seconds all its downstream scorings took, and `eval_share`, their share
+    of the run's wall time. That wall time is read off the log: each launch's last `elapsed_s` (its clock runs from
+    its first training step and includes the validations and scorings in between; a resumed run has several launches,
+    each a drop of the clock), plus the scorings at step 0 and at the last step, which fall outside those clocks."""
     if not path.is_file() or not path.stat().st_size:
-        return None, None
+        return None, None, {}
     table = pd.read_csv(path)
     step0 = lb = None
     if "val_loss" in table:
@@ -149,7 +154,17 @@ def _from_metrics_csv(path: Path) -> tuple[float | None, float | None]:
         step0 = float(first["val_loss"].iloc[0]) if not first.empty else None
     if "lb_loss" in table and table["lb_loss"].notna().any():
         lb = float(table["lb_loss"].dropna().iloc[-1])
-    return step0, lb
+    cost = {}
+    if "eval_s" in table and table["eval_s"].notna().any() and "elapsed_s" in table:
+        scorings = table.dropna(subset=["eval_s"])
+        clock = table["elapsed_s"].dropna()
+        launches = (clock.diff() < 0).cumsum()  # the clock restarts with each launch
+        outside = scorings.loc[scorings["step"].isin([0, table["step"].max()]), "eval_s"].sum()
+        wall = float(clock.groupby(launches).max().sum() + outside)
+        cost = {"eval_total_s": float(scorings["eval_s"].sum())}
+        if wall > 0:
+            cost["eval_share"] = cost["eval_total_s"] / wall
+    return step0, lb, cost
 
 
 def find_run_dirs(roots) -> list[Path]:

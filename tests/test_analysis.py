@@ -422,6 +422,19 @@ def test_a_partial_rerun_keeps_older_runs_labelled_and_never_pairs_across_stream
     assert "--keep" in capsys.readouterr().err
 
 
+def test_the_scoring_share_reads_each_launch_of_a_resumed_run(tmp_path):
+    """Two launches: the first's clock reaches 100 s (a scoring of 10 s at step 10 inside it), the resumed one's
+    60 s (one of 10 s at step 20); scorings at step 0 (5 s) and at the last step (5 s) fall outside both clocks. Wall
+    time 100 + 60 + 5 + 5 = 170 s, scoring 30 s: share 30/170 (one launch's clock, or the largest, would give more)."""
+    rows = ["step,tokens,train_loss,val_loss,eval/avg,eval_s,elapsed_s", "0,0,,5.0,0.3,5,",
+            "10,100,4.0,,,,50", "10,100,,4.5,0.4,10,", "15,150,3.9,,,,100",
+            "20,200,3.8,,,,30", "20,200,,4.2,0.5,10,", "30,300,3.7,,,,60", "30,300,,4.1,0.6,5,"]
+    make_run(tmp_path, "DU-0.5-s0", "drop", ratio=0.5)
+    (tmp_path / "DU-0.5-s0" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    run = collect([tmp_path]).set_index("run_id").loc["DU-0.5-s0"]
+    assert run["metrics.eval_total_s"] == 30 and run["metrics.eval_share"] == pytest.approx(30 / 170)
+
+
 def _prose_runs(**extra):
     """A: 1.0, 2.0, 1.0 and B: 0.5, 1.0, 1.5 on seeds 0, 1, 2 (B's rows stored in reverse seed order, so pairing by
     row order instead of by seed gives other differences): A − B by seed is +0.5, +1.0, −0.5."""
