@@ -44,25 +44,36 @@ def runs_csv(report: Path, scale: str) -> Path:
     return assets_dir(report) / f"{scale}-runs.csv"
 
 
-def render_table(report: Path, name: str, scale: str) -> str:
+def _read_runs(csv: Path) -> pd.DataFrame:
+    # copy() consolidates read_csv's one block per column: a report filters these wide tables hundreds of times
+    return pd.read_csv(csv).copy()
+
+
+def render_table(report: Path, name: str, scale: str, runs: pd.DataFrame | None = None) -> str:
     csv = runs_csv(report, scale)
-    if not csv.is_file():
+    if runs is None and not csv.is_file():
         raise SystemExit(f"error: {csv} is missing: run `python -m analysis.report update {report}` after the "
                          f"runs of SCALE={scale} exist")
     if name not in tables.TABLES:
         raise SystemExit(f"error: {report} names table {name!r}; tables: {', '.join(tables.TABLES)}")
-    return tables.TABLES[name](pd.read_csv(csv)).markdown()
+    return tables.TABLES[name](_read_runs(csv) if runs is None else runs).markdown()
 
 
 def rendered(report: Path) -> str:
     """The report with its tables and its prose numbers (`analysis.prose`) re-rendered from the committed CSVs."""
     text = report.read_text()
-    text = TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(report, m["name"], m["scale"]) + m.group(5), text)
+    read: dict[str, pd.DataFrame] = {}
 
-    def runs_of(scale: str) -> pd.DataFrame:
-        if not runs_csv(report, scale).is_file():
-            raise SystemExit(f"error: {report} binds a number to SCALE={scale}, whose runs.csv is not committed")
-        return pd.read_csv(runs_csv(report, scale))
+    def runs_of(scale: str) -> pd.DataFrame:  # read once: a report binds hundreds of numbers to a few CSVs
+        if scale not in read:
+            if not runs_csv(report, scale).is_file():
+                raise SystemExit(f"error: {report} binds a number to SCALE={scale}, whose runs.csv is not committed")
+            read[scale] = _read_runs(runs_csv(report, scale))
+        return read[scale]
+
+    text = TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(
+        report, m["name"], m["scale"], runs_of(m["scale"]) if runs_csv(report, m["scale"]).is_file() else None)
+        + m.group(5), text)
 
     try:
         return prose.render(text, runs_of)

@@ -156,9 +156,16 @@ def _score_columns(runs: pd.DataFrame) -> list[str]:
     return tasks + (["metrics.eval/avg"] if "metrics.eval/avg" in runs.columns else [])
 
 
+def _narrow(runs: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """Only the columns a table reads, before it filters rows many times (a runs.csv has hundreds of settings)."""
+    wanted = dict.fromkeys(("label", "role", "status", "seed", "tokens", "data_stream_version", *columns))
+    return runs[[c for c in wanted if c in runs]]
+
+
 def build(name: str, caption: str, runs: pd.DataFrame, rows: list[str], key: str,
           columns: list[tuple[str, str, bool]]) -> Table:
     cells, bold = {}, {}
+    runs = _narrow(runs, key, *(column for _, column, _ in columns))
     for header, column, lower in columns:
         column_cells = {row: cell(runs[runs[key] == row], column) for row in rows}
         cells.update({(row, header): c for row, c in column_cells.items()})
@@ -291,6 +298,7 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
     columns.append(("val avg", "metrics.val_loss", True))
     routing = [("max expert share ×E", "metrics.routing/imbalance", True), ("routing JSD", "metrics.routing/specialization", False)]
     columns += [c for c in routing if c[1] in runs]
+    runs = _narrow(runs, *(column for _, column, _ in columns))
     caption = (f"Paired differences to {reference} over seeds" if differences_only else
                f"Seeds: validation loss over seeds, and paired differences to {reference}")
     table = build(name, caption, runs, labels, "label", columns)
