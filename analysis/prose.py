@@ -22,7 +22,8 @@ column (`cfg.train.lr`, `train_flops`); DIGITS is the number of decimals.
 - `calc SCALE | SPEC | EXPRESSION`: anything else, as an arithmetic expression over `mean(label, metric)`,
   `sd(label, metric)`, `value(label, column)` and `gap(a, b, metric)`, formatted with SPEC; `low(label, column)` and
   `high(label, column)` are the least and greatest value of any column over the label's runs (wall time over seeds),
-  and `min(x, y, ...)`, `max(x, y, ...)` the least and greatest of their arguments (a range over several labels).
+  and `min(x, y, ...)`, `max(x, y, ...)` the least and greatest of their arguments (a range over several labels);
+  `count(label)` is how many completed runs (seeds) the label has.
 
 In a Markdown table cell the separators are written `\\|` (an unescaped `|` would split the cell):
 `<!--n:mean mini \\| NU \\| val_loss \\| 3-->`.
@@ -209,7 +210,8 @@ def compute(expr: str, runs_of: RunsOf) -> str:
                      "gap": lambda a, b, metric: _mean(runs_of, scale, a, metric) - _mean(runs_of, scale, b, metric),
                      "low": lambda label, column: float(_floats(runs_of, scale, label, column).min()),
                      "high": lambda label, column: float(_floats(runs_of, scale, label, column).max()),
-                     "min": lambda *xs: min(xs), "max": lambda *xs: max(xs)}
+                     "min": lambda *xs: min(xs), "max": lambda *xs: max(xs),
+                     "count": lambda label: float(len(_runs(runs_of, scale, label)))}
         return _format(_calc("|".join(args[1:]), functions), args[0])
     raise ProseError(f"unknown computation {expr!r}: mean, sd, gap, paired, t, tcrit, signs, perseed, value, ratio "
                      "or calc, with their arguments (see analysis/prose.py)")

@@ -456,6 +456,7 @@ def test_prose_paired_statistics_pair_by_seed_with_the_sample_spread():
     assert compute("sd s | B | val_loss | 3") == "0.500"
     assert compute("mean s \\| A \\| val_loss \\| 2") == "1.33"  # in a table cell, escaped pipes separate
     assert compute('calc s | .2f | max(low("A", "metrics.val_loss"), high("B", "metrics.val_loss"))') == "1.50"
+    assert compute('calc s | .0f | count("A")') == "3"
     assert compute("value s | A | total_params") == "8,668,288"
     assert compute("value s | A | total_params | .2f | 1e-6") == "8.67"
     assert compute("value s | A | lr | g") == "0.002"
