@@ -162,7 +162,7 @@ def _from_metrics_csv(path: Path) -> tuple[float | None, float | None, dict]:
         outside = scorings.loc[scorings["step"].isin([0, table["step"].max()]), "eval_s"].sum()
         wall = float(clock.groupby(launches).max().sum() + outside)
         cost = {"eval_total_s": float(scorings["eval_s"].sum())}
-        if wall > 0:
+        if not clock.empty:  # a run that has not logged a training step yet has no wall time to share
             cost["eval_share"] = cost["eval_total_s"] / wall
     return step0, lb, cost
 

@@ -433,6 +433,9 @@ def test_the_scoring_share_reads_each_launch_of_a_resumed_run(tmp_path):
     (tmp_path / "DU-0.5-s0" / "metrics.csv").write_text("\n".join(rows) + "\n")
     run = collect([tmp_path]).set_index("run_id").loc["DU-0.5-s0"]
     assert run["metrics.eval_total_s"] == 30 and run["metrics.eval_share"] == pytest.approx(30 / 170)
+    (tmp_path / "DU-0.5-s0" / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")  # started: step 0 scored only
+    run = collect([tmp_path]).set_index("run_id").loc["DU-0.5-s0"]
+    assert run["metrics.eval_total_s"] == 5 and pd.isna(run.get("metrics.eval_share"))  # no wall time yet to share
 
 
 def _prose_runs(**extra):
