@@ -44,14 +44,15 @@ def rows(run_dir):
 
 
 def test_multirun_sweep_through_run_py(tmp_path, store):
+    """`python run.py -m ...` through Hydra's own entry point and its multirun launcher, in this process (the real
+    process boundary is tested by the DDP and bad-config runs)."""
+    from conftest import run_py_inline
+
     sweep = tmp_path / "sweep"
     seed_store = Path(store[1].split("=", 1)[1])
     before = set(seed_store.iterdir()) if seed_store.exists() else set()
-    proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "init=drop", "ratio=0.0,0.5", *TINY, *store, f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, stderr = run_py_inline("-m", "init=drop", "ratio=0.0,0.5", *TINY, *store, f"hydra.sweep.dir={sweep}")
+    assert code == 0, stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 2
     # the dense seed was trained (at most) once and both jobs read it (the store is shared by the session's tests)
