@@ -157,13 +157,12 @@ def _from_metrics_csv(path: Path) -> tuple[float | None, float | None, dict]:
     cost = {}
     if "eval_s" in table and table["eval_s"].notna().any() and "elapsed_s" in table:
         scorings = table.dropna(subset=["eval_s"])
-        clock = table["elapsed_s"].dropna()
-        launches = (clock.diff() < 0).cumsum()  # the clock restarts with each launch
-        outside = scorings.loc[scorings["step"].isin([0, table["step"].max()]), "eval_s"].sum()
-        wall = float(clock.groupby(launches).max().sum() + outside)
         cost = {"eval_total_s": float(scorings["eval_s"].sum())}
+        clock = table["elapsed_s"].dropna()
         if not clock.empty:  # a run that has not logged a training step yet has no wall time to share
-            cost["eval_share"] = cost["eval_total_s"] / wall
+            launches = (clock.diff() < 0).cumsum()  # the clock restarts with each launch
+            outside = scorings.loc[scorings["step"].isin([0, table["step"].max()]), "eval_s"].sum()
+            cost["eval_share"] = cost["eval_total_s"] / float(clock.groupby(launches).max().sum() + outside)
     return step0, lb, cost
 
 
@@ -202,11 +201,18 @@ def mark_older_streams(frame: pd.DataFrame) -> pd.DataFrame:
         return frame
     newest = frame["data_stream_version"].max()
     versions = frame["data_stream_version"].fillna(newest).astype(int)  # unknown (no results yet): not marked
-    older = versions < newest
-    already = frame["label"].astype(str).map(lambda label: bool(STREAM_MARK.search(label)))
-    frame.loc[older & ~already, "label"] = [f"{label}{STREAM_SUFFIX.format(v)}" for label, v in
-                                            zip(frame.loc[older & ~already, "label"], versions[older & ~already])]
+    unmarked = ~frame["label"].astype(str).str.contains(STREAM_MARK)  # a kept row may carry its mark already
+    older = (versions < newest) & unmarked
+    suffixes = versions[older].map(STREAM_SUFFIX.format).astype(str)
+    frame.loc[older, "label"] = frame.loc[older, "label"].astype(str) + suffixes
     return frame
+
+
+def missing_kept(paths) -> str | None:
+    """The one error line for `--keep` files that do not exist (None when all do)."""
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    return (f"error: --keep {', '.join(missing)}: no such runs.csv (a report's committed one, e.g. "
+            "docs/mini-reproduction/mini-seeds-v1-runs.csv)") if missing else None
 
 
 def collect(roots, out: Path | None = None, keep=()) -> pd.DataFrame:
@@ -303,10 +309,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=Path, action="append", default=[],
                         help="an earlier runs.csv whose runs not collected here stay in the table (repeatable)")
     args = parser.parse_args(argv)
-    for path in args.keep:
-        if not path.is_file():
-            print(f"error: --keep {path}: no such runs.csv", file=sys.stderr)
-            return 1
+    if missing_kept(args.keep):
+        print(missing_kept(args.keep), file=sys.stderr)
+        return 1
     frame = collect(args.roots, args.out, keep=args.keep)
     if frame.empty:
         print(f"error: no run directories (with results.json or .hydra/) under {', '.join(args.roots)}",

@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from analysis.tables import T_CRITICAL_95
+from analysis.tables import paired_differences, paired_t, t_critical
 
 NUMBER = re.compile(r"<!--n:(?P<expr>.+?)-->(?P<text>.*?)<!--/n-->", re.S)
 CONSTANT = re.compile(r"<!--k:(?P<why>[^>]+?)-->(?P<text>.*?)<!--/k-->", re.S)
@@ -95,8 +95,7 @@ def _sd(runs_of: RunsOf, scale: str, label: str, metric: str) -> float:
 
 
 def _paired(runs_of: RunsOf, scale: str, a: str, b: str, metric: str) -> pd.Series:
-    """A − B seed by seed, over seeds both have, run on the same data streams (else they are not paired)."""
-    column = f"metrics.{metric}"
+    """A − B seed by seed (`tables.paired_differences`), refused where the two read different data streams."""
     rows_a, rows_b = _runs(runs_of, scale, a), _runs(runs_of, scale, b)
     version = "data_stream_version"
     if version in rows_a and version in rows_b:
@@ -104,8 +103,9 @@ def _paired(runs_of: RunsOf, scale: str, a: str, b: str, metric: str) -> pd.Seri
         if va != vb or len(va) != 1:
             raise ProseError(f"{a!r} (streams {sorted(va)}) and {b!r} (streams {sorted(vb)}) read different data "
                              "streams: their seeds are not paired")
-    diff = (_column(rows_a, column).astype(float).groupby(rows_a["seed"]).mean()
-            - _column(rows_b, column).astype(float).groupby(rows_b["seed"]).mean()).dropna()
+    # the two may come from different scales (`label @ scale`): paired as one table under two names
+    both = pd.concat([rows_a.assign(label="A"), rows_b.assign(label="B")], ignore_index=True)
+    diff = paired_differences(both, "A", "B", f"metrics.{metric}")
     if len(diff) < 2:
         raise ProseError(f"{a!r} and {b!r} share {len(diff)} seed(s) with {metric}: nothing to pair")
     return diff.sort_index()
@@ -184,20 +184,19 @@ def compute(expr: str, runs_of: RunsOf) -> str:
             return " / ".join(_signed(d, digits) for d in diff)
         return f"{_signed(diff.mean(), digits)} ± {diff.std(ddof=1):.{digits}f}"
     if function == "t" and n == 3:
-        diff = _paired(runs_of, scale, *args)
-        sd = diff.std(ddof=1)
-        return _unsigned(diff.mean() / (sd / math.sqrt(len(diff))), 1) if sd else "∞"
+        t = paired_t(_paired(runs_of, scale, *args))
+        return _unsigned(t, 1) if math.isfinite(t) else "∞"
     if function == "tcrit" and n == 2:
-        paired = len(set(_runs(runs_of, scale, args[0])["seed"]) & set(_runs(runs_of, scale, args[1])["seed"]))
-        return f"{T_CRITICAL_95.get(paired - 1, 2.0):.2f}"
+        pairs = len(set(_runs(runs_of, scale, args[0])["seed"]) & set(_runs(runs_of, scale, args[1])["seed"]))
+        return f"{t_critical(pairs):.2f}"
     if function == "signs" and n == 3:
         diff = _paired(runs_of, scale, *args)
         return f"{int(((diff > 0) if diff.mean() > 0 else (diff < 0)).sum())}/{len(diff)}"
     if function == "value" and 2 <= n <= 4:
         value = _value(runs_of, scale, args[0], args[1])
-        if n == 4:
-            value = float(value) * float(args[3])
-        return _format(value, args[2] if n >= 3 else ",d") if n >= 3 else f"{int(value):,}"
+        if n == 2:
+            return f"{int(value):,}"
+        return _format(float(value) * float(args[3]) if n == 4 else value, args[2])
     if function == "ratio" and n == 4:
         column = args[2]
         a = _column(_runs(runs_of, scale, args[0]), column).astype(float).mean()

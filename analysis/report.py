@@ -49,14 +49,10 @@ def _read_runs(csv: Path) -> pd.DataFrame:
     return pd.read_csv(csv).copy()
 
 
-def render_table(report: Path, name: str, scale: str, runs: pd.DataFrame | None = None) -> str:
-    csv = runs_csv(report, scale)
-    if runs is None and not csv.is_file():
-        raise SystemExit(f"error: {csv} is missing: run `python -m analysis.report update {report}` after the "
-                         f"runs of SCALE={scale} exist")
+def render_table(report: Path, name: str, runs: pd.DataFrame) -> str:
     if name not in tables.TABLES:
         raise SystemExit(f"error: {report} names table {name!r}; tables: {', '.join(tables.TABLES)}")
-    return tables.TABLES[name](_read_runs(csv) if runs is None else runs).markdown()
+    return tables.TABLES[name](runs).markdown()
 
 
 def rendered(report: Path) -> str:
@@ -66,15 +62,16 @@ def rendered(report: Path) -> str:
 
     def runs_of(scale: str) -> pd.DataFrame:  # read once: a report binds hundreds of numbers to a few CSVs
         if scale not in read:
-            if not runs_csv(report, scale).is_file():
-                raise SystemExit(f"error: {report} binds a number to SCALE={scale}, whose runs.csv is not committed")
-            read[scale] = _read_runs(runs_csv(report, scale))
+            csv = runs_csv(report, scale)
+            if not csv.is_file():
+                raise SystemExit(f"error: {csv} is missing: run `python -m analysis.report update {report}` after "
+                                 f"the runs of SCALE={scale} exist")
+            # copy() consolidates read_csv's one block per column: the report filters these wide tables many times
+            read[scale] = pd.read_csv(csv).copy()
         return read[scale]
 
-    text = TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(
-        report, m["name"], m["scale"], runs_of(m["scale"]) if runs_csv(report, m["scale"]).is_file() else None)
-        + m.group(5), text)
-
+    text = TABLE_BLOCK.sub(lambda m: m.group(1) + render_table(report, m["name"], runs_of(m["scale"])) + m.group(5),
+                           text)
     try:
         return prose.render(text, runs_of)
     except prose.ProseError as err:

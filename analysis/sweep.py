@@ -25,7 +25,7 @@ import yaml
 from omegaconf import open_dict
 
 from analysis import figures, tables
-from analysis.collect import at_budget, collect, curves
+from analysis.collect import at_budget, collect, curves, missing_kept
 from dropup import liveness, resume
 from dropup.config import ConfigError, architecture
 from dropup.data import DATA_STREAM_VERSION
@@ -248,10 +248,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a run of {args.artefact}; its runs: "
                          f"{', '.join(load(args.artefact)['runs'])}")
-    missing = [str(path) for path in args.keep if not path.is_file()]
-    if missing:
-        raise SystemExit(f"error: --keep {', '.join(missing)}: no such runs.csv (a report's committed one, e.g. "
-                         "docs/mini-reproduction/mini-seeds-v1-runs.csv)")
+    if missing_kept(args.keep):  # before any run is launched, not at the render hours later
+        raise SystemExit(missing_kept(args.keep))
     if args.jobs > 1 and args.launcher != "local":
         raise SystemExit("error: --jobs applies to --launcher local; a cluster runs submitted jobs at once already")
     if args.status or args.artefact is None:

@@ -268,7 +268,17 @@ def paired_differences(done: pd.DataFrame, label: str, reference: str, column: s
     keys = ["seed", "data_stream_version"] if "data_stream_version" in done else ["seed"]
     a = done[done["label"] == label].set_index(keys)[column].dropna()
     b = done[done["label"] == reference].set_index(keys)[column].dropna()
-    return (a - b).dropna().astype(float).droplevel(keys[1:]) if len(keys) > 1 else (a - b).dropna().astype(float)
+    return (a - b).dropna().astype(float).reset_index(level=keys[1:], drop=True)
+
+
+def paired_t(differences: pd.Series) -> float:
+    """The paired t statistic of per-seed differences (infinite when they do not vary)."""
+    sd = differences.std(ddof=1)
+    return float(differences.mean() / (sd / len(differences) ** 0.5)) if sd else float("inf")
+
+
+def t_critical(pairs: int) -> float:
+    return T_CRITICAL_95.get(pairs - 1, 2.0)
 
 
 def stream_versions(runs: pd.DataFrame, label: str) -> set[int]:
@@ -306,8 +316,8 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
         table.bold[header] = set()  # descriptive, not a score to win
     done = runs[runs["status"] == "completed"]
     compared = [l for l in labels if split_label(l)[0] != DENSE_LABEL and l != reference]
-    theirs = stream_versions(runs, reference)
-    unpaired = [l for l in compared if theirs and stream_versions(runs, l) and stream_versions(runs, l) != theirs]
+    versions = {label: stream_versions(runs, label) for label in [*compared, reference]}
+    unpaired = [l for l in compared if versions[reference] and versions[l] and versions[l] != versions[reference]]
     for label in (l for l in compared if l not in unpaired):
         row = f"{label} − {reference}"
         table.rows.append(row)
@@ -321,8 +331,8 @@ def seeds(runs: pd.DataFrame, reference: str = "NU", name: str = "seeds", differ
         per_seed = paired_differences(done, label, reference, "metrics.val_loss")
         same_sign = int((per_seed < 0).sum()) if diff.mean < 0 else int((per_seed > 0).sum())
         beats = abs(diff.mean) > a.sd + b.sd
-        t = diff.mean / (diff.sd / diff.n ** 0.5) if diff.sd else float("inf")
-        critical = T_CRITICAL_95.get(diff.n - 1, 2.0)
+        t = paired_t(per_seed)
+        critical = t_critical(diff.n)
         table.notes.append(
             f"{row} (val avg): {diff.mean:+.4f} ± {diff.sd:.4f} over {diff.n} seeds, same sign in {same_sign}/"
             f"{diff.n}; {'beats' if beats else 'does not beat'} the seed spread "

@@ -61,8 +61,9 @@ def test_the_layer_benchmark_checks_every_fallback_against_grouped(capsys, monke
 def test_the_step_memory_benchmark_measures_and_predicts(store, capsys, monkeypatch):
     # one configuration (checkpointing on: the path with more to get wrong) of the default two
     overrides = ["model=tiny", "model.vocab_size=512", "data=fixture", *store]
-    lines = run_in_process(capsys, monkeypatch, "benchmarks/step_memory.py", "--ranks", "1", "--checkpointing", "on", "--steps", "1",
-                           "--batch", "4", "--micro-batch", "2", *[arg for o in overrides for arg in ("--override", o)])
+    lines = run_in_process(capsys, monkeypatch, "benchmarks/step_memory.py", "--ranks", "1", "--checkpointing", "on",
+                           "--steps", "1", "--batch", "4", "--micro-batch", "2",
+                           *[arg for o in overrides for arg in ("--override", o)])
     assert [(line["ranks"], line["checkpointing"]) for line in lines] == [(1, True)]
     for line in lines:
         assert line["measured_gib"] > 0 and line["predicted_gib"] > 0 and line["micro_batch"] == 2
@@ -71,8 +72,9 @@ def test_the_step_memory_benchmark_measures_and_predicts(store, capsys, monkeypa
 
 def test_the_init_memory_benchmark_measures_and_compares_with_one_process(store, capsys, monkeypatch):
     # a 2-layer synthetic seed, FSDP on one process against the single-process init (no FSDP)
-    reference, line = run_in_process(capsys, monkeypatch, "benchmarks/init_memory.py", "--ranks", "1", "--layers", "2", "--d-model", "32",
-                                     "--d-ff", "64", "--vocab", "512", *[a for o in store for a in ("--override", o)])
+    reference, line = run_in_process(capsys, monkeypatch, "benchmarks/init_memory.py", "--ranks", "1", "--layers", "2",
+                                     "--d-model", "32", "--d-ff", "64", "--vocab", "512",
+                                     *[a for o in store for a in ("--override", o)])
     assert reference["reference"] == "single process, no FSDP" and reference["peak_init_gib"] > 0
     assert line["ranks"] == 1 and line["matches_single_process"] is True and line["goal"] == 1.3
     assert line["moe_state_gib"] == reference["moe_state_gib"] > 0 and line["per_rank_gib"] == [line["peak_init_gib"]]
