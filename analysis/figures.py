@@ -259,8 +259,11 @@ def seed_gap(runs, curves, out_dir, reference: str = "NU"):
     keys = ["seed", "data_stream_version", "step"] if "data_stream_version" in val else ["seed", "step"]
     ref = val[val["label"] == reference].set_index(keys)["val_loss"]
     labels = sorted({l for l in val["label"] if l not in (reference, "Dense")}, key=method_order)
-    fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.8), gridspec_kw={"width_ratios": [1, 1]})
-    for ax, subset in zip(axes, ([l for l in labels if l != "FS"], ["FS"] if "FS" in labels else [])):
+    # FS sits far above the upcycled methods: a panel of its own, when it was run with the same seeds
+    subsets = [[l for l in labels if l != "FS"]] + ([["FS"]] if "FS" in labels else [])
+    fig, axes = plt.subplots(1, len(subsets), figsize=(3.5 * len(subsets), 2.8), squeeze=False)
+    axes = axes[0]
+    for ax, subset in zip(axes, subsets):
         for label in subset:
             gap = val[val["label"] == label].set_index(keys)["val_loss"] - ref
             gap = gap.dropna().reset_index()
