@@ -238,6 +238,8 @@ def main(argv=None) -> int:
                         help="extra Hydra override for every run, e.g. trainer=gpu (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="launch only these runs of the artefact (its names, e.g. DU-0.5; repeatable)")
+    parser.add_argument("--seed", action="append", type=int, default=[], metavar="N",
+                        help="launch only these seeds of the scale's (repeatable); with --only, both must match")
     parser.add_argument("--jobs", type=int, default=1,
                         help="local runs at once (several small runs share one GPU; runs that need the same dense "
                              "seed wait for the one that trains it)")
@@ -248,6 +250,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a run of {args.artefact}; its runs: "
                          f"{', '.join(load(args.artefact)['runs'])}")
+    seeds = scale_spec(args.scale)["seeds"]
+    if set(args.seed) - set(seeds):
+        raise SystemExit(f"error: --seed {', '.join(map(str, sorted(set(args.seed) - set(seeds))))}: not a seed of "
+                         f"SCALE={args.scale}; its seeds: {', '.join(map(str, seeds))}")
     if missing_kept(args.keep):  # before any run is launched, not at the render hours later
         raise SystemExit(missing_kept(args.keep))
     if args.jobs > 1 and args.launcher != "local":
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
             if run.status == "running":  # alive (its process, or a fresh heartbeat): never a second writer
                 print(f"[sweep] {run.run_dir.name}: running elsewhere, left alone", flush=True)
         todo = [run for run in plan if run.status not in ("completed", "running")
-                and (not args.only or run.name in args.only)]
+                and (not args.only or run.name in args.only) and (not args.seed or run.seed in args.seed)]
         for run in todo:
             if run.status == "stale":
                 set_aside(run.run_dir)

@@ -307,8 +307,13 @@ def test_sweep_launches_only_what_is_missing_and_asked_for(tmp_path, monkeypatch
     assert all("trainer=gpu" in o and f"train.tokens={full}" in o and quiet for _, o, quiet in launched)
     assert (runs / "FS-s1" / "results.json").is_file()  # extended in place (launch passes resume=true)
     assert not (runs / "FS-s2").exists() and (tmp_path / "mini-seeds" / "stale" / "FS-s2" / "results.json").is_file()
+    launched.clear()  # --seed narrows what --only asks for: one seed of the two runs left to launch
+    assert sweep.main([*args, "--seed", "2"]) == 0
+    assert sorted(name for name, _, _ in launched) == ["FS-s2", "NU-s2"]
     with pytest.raises(SystemExit, match="not a run of seeds"):
         sweep.main(["seeds", "--only", "DU-2"])
+    with pytest.raises(SystemExit, match="--seed 3: not a seed of SCALE=mini-seeds"):
+        sweep.main(["seeds", "--scale", "mini-seeds", "--seed", "3"])
     with pytest.raises(SystemExit, match="--jobs applies to --launcher local"):
         sweep.main(["seeds", "--jobs", "2", "--launcher", "slurm"])
 
