@@ -265,7 +265,10 @@ def curves(runs: pd.DataFrame) -> pd.DataFrame:
             table["run_id"], table["label"], table["seed"], table["role"] = run["run_id"], run["label"], run["seed"], run["role"]
             table["data_stream_version"] = run.get("data_stream_version", 1)
             parts.append(table)
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if not parts:  # no run directory here (only a report's kept rows): the columns readers select on, no rows
+        return pd.DataFrame(columns=["run_id", "label", "seed", "role", "data_stream_version", "step", "tokens",
+                                     "train_loss", "val_loss"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def at_budget(runs: pd.DataFrame, curves: pd.DataFrame, budget: float) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -90,6 +90,9 @@ def learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, labels: list[str],
     extra = runs.set_index("run_id")["total_flops"] - runs.set_index("run_id")["train_flops"]
     curves["flops"] = curves["tokens"] * curves["run_id"].map(flops_per_token) + curves["run_id"].map(extra)
     present = [l for l in labels if (curves["label"] == l).any()]
+    if not present:  # e.g. only a report's kept rows, whose run directories (and curves) are elsewhere
+        print(f"[figures] {name}: no learning curves of {', '.join(labels)} under the run directories: not drawn")
+        return []
     scored = SCORE in curves and curves[curves["label"].isin(present)][SCORE].notna().any()
     panels = [[("tokens", "training tokens", "train_loss", "training loss"),
                ("tokens", "training tokens", "val_loss", "validation loss (mean of domains)")],
@@ -259,6 +262,10 @@ def seed_gap(runs, curves, out_dir, reference: str = "NU"):
     keys = ["seed", "data_stream_version", "step"] if "data_stream_version" in val else ["seed", "step"]
     ref = val[val["label"] == reference].set_index(keys)["val_loss"]
     labels = sorted({l for l in val["label"] if l not in (reference, "Dense")}, key=method_order)
+    if ref.empty or not labels:
+        print(f"[figures] seed_gap: no validation curves of {reference} and another method under the run "
+              "directories: not drawn")
+        return []
     # FS sits far above the upcycled methods: a panel of its own, when it was run with the same seeds
     subsets = [[l for l in labels if l != "FS"]] + ([["FS"]] if "FS" in labels else [])
     fig, axes = plt.subplots(1, len(subsets), figsize=(3.5 * len(subsets), 2.8), squeeze=False)

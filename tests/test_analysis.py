@@ -422,6 +422,14 @@ def test_a_partial_rerun_keeps_older_runs_labelled_and_never_pairs_across_stream
         {name: [line.get_label() for ax in fig.axes for line in ax.lines]}) or [])
     seed_gap(runs, curves(runs), tmp_path)
     assert "DU (r=0.5) (n=3)" in drawn["seed_gap"] and not any("v1" in l for l in drawn["seed_gap"])
+    # rendered from a fresh clone: only kept rows, whose curves stayed with their run directories elsewhere
+    drawn.clear()
+    (tmp_path / "no-runs").mkdir()
+    old.rename(tmp_path / "elsewhere")
+    kept_only = collect([tmp_path / "no-runs"], keep=[tmp_path / "old.csv"])
+    assert len(kept_only) == 4 and fig3(kept_only, curves(kept_only), tmp_path) == []
+    assert seed_gap(kept_only, curves(kept_only), tmp_path) == [] and not drawn
+    assert "no learning curves" in capsys.readouterr().out
     from analysis import collect as collect_module
     assert collect_module.main([str(runs_dir), "--keep", str(tmp_path / "nope.csv")]) == 1
     assert "--keep" in capsys.readouterr().err
