@@ -251,9 +251,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a run of {args.artefact}; its runs: "
                          f"{', '.join(load(args.artefact)['runs'])}")
     seeds = scale_spec(args.scale)["seeds"]
-    if set(args.seed) - set(seeds):
-        raise SystemExit(f"error: --seed {', '.join(map(str, sorted(set(args.seed) - set(seeds))))}: not a seed of "
-                         f"SCALE={args.scale}; its seeds: {', '.join(map(str, seeds))}")
+    if unknown_seeds := sorted(set(args.seed) - set(seeds)):
+        raise SystemExit(f"error: --seed {', '.join(map(str, unknown_seeds))}: not a seed of SCALE={args.scale}; "
+                         f"its seeds: {', '.join(map(str, seeds))}")
     if missing_kept(args.keep):  # before any run is launched, not at the render hours later
         raise SystemExit(missing_kept(args.keep))
     if args.jobs > 1 and args.launcher != "local":
